@@ -1,0 +1,1 @@
+"""Minimal reference decoder for custom engines. Not implemented yet: tracked as its own issue."""

@@ -1,0 +1,1 @@
+"""SGLang plugin (``--kv-compress lightkv``). Not implemented yet: tracked as its own issue."""

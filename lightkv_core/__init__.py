@@ -1,0 +1,28 @@
+"""lightkv_core: framework-agnostic LightKV vision-token compression (Triton kernels + PyTorch fallbacks).
+
+Public API:
+    lightkv_stage        one compression stage on a layer's output (see :mod:`lightkv_core.stage`)
+    StageResult          what a stage returns
+    VisionSpan           an image's tokens in the sequence, with its grid
+    LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
+    cross_attention_scores, window_best_match, merge_compact
+                         the three kernels, each with ``backend="auto"|"triton"|"torch"``
+"""
+
+from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.kernels import cross_attention_scores, merge_compact, window_best_match
+from lightkv_core.spans import VisionSpan
+from lightkv_core.stage import StageResult, lightkv_stage, num_merged
+
+__all__ = [
+    "PRESETS",
+    "PRESET_DEPTHS",
+    "LightKVConfig",
+    "StageResult",
+    "VisionSpan",
+    "cross_attention_scores",
+    "lightkv_stage",
+    "merge_compact",
+    "num_merged",
+    "window_best_match",
+]

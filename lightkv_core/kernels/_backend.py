@@ -1,0 +1,68 @@
+"""Choosing between a Triton kernel and its plain-PyTorch fallback, and shared launch checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only where triton is not installed
+    TRITON_AVAILABLE = False
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_backend(backend: str, device: torch.device, op: str) -> str:
+    """Resolve ``backend`` for an op whose tensors live on ``device``.
+
+    ``"auto"`` picks Triton for CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) when Triton
+    is installed, and the PyTorch fallback otherwise. ``"triton"`` is an error where it cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    triton_runs_here = TRITON_AVAILABLE and (device.type == "cuda" or interpreting())
+    if backend == "auto":
+        return "triton" if triton_runs_here else "torch"
+    if backend == "triton" and not triton_runs_here:
+        why = "triton is not installed" if not TRITON_AVAILABLE else f"tensors are on {device} (set TRITON_INTERPRET=1)"
+        raise RuntimeError(f"{op}: the Triton backend cannot run here: {why}")
+    return backend
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; returns it."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"{op}: tensors must be on one device, got {devices}")
+    return first
+
+
+def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+
+
+def check_index(op: str, name: str, tensor: torch.Tensor, ndim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be an int32/int64 tensor, got {tensor.dtype}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,293 @@
+"""Prompt-to-vision cross-attention scoring (spec section 1).
+
+For every head ``h`` and guide token ``t`` the attention column is normalised over all real query
+positions ``i`` of the sample, with no causal mask, and every row then sums its probabilities::
+
+    Z[h, t] = logsumexp_i( s * q[h, i] . k[g(h), t] )
+    a[i]    = sum_h sum_t exp( s * q[h, i] . k[g(h), t] - Z[h, t] )
+
+The Triton kernel streams in two passes (column log-sum-exp, then row sums) and never materialises
+the ``S x S`` (or even ``S x T``) matrix: beyond its inputs it holds ``Z`` of ``B * H * T`` floats.
+The fallback does the same two passes in query chunks, holding ``H x chunk x T`` floats at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightkv_core.kernels._backend import (
+    TRITON_AVAILABLE,
+    check_float,
+    check_index,
+    check_same_device,
+    choose_backend,
+    next_power_of_2,
+)
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _column_lse_kernel(
+        q_ptr,
+        k_ptr,
+        guide_ptr,
+        count_ptr,
+        mask_ptr,
+        lse_ptr,
+        S,
+        H,
+        GROUP,
+        HEAD_DIM,
+        T,
+        scale,
+        sqb,
+        sqh,
+        sqs,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        BLOCK_S: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Pass 1: Z[b, h, t] for one (sample, head) and one tile of guide tokens."""
+        pid_bh = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        kv_head = h // GROUP
+        count = tl.load(count_ptr + b)
+        t_offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_valid = t_offs < count
+        t_idx = tl.load(guide_ptr + b * T + t_offs, mask=t_valid, other=0)
+        d_offs = tl.arange(0, BLOCK_D)
+        d_valid = d_offs < HEAD_DIM
+        k_tile = tl.load(
+            k_ptr + b * skb + kv_head * skh + t_idx[None, :] * sks + d_offs[:, None] * skd,
+            mask=d_valid[:, None] & t_valid[None, :],
+            other=0.0,
+        )
+        running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_T], tl.float32)
+        for s_start in range(0, S, BLOCK_S):
+            s_offs = s_start + tl.arange(0, BLOCK_S)
+            s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < S, other=0) != 0
+            q_tile = tl.load(
+                q_ptr + b * sqb + h * sqh + s_offs[:, None] * sqs + d_offs[None, :] * sqd,
+                mask=s_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            if IEEE:
+                logits = tl.dot(q_tile, k_tile, input_precision="ieee")
+            else:
+                logits = tl.dot(q_tile, k_tile)
+            logits = tl.where(s_valid[:, None], logits * scale, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+                tl.exp(logits - safe_max[None, :]), axis=0
+            )
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        tl.store(lse_ptr + (b * H + h) * T + t_offs, lse, mask=t_valid)
+
+    @triton.jit
+    def _row_sum_kernel(
+        q_ptr,
+        k_ptr,
+        guide_ptr,
+        count_ptr,
+        mask_ptr,
+        lse_ptr,
+        out_ptr,
+        S,
+        H,
+        GROUP,
+        HEAD_DIM,
+        T,
+        scale,
+        sqb,
+        sqh,
+        sqs,
+        sqd,
+        skb,
+        skh,
+        sks,
+        skd,
+        BLOCK_S: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Pass 2: a[b, i] for one tile of query rows, summed over heads and guide tokens."""
+        b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        count = tl.load(count_ptr + b)
+        s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < S, other=0) != 0
+        d_offs = tl.arange(0, BLOCK_D)
+        d_valid = d_offs < HEAD_DIM
+        total = tl.zeros([BLOCK_S], tl.float32)
+        for h in range(0, H):
+            kv_head = h // GROUP
+            q_tile = tl.load(
+                q_ptr + b * sqb + h * sqh + s_offs[:, None] * sqs + d_offs[None, :] * sqd,
+                mask=s_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            for t_start in range(0, count, BLOCK_T):
+                t_offs = t_start + tl.arange(0, BLOCK_T)
+                t_valid = t_offs < count
+                t_idx = tl.load(guide_ptr + b * T + t_offs, mask=t_valid, other=0)
+                k_tile = tl.load(
+                    k_ptr + b * skb + kv_head * skh + t_idx[None, :] * sks + d_offs[:, None] * skd,
+                    mask=d_valid[:, None] & t_valid[None, :],
+                    other=0.0,
+                )
+                lse = tl.load(lse_ptr + (b * H + h) * T + t_offs, mask=t_valid, other=float("inf"))
+                if IEEE:
+                    logits = tl.dot(q_tile, k_tile, input_precision="ieee")
+                else:
+                    logits = tl.dot(q_tile, k_tile)
+                total += tl.sum(tl.exp(logits * scale - lse[None, :]), axis=1)
+        total = tl.where(s_valid, total, 0.0)
+        tl.store(out_ptr + b * S + s_offs, total, mask=s_offs < S)
+
+
+def _check(
+    q: torch.Tensor, k: torch.Tensor, guide_index: torch.Tensor, guide_count: torch.Tensor, query_mask: torch.Tensor
+) -> None:
+    op = "cross_attention_scores"
+    check_float(op, "q", q)
+    check_float(op, "k", k)
+    check_index(op, "guide_index", guide_index, 2)
+    check_index(op, "guide_count", guide_count, 1)
+    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+        raise TypeError(f"{op}: query_mask must be a bool tensor")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q must be (B, H, S, d) and k (B, Hk, S, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, heads, seq, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
+        raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head size")
+    if k.shape[1] < 1 or heads % k.shape[1] != 0:
+        raise ValueError(f"{op}: {heads} query heads are not a multiple of {k.shape[1]} key heads")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{op}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if guide_index.shape[0] != batch or tuple(guide_count.shape) != (batch,):
+        raise ValueError(f"{op}: guide_index must be (B, T) and guide_count (B,) with B = {batch}")
+    if tuple(query_mask.shape) != (batch, seq):
+        raise ValueError(f"{op}: query_mask must be (B, S) = ({batch}, {seq}), got {tuple(query_mask.shape)}")
+    check_same_device(op, q=q, k=k, guide_index=guide_index, guide_count=guide_count, query_mask=query_mask)
+    counts = guide_count.tolist()
+    if any(c < 0 or c > guide_index.shape[1] for c in counts):
+        raise ValueError(f"{op}: guide_count must lie in [0, {guide_index.shape[1]}], got {counts}")
+    for b, c in enumerate(counts):
+        used = guide_index[b, :c]
+        if c and (int(used.min()) < 0 or int(used.max()) >= seq):
+            raise ValueError(f"{op}: guide_index of sample {b} out of range [0, {seq})")
+
+
+def cross_attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    guide_index: torch.Tensor,
+    guide_count: torch.Tensor,
+    query_mask: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Prompt-to-vision cross-attention score of every token.
+
+    Args:
+        q: ``(B, H, S, d)`` post-RoPE queries (fp16/bf16/fp32, any strides).
+        k: ``(B, Hk, S, d)`` post-RoPE keys, same dtype; ``H % Hk == 0`` (GQA: head ``h`` reads key head
+            ``h // (H // Hk)``).
+        guide_index: ``(B, T)`` int, the guide tokens of each sample (row ``b`` uses its first
+            ``guide_count[b]`` entries; the rest is padding).
+        guide_count: ``(B,)`` int, number of guide tokens per sample (0 gives all-zero scores).
+        query_mask: ``(B, S)`` bool, real tokens; ``False`` rows are neither queries nor scored.
+        scale: logit scale, default ``1 / sqrt(d)``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(B, S)`` float32 score ``a[i]`` of every real token (0 on padding). Values lie in
+        ``(0, H * T)``; only vision rows are used by LightKV.
+    """
+    _check(q, k, guide_index, guide_count, query_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if choose_backend(backend, q.device, "cross_attention_scores") == "torch":
+        return _scores_torch(q, k, guide_index, guide_count, query_mask, scale)
+    return _scores_triton(q, k, guide_index, guide_count, query_mask, scale)
+
+
+def _scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    guide_index: torch.Tensor,
+    guide_count: torch.Tensor,
+    query_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    batch, heads, seq, head_dim = q.shape
+    width = max(1, guide_index.shape[1])
+    guides = torch.zeros(batch, width, dtype=torch.int32, device=q.device)
+    guides[:, : guide_index.shape[1]] = guide_index.to(torch.int32)
+    counts = guide_count.to(torch.int32).contiguous()
+    mask = query_mask.to(torch.int8).contiguous()
+    lse = torch.empty(batch, heads, width, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, seq, dtype=torch.float32, device=q.device)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_s, block_t = 64, 32
+    common = (
+        seq,
+        heads,
+        heads // k.shape[1],
+        head_dim,
+        width,
+        scale,
+        *q.stride(),
+        *k.stride(),
+    )
+    meta = dict(BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    _column_lse_kernel[(batch * heads, triton.cdiv(width, block_t))](q, k, guides, counts, mask, lse, *common, **meta)
+    _row_sum_kernel[(batch, triton.cdiv(seq, block_s))](q, k, guides, counts, mask, lse, out, *common, **meta)
+    return out
+
+
+def _scores_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    guide_index: torch.Tensor,
+    guide_count: torch.Tensor,
+    query_mask: torch.Tensor,
+    scale: float,
+    max_chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Fallback: the same two passes, chunked over queries (at most ``max_chunk_elements`` logits live)."""
+    batch, heads, seq, _ = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        count = int(guide_count[b])
+        rows = query_mask[b].nonzero().squeeze(1)
+        if count == 0 or rows.numel() == 0:
+            continue
+        keys = k[b][:, guide_index[b, :count]].float().repeat_interleave(group, dim=0)  # (H, T, d)
+        chunk = max(1, max_chunk_elements // (heads * count))
+        lse = torch.full((heads, count), float("-inf"), device=q.device)
+        for start in range(0, rows.numel(), chunk):
+            logits = torch.matmul(q[b][:, rows[start : start + chunk]].float(), keys.transpose(1, 2)) * scale
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start : start + chunk]
+            logits = torch.matmul(q[b][:, part].float(), keys.transpose(1, 2)) * scale
+            out[b, part] = torch.exp(logits - lse[:, None, :]).sum(dim=(0, 2))
+    return out

@@ -1,0 +1,214 @@
+"""Per-window bipartite matching (spec section 2): for every A token, its most similar B token.
+
+Windows are given in CSR form over flattened rows of ``x`` (all samples, all images, one launch):
+window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B tokens
+``b_rows[b_offsets[w]:b_offsets[w + 1]]``. Similarity is cosine in float32::
+
+    c(a, b) = x_a . x_b / (|x_a| |x_b| + 1e-8)
+
+``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
+``sim[a]`` the maximum. The Triton kernel runs one program per (window, tile of A tokens) and streams
+the window's B tokens in tiles, so it holds ``BLOCK_A x BLOCK_B`` similarities at a time. The
+fallback loops over windows and holds at most ``max_chunk_elements`` similarities.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightkv_core.kernels._backend import (
+    TRITON_AVAILABLE,
+    check_float,
+    check_index,
+    check_same_device,
+    choose_backend,
+    next_power_of_2,
+)
+
+EPS = 1e-8
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _window_match_kernel(
+        x_ptr,
+        a_rows_ptr,
+        a_offsets_ptr,
+        b_rows_ptr,
+        b_offsets_ptr,
+        tile_window_ptr,
+        tile_start_ptr,
+        best_ptr,
+        sim_ptr,
+        D,
+        sxn,
+        sxd,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        window = tl.load(tile_window_ptr + tile)
+        a_pos = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_A)
+        a_valid = a_pos < tl.load(a_offsets_ptr + window + 1)
+        a_rows = tl.load(a_rows_ptr + a_pos, mask=a_valid, other=0)
+        b_begin = tl.load(b_offsets_ptr + window)
+        b_end = tl.load(b_offsets_ptr + window + 1)
+        best_sim = tl.full([BLOCK_A], float("-inf"), tl.float32)
+        best_pos = tl.full([BLOCK_A], -1, tl.int64)
+        for b_start in range(b_begin, b_end, BLOCK_B):
+            b_pos = b_start + tl.arange(0, BLOCK_B)
+            b_valid = b_pos < b_end
+            b_rows = tl.load(b_rows_ptr + b_pos, mask=b_valid, other=0)
+            dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+            a_sq = tl.zeros([BLOCK_A], tl.float32)
+            b_sq = tl.zeros([BLOCK_B], tl.float32)
+            for d_start in range(0, D, BLOCK_D):
+                d_offs = d_start + tl.arange(0, BLOCK_D)
+                d_valid = d_offs < D
+                xa = tl.load(
+                    x_ptr + a_rows[:, None] * sxn + d_offs[None, :] * sxd,
+                    mask=a_valid[:, None] & d_valid[None, :],
+                    other=0.0,
+                )
+                xb = tl.load(
+                    x_ptr + b_rows[None, :] * sxn + d_offs[:, None] * sxd,
+                    mask=d_valid[:, None] & b_valid[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    dots += tl.dot(xa, xb, input_precision="ieee")
+                else:
+                    dots += tl.dot(xa, xb)
+                xa32 = xa.to(tl.float32)
+                xb32 = xb.to(tl.float32)
+                a_sq += tl.sum(xa32 * xa32, axis=1)
+                b_sq += tl.sum(xb32 * xb32, axis=0)
+            sims = dots / (tl.sqrt(a_sq)[:, None] * tl.sqrt(b_sq)[None, :] + 1e-8)
+            sims = tl.where(b_valid[None, :], sims, float("-inf"))
+            tile_best, tile_arg = tl.max(sims, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_best > best_sim
+            best_pos = tl.where(better, b_start + tile_arg.to(tl.int64), best_pos)
+            best_sim = tl.where(better, tile_best, best_sim)
+        tl.store(best_ptr + a_pos, best_pos, mask=a_valid)
+        tl.store(sim_ptr + a_pos, best_sim, mask=a_valid)
+
+
+def _check(
+    x: torch.Tensor, a_rows: torch.Tensor, a_offsets: torch.Tensor, b_rows: torch.Tensor, b_offsets: torch.Tensor
+) -> None:
+    op = "window_best_match"
+    check_float(op, "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be (N, D), got shape {tuple(x.shape)}")
+    for name, tensor in (("a_rows", a_rows), ("a_offsets", a_offsets), ("b_rows", b_rows), ("b_offsets", b_offsets)):
+        check_index(op, name, tensor, 1)
+    check_same_device(op, x=x, a_rows=a_rows, a_offsets=a_offsets, b_rows=b_rows, b_offsets=b_offsets)
+    if a_offsets.numel() != b_offsets.numel() or a_offsets.numel() < 1:
+        raise ValueError(f"{op}: a_offsets and b_offsets must both have (windows + 1) entries")
+    for name, offsets, rows in (("a", a_offsets, a_rows), ("b", b_offsets, b_rows)):
+        if int(offsets[0]) != 0 or int(offsets[-1]) != rows.numel() or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"{op}: {name}_offsets must rise from 0 to len({name}_rows) = {rows.numel()}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[0]):
+            raise ValueError(f"{op}: {name}_rows out of range [0, {x.shape[0]})")
+
+
+def window_best_match(
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    a_offsets: torch.Tensor,
+    b_rows: torch.Tensor,
+    b_offsets: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B token of every A token inside its window.
+
+    Args:
+        x: ``(N, D)`` hidden states (fp16/bf16/fp32), e.g. ``hidden.view(B * S, D)``.
+        a_rows: ``(NA,)`` rows of ``x`` that are A tokens, grouped by window.
+        a_offsets: ``(NW + 1,)`` CSR pointers of the A tokens of each window.
+        b_rows: ``(NB,)`` rows of ``x`` that are B tokens, grouped by window.
+        b_offsets: ``(NW + 1,)`` CSR pointers of the B tokens of each window.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``best`` ``(NA,)`` int64: position in ``b_rows`` of the most similar B token of the same window
+        (ties: lowest position; ``-1`` if the window has no B token), and ``sim`` ``(NA,)`` float32: that
+        cosine similarity (``-inf`` if none).
+    """
+    _check(x, a_rows, a_offsets, b_rows, b_offsets)
+    if choose_backend(backend, x.device, "window_best_match") == "torch":
+        return _match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
+    return _match_triton(x, a_rows, a_offsets, b_rows, b_offsets)
+
+
+def _match_triton(
+    x: torch.Tensor, a_rows: torch.Tensor, a_offsets: torch.Tensor, b_rows: torch.Tensor, b_offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_a = a_rows.numel()
+    best = torch.empty(num_a, dtype=torch.long, device=x.device)
+    sim = torch.empty(num_a, dtype=torch.float32, device=x.device)
+    if num_a == 0:
+        return best, sim
+    block_a, block_b = 32, 32
+    block_d = min(128, max(16, next_power_of_2(x.shape[1])))
+    a_offsets = a_offsets.long()
+    counts = a_offsets[1:] - a_offsets[:-1]
+    tiles_per_window = (counts + block_a - 1) // block_a
+    tile_window = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), tiles_per_window)
+    first_tile = torch.cumsum(tiles_per_window, 0) - tiles_per_window
+    tile_rank = torch.arange(tile_window.numel(), device=x.device) - first_tile[tile_window]
+    tile_start = a_offsets[:-1][tile_window] + tile_rank * block_a
+    _window_match_kernel[(tile_window.numel(),)](
+        x,
+        a_rows.long().contiguous(),
+        a_offsets.contiguous(),
+        b_rows.long().contiguous(),
+        b_offsets.long().contiguous(),
+        tile_window,
+        tile_start,
+        best,
+        sim,
+        x.shape[1],
+        x.stride(0),
+        x.stride(1),
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        IEEE=x.dtype == torch.float32,
+    )
+    return best, sim
+
+
+def _match_torch(
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    a_offsets: torch.Tensor,
+    b_rows: torch.Tensor,
+    b_offsets: torch.Tensor,
+    max_chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fallback: one matmul per window (chunked over A tokens)."""
+    best = torch.full((a_rows.numel(),), -1, dtype=torch.long, device=x.device)
+    sim = torch.full((a_rows.numel(),), float("-inf"), dtype=torch.float32, device=x.device)
+    a_bounds = a_offsets.tolist()
+    b_bounds = b_offsets.tolist()
+    for window in range(len(a_bounds) - 1):
+        a0, a1, b0, b1 = a_bounds[window], a_bounds[window + 1], b_bounds[window], b_bounds[window + 1]
+        if a0 == a1 or b0 == b1:
+            continue
+        xb = x[b_rows[b0:b1]].float()
+        b_norm = xb.norm(dim=1)
+        chunk = max(1, max_chunk_elements // (b1 - b0))
+        for start in range(a0, a1, chunk):
+            stop = min(a1, start + chunk)
+            xa = x[a_rows[start:stop]].float()
+            sims = (xa @ xb.T) / (xa.norm(dim=1)[:, None] * b_norm[None, :] + EPS)
+            values, index = sims.max(dim=1)
+            best[start:stop] = index + b0
+            sim[start:stop] = values
+    return best, sim

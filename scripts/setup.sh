@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv with lightkv installed in editable mode plus the test tools.
+# - If the Python that runs this already has torch (for example a CUDA build), the venv sees it
+#   (--system-site-packages) and torch is not reinstalled.
+# - Otherwise torch==2.13.0 is installed first; on the project's CPU machines this takes the local
+#   CPU wheel instead of pulling several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+        "$PYTHON" -m venv --system-site-packages .venv
+    else
+        "$PYTHON" -m venv .venv
+    fi
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
