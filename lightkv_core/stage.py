@@ -237,8 +237,9 @@ def _check_ratio(ratio: object) -> float:
 
 
 def _is_span(item: object) -> bool:
+    """A span is a VisionSpan or a flat tuple/list of numbers (validated by ``as_span``)."""
     return isinstance(item, VisionSpan) or (
-        isinstance(item, (tuple, list)) and len(item) > 0 and all(isinstance(v, numbers.Integral) for v in item)
+        isinstance(item, (tuple, list)) and len(item) > 0 and all(isinstance(v, numbers.Number) for v in item)
     )
 
 
@@ -422,10 +423,12 @@ def _choose_merges(
     hidden: torch.Tensor, plan: _Plan, scores: torch.Tensor, backend: str, batch: int, seq: int
 ) -> torch.Tensor:
     """``(B, S)`` int64: for every input token, the index of the B token it merges into, or -1."""
-    involved = torch.cat([plan.a_rows, plan.b_rows])
-    if not bool(torch.isfinite(scores.view(-1)[involved.to(scores.device)]).all()):
-        raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
     device = hidden.device
+    involved = torch.cat([plan.a_rows, plan.b_rows]).to(device)
+    if not bool(torch.isfinite(scores.view(-1)[involved]).all()):
+        raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
+    if not bool(torch.isfinite(hidden.reshape(batch * seq, -1)[involved]).all()):
+        raise ValueError("non-finite hidden states in vision tokens")
     best, sim = window_best_match(
         hidden.reshape(batch * seq, -1),
         plan.a_rows.to(device),
@@ -438,9 +441,6 @@ def _choose_merges(
     a_window = torch.repeat_interleave(
         torch.arange(plan.merges_per_window.numel()), plan.a_offsets[1:] - plan.a_offsets[:-1]
     )
-    has_b = (plan.b_offsets[1:] > plan.b_offsets[:-1])[a_window]
-    if bool(torch.isnan(sim[has_b]).any()):
-        raise ValueError("non-finite hidden states in vision tokens (NaN similarity)")
     order = torch.argsort(-sim, stable=True)
     order = order[torch.argsort(a_window[order], stable=True)]
     rank = torch.arange(order.numel()) - plan.a_offsets[a_window[order]]

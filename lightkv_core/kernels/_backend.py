@@ -7,7 +7,8 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only where triton is not installed
@@ -62,6 +63,36 @@ def check_index(op: str, name: str, tensor: torch.Tensor, ndim: int) -> None:
         raise TypeError(f"{op}: {name} must be an int32/int64 tensor, got {tensor.dtype}")
     if tensor.dim() != ndim:
         raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
+
+
+# How a kernel multiplies tiles (the DOT_MODE constexpr): products of fp16/bf16 values are exact in
+# float32, so every mode is float32 math with float32 accumulation.
+DOT_NATIVE = 0  # fp16/bf16 tiles straight into tl.dot (tensor cores)
+DOT_IEEE = 1  # fp32 tiles, full-precision (no TF32)
+DOT_UPCAST = 2  # bf16 under TRITON_INTERPRET: its interpreter mis-reads bf16 tl.dot, so upcast first
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The DOT_MODE for tiles of ``dtype``."""
+    if dtype == torch.float32:
+        return DOT_IEEE
+    if dtype == torch.bfloat16 and interpreting():
+        return DOT_UPCAST
+    return DOT_NATIVE
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def dot_f32(a, b, DOT_MODE: tl.constexpr):
+        """``a @ b`` accumulated in float32 (see DOT_MODE)."""
+        if DOT_MODE == 0:
+            result = tl.dot(a, b)
+        elif DOT_MODE == 1:
+            result = tl.dot(a, b, input_precision="ieee")
+        else:
+            result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return result
 
 
 def next_power_of_2(n: int) -> int:

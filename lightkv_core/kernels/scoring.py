@@ -23,12 +23,15 @@ from lightkv_core.kernels._backend import (
     check_index,
     check_same_device,
     choose_backend,
+    dot_mode,
     next_power_of_2,
 )
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
+
+    from lightkv_core.kernels._backend import dot_f32
 
     @triton.jit
     def _column_lse_kernel(
@@ -55,7 +58,7 @@ if TRITON_AVAILABLE:
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr,
+        DOT_MODE: tl.constexpr,
     ):
         """Pass 1: Z[b, h, t] for one (sample, head) and one tile of guide tokens."""
         pid_bh = tl.program_id(0)
@@ -84,10 +87,7 @@ if TRITON_AVAILABLE:
                 mask=s_valid[:, None] & d_valid[None, :],
                 other=0.0,
             )
-            if IEEE:
-                logits = tl.dot(q_tile, k_tile, input_precision="ieee")
-            else:
-                logits = tl.dot(q_tile, k_tile)
+            logits = dot_f32(q_tile, k_tile, DOT_MODE)
             logits = tl.where(s_valid[:, None], logits * scale, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, axis=0))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -124,7 +124,7 @@ if TRITON_AVAILABLE:
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr,
+        DOT_MODE: tl.constexpr,
     ):
         """Pass 2: a[b, i] for one tile of query rows, summed over heads and guide tokens."""
         b = tl.program_id(0)
@@ -152,10 +152,7 @@ if TRITON_AVAILABLE:
                     other=0.0,
                 )
                 lse = tl.load(lse_ptr + (b * H + h) * T + t_offs, mask=t_valid, other=float("inf"))
-                if IEEE:
-                    logits = tl.dot(q_tile, k_tile, input_precision="ieee")
-                else:
-                    logits = tl.dot(q_tile, k_tile)
+                logits = dot_f32(q_tile, k_tile, DOT_MODE)
                 total += tl.sum(tl.exp(logits * scale - lse[None, :]), axis=1)
         total = tl.where(s_valid, total, 0.0)
         tl.store(out_ptr + b * S + s_offs, total, mask=s_offs < S)
@@ -256,7 +253,7 @@ def _scores_triton(
         *q.stride(),
         *k.stride(),
     )
-    meta = dict(BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    meta = dict(BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype))
     _column_lse_kernel[(batch * heads, triton.cdiv(width, block_t))](q, k, guides, counts, mask, lse, *common, **meta)
     _row_sum_kernel[(batch, triton.cdiv(seq, block_s))](q, k, guides, counts, mask, lse, out, *common, **meta)
     return out

@@ -22,6 +22,7 @@ from lightkv_core.kernels._backend import (
     check_index,
     check_same_device,
     choose_backend,
+    dot_mode,
     next_power_of_2,
 )
 
@@ -30,6 +31,8 @@ EPS = 1e-8
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
+
+    from lightkv_core.kernels._backend import dot_f32
 
     @triton.jit
     def _window_match_kernel(
@@ -48,7 +51,7 @@ if TRITON_AVAILABLE:
         BLOCK_A: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr,
+        DOT_MODE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         window = tl.load(tile_window_ptr + tile)
@@ -79,10 +82,7 @@ if TRITON_AVAILABLE:
                     mask=d_valid[:, None] & b_valid[None, :],
                     other=0.0,
                 )
-                if IEEE:
-                    dots += tl.dot(xa, xb, input_precision="ieee")
-                else:
-                    dots += tl.dot(xa, xb)
+                dots += dot_f32(xa, xb, DOT_MODE)
                 xa32 = xa.to(tl.float32)
                 xb32 = xb.to(tl.float32)
                 a_sq += tl.sum(xa32 * xa32, axis=1)
@@ -179,7 +179,7 @@ def _match_triton(
         BLOCK_A=block_a,
         BLOCK_B=block_b,
         BLOCK_D=block_d,
-        IEEE=x.dtype == torch.float32,
+        DOT_MODE=dot_mode(x.dtype),
     )
     return best, sim
 

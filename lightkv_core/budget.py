@@ -1,0 +1,55 @@
+"""KV-cache accounting for a schedule: per-layer KV lengths, vision retention, bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EFFECTS = ("after", "at")
+
+
+def layer_kv_lengths(
+    merge_layers: Sequence[int], stage_lengths: Sequence[int], num_layers: int, effect: str = "after"
+) -> list[int]:
+    """Tokens each layer holds in its KV cache.
+
+    Args:
+        merge_layers: the scheduled layers, ascending.
+        stage_lengths: ``len(merge_layers) + 1`` token counts: before any stage, then after each.
+        num_layers: decoder depth.
+        effect: ``"after"`` (as implemented: layer ``l`` keeps its full KV, layers ``> l`` hold the
+            survivors) or ``"at"`` (the convention of papers that count layer ``l`` as compressed).
+
+    Returns:
+        ``num_layers`` token counts.
+    """
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {EFFECTS}, got {effect!r}")
+    if len(stage_lengths) != len(merge_layers) + 1:
+        raise ValueError("stage_lengths needs one entry before the stages and one after each stage")
+    shift = 1 if effect == "at" else 0
+    return [stage_lengths[sum(layer + 1 - shift <= i for layer in merge_layers)] for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class KVFootprint:
+    """Bytes of KV cache per token per layer for a model: ``2 (K and V) * kv_heads * head_dim * bytes``."""
+
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int
+
+    @property
+    def bytes_per_token_layer(self) -> int:
+        return 2 * self.kv_heads * self.head_dim * self.bytes_per_value
+
+    def total_bytes(self, per_layer_tokens: Sequence[int]) -> int:
+        """KV bytes for the given tokens held in each layer."""
+        return self.bytes_per_token_layer * sum(per_layer_tokens)
+
+
+def vision_retention(per_layer_vision: Sequence[int], original_vision: int) -> float:
+    """Vision tokens held in the KV, summed over layers, over ``original_vision x layers``."""
+    if original_vision <= 0 or not per_layer_vision:
+        raise ValueError("vision_retention needs at least one layer and one original vision token")
+    return sum(per_layer_vision) / (original_vision * len(per_layer_vision))
