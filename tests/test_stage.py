@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from oracle import oracle_stage
@@ -56,7 +55,6 @@ def assert_matches(result, expected: dict, dtype: torch.dtype) -> None:
     assert int(result.lengths[0]) == len(expected["kept"]) == result.hidden.shape[1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30)
 @given(
     layout=st.one_of(image_layouts(min_images=1, min_side=5, max_side=16), image_layouts()),
@@ -90,7 +88,6 @@ def test_stage_matches_oracle(
     assert_matches(result, expected, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20)
 @given(
     layout=image_layouts(min_images=1, min_side=4, max_side=14),

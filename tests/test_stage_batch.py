@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import BACKENDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stage_cases import build_case, image_layouts
@@ -21,7 +19,6 @@ def pad(t: torch.Tensor, length: int, left: bool, dim: int) -> torch.Tensor:
     return torch.cat([filler, t] if left else [t, filler], dim=dim)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=12)
 @given(
     layouts=st.lists(image_layouts(max_images=2, min_side=4, max_side=10), min_size=2, max_size=3),

@@ -49,11 +49,11 @@ if TRITON_AVAILABLE:
         d_valid = d_offs < D
         target = tl.load(out_rows_ptr + row)
         real = (tl.zeros([BLOCK_D], tl.int64) + target) >= 0
-        target = tl.maximum(target, 0)
         x_target = tl.load(x_ptr + target * sxn + d_offs * sxd, mask=d_valid & real, other=0.0)
         src_begin = tl.load(src_offsets_ptr + row)
         src_end = tl.load(src_offsets_ptr + row + 1)
-        weight = tl.load(w_ptr + target)
+        # only rows with sources read a weight; those are never padding (checked by the wrapper)
+        weight = tl.load(w_ptr + tl.maximum(target, 0), mask=src_end > src_begin, other=0.0)
         acc = weight * x_target.to(tl.float32)
         total = weight
         for j in range(src_begin, src_end):
@@ -126,7 +126,7 @@ def merge_compact(
     block_d = min(1024, max(16, next_power_of_2(x.shape[1])))
     _merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], block_d))](
         x,
-        weights,
+        weights.contiguous(),
         out_rows.long().contiguous(),
         src_offsets.long().contiguous(),
         src_rows.long().contiguous(),
@@ -146,8 +146,9 @@ def _merge_torch(
 ) -> torch.Tensor:
     """Fallback: gather, then index_add the weighted sources of the receiving rows in float32."""
     out_rows = out_rows.long()
-    out = x[out_rows.clamp(min=0)]
-    out[out_rows < 0] = 0
+    out = torch.zeros(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    real = out_rows >= 0
+    out[real] = x[out_rows[real]]
     counts = src_offsets[1:] - src_offsets[:-1]
     receivers = (counts > 0).nonzero().squeeze(1)
     if receivers.numel() == 0:

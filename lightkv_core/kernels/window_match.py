@@ -9,7 +9,9 @@ window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B toke
 ``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
 ``sim[a]`` the maximum. The Triton kernel runs one program per (window, tile of A tokens) and streams
 the window's B tokens in tiles, so it holds ``BLOCK_A x BLOCK_B`` similarities at a time. The
-fallback loops over windows and holds at most ``max_chunk_elements`` similarities.
+fallback loops over windows and holds at most ``max_chunk_elements`` similarities. It computes the
+cosines in float64 and rounds them to float32: a float32 BLAS matmul gives identical rows results that
+differ by an ulp depending on their position, which would break the lowest-position tie rule.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def _match_torch(
     b_offsets: torch.Tensor,
     max_chunk_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fallback: one matmul per window (chunked over A tokens)."""
+    """Fallback: one float64 matmul per window (chunked over A tokens), rounded to float32."""
     best = torch.full((a_rows.numel(),), -1, dtype=torch.long, device=x.device)
     sim = torch.full((a_rows.numel(),), float("-inf"), dtype=torch.float32, device=x.device)
     a_bounds = a_offsets.tolist()
@@ -201,13 +203,13 @@ def _match_torch(
         a0, a1, b0, b1 = a_bounds[window], a_bounds[window + 1], b_bounds[window], b_bounds[window + 1]
         if a0 == a1 or b0 == b1:
             continue
-        xb = x[b_rows[b0:b1]].float()
+        xb = x[b_rows[b0:b1]].double()
         b_norm = xb.norm(dim=1)
         chunk = max(1, max_chunk_elements // (b1 - b0))
         for start in range(a0, a1, chunk):
             stop = min(a1, start + chunk)
-            xa = x[a_rows[start:stop]].float()
-            sims = (xa @ xb.T) / (xa.norm(dim=1)[:, None] * b_norm[None, :] + EPS)
+            xa = x[a_rows[start:stop]].double()
+            sims = ((xa @ xb.T) / (xa.norm(dim=1)[:, None] * b_norm[None, :] + EPS)).float()
             values, index = sims.max(dim=1)
             best[start:stop] = index + b0
             sim[start:stop] = values
