@@ -65,6 +65,18 @@ def check_index(op: str, name: str, tensor: torch.Tensor, ndim: int) -> None:
         raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
 
 
+def check_rows(op: str, name: str, rows: torch.Tensor, num_rows: int, lowest: int = 0) -> None:
+    """Every entry of ``rows`` in ``[lowest, num_rows)``."""
+    if rows.numel() and (int(rows.min()) < lowest or int(rows.max()) >= num_rows):
+        raise ValueError(f"{op}: {name} out of range: entries must lie in [{lowest}, {num_rows})")
+
+
+def check_csr(op: str, name: str, offsets: torch.Tensor, num_items: int) -> None:
+    """CSR pointers: start at 0, never fall, end at ``num_items``."""
+    if int(offsets[0]) != 0 or int(offsets[-1]) != num_items or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{op}: {name} must rise from 0 to {num_items}")
+
+
 # How a kernel multiplies tiles (the DOT_MODE constexpr): products of fp16/bf16 values are exact in
 # float32, so every mode is float32 math with float32 accumulation.
 DOT_NATIVE = 0  # fp16/bf16 tiles straight into tl.dot (tensor cores)

@@ -16,8 +16,10 @@ import torch
 
 from lightkv_core.kernels._backend import (
     TRITON_AVAILABLE,
+    check_csr,
     check_float,
     check_index,
+    check_rows,
     check_same_device,
     choose_backend,
     next_power_of_2,
@@ -80,16 +82,9 @@ def _check(
     check_same_device(op, x=x, weights=weights, out_rows=out_rows, src_offsets=src_offsets, src_rows=src_rows)
     if src_offsets.numel() != out_rows.numel() + 1:
         raise ValueError(f"{op}: src_offsets needs len(out_rows) + 1 = {out_rows.numel() + 1} entries")
-    if (
-        int(src_offsets[0]) != 0
-        or int(src_offsets[-1]) != src_rows.numel()
-        or bool((src_offsets[1:] < src_offsets[:-1]).any())
-    ):
-        raise ValueError(f"{op}: src_offsets must rise from 0 to len(src_rows) = {src_rows.numel()}")
-    if out_rows.numel() and (int(out_rows.min()) < -1 or int(out_rows.max()) >= x.shape[0]):
-        raise ValueError(f"{op}: out_rows must lie in [-1, {x.shape[0]})")
-    if src_rows.numel() and (int(src_rows.min()) < 0 or int(src_rows.max()) >= x.shape[0]):
-        raise ValueError(f"{op}: src_rows must lie in [0, {x.shape[0]})")
+    check_csr(op, "src_offsets", src_offsets, src_rows.numel())
+    check_rows(op, "out_rows", out_rows, x.shape[0], lowest=-1)
+    check_rows(op, "src_rows", src_rows, x.shape[0])
     padding_sources = (src_offsets[1:] > src_offsets[:-1]) & (out_rows < 0)
     if bool(padding_sources.any()):
         raise ValueError(f"{op}: a padding row (out_rows == -1) cannot receive merged rows")

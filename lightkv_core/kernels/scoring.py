@@ -34,6 +34,25 @@ if TRITON_AVAILABLE:
     from lightkv_core.kernels._backend import dot_f32
 
     @triton.jit
+    def _load_query_tile(q_head_ptr, s_offs, s_valid, d_offs, d_valid, sqs, sqd):
+        """``(BLOCK_S, BLOCK_D)`` queries of one head; rows of padding read as 0."""
+        return tl.load(
+            q_head_ptr + s_offs[:, None] * sqs + d_offs[None, :] * sqd,
+            mask=s_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
+    def _load_guide_keys(k_head_ptr, guide_ptr, t_offs, t_valid, d_offs, d_valid, sks, skd):
+        """``(BLOCK_D, BLOCK_T)`` transposed keys of the guide tokens ``guide_ptr[t_offs]`` of one head."""
+        t_idx = tl.load(guide_ptr + t_offs, mask=t_valid, other=0)
+        return tl.load(
+            k_head_ptr + t_idx[None, :] * sks + d_offs[:, None] * skd,
+            mask=d_valid[:, None] & t_valid[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
     def _column_lse_kernel(
         q_ptr,
         k_ptr,
@@ -69,24 +88,17 @@ if TRITON_AVAILABLE:
         count = tl.load(count_ptr + b)
         t_offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_valid = t_offs < count
-        t_idx = tl.load(guide_ptr + b * T + t_offs, mask=t_valid, other=0)
         d_offs = tl.arange(0, BLOCK_D)
         d_valid = d_offs < HEAD_DIM
-        k_tile = tl.load(
-            k_ptr + b * skb + kv_head * skh + t_idx[None, :] * sks + d_offs[:, None] * skd,
-            mask=d_valid[:, None] & t_valid[None, :],
-            other=0.0,
+        k_tile = _load_guide_keys(
+            k_ptr + b * skb + kv_head * skh, guide_ptr + b * T, t_offs, t_valid, d_offs, d_valid, sks, skd
         )
         running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_T], tl.float32)
         for s_start in range(0, S, BLOCK_S):
             s_offs = s_start + tl.arange(0, BLOCK_S)
             s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < S, other=0) != 0
-            q_tile = tl.load(
-                q_ptr + b * sqb + h * sqh + s_offs[:, None] * sqs + d_offs[None, :] * sqd,
-                mask=s_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
+            q_tile = _load_query_tile(q_ptr + b * sqb + h * sqh, s_offs, s_valid, d_offs, d_valid, sqs, sqd)
             logits = dot_f32(q_tile, k_tile, DOT_MODE)
             logits = tl.where(s_valid[:, None], logits * scale, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, axis=0))
@@ -137,19 +149,12 @@ if TRITON_AVAILABLE:
         total = tl.zeros([BLOCK_S], tl.float32)
         for h in range(0, H):
             kv_head = h // GROUP
-            q_tile = tl.load(
-                q_ptr + b * sqb + h * sqh + s_offs[:, None] * sqs + d_offs[None, :] * sqd,
-                mask=s_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
+            q_tile = _load_query_tile(q_ptr + b * sqb + h * sqh, s_offs, s_valid, d_offs, d_valid, sqs, sqd)
             for t_start in range(0, count, BLOCK_T):
                 t_offs = t_start + tl.arange(0, BLOCK_T)
                 t_valid = t_offs < count
-                t_idx = tl.load(guide_ptr + b * T + t_offs, mask=t_valid, other=0)
-                k_tile = tl.load(
-                    k_ptr + b * skb + kv_head * skh + t_idx[None, :] * sks + d_offs[:, None] * skd,
-                    mask=d_valid[:, None] & t_valid[None, :],
-                    other=0.0,
+                k_tile = _load_guide_keys(
+                    k_ptr + b * skb + kv_head * skh, guide_ptr + b * T, t_offs, t_valid, d_offs, d_valid, sks, skd
                 )
                 lse = tl.load(lse_ptr + (b * H + h) * T + t_offs, mask=t_valid, other=float("inf"))
                 logits = dot_f32(q_tile, k_tile, DOT_MODE)

@@ -20,8 +20,10 @@ import torch
 
 from lightkv_core.kernels._backend import (
     TRITON_AVAILABLE,
+    check_csr,
     check_float,
     check_index,
+    check_rows,
     check_same_device,
     choose_backend,
     dot_mode,
@@ -112,10 +114,8 @@ def _check(
     if a_offsets.numel() != b_offsets.numel() or a_offsets.numel() < 1:
         raise ValueError(f"{op}: a_offsets and b_offsets must both have (windows + 1) entries")
     for name, offsets, rows in (("a", a_offsets, a_rows), ("b", b_offsets, b_rows)):
-        if int(offsets[0]) != 0 or int(offsets[-1]) != rows.numel() or bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError(f"{op}: {name}_offsets must rise from 0 to len({name}_rows) = {rows.numel()}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.shape[0]):
-            raise ValueError(f"{op}: {name}_rows out of range [0, {x.shape[0]})")
+        check_csr(op, f"{name}_offsets", offsets, rows.numel())
+        check_rows(op, f"{name}_rows", rows, x.shape[0])
 
 
 def window_best_match(
