@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,9 +77,10 @@ def as_span(span: VisionSpan | Sequence[int]) -> VisionSpan:
 
 
 def _isqrt_exact(n: int) -> int | None:
+    """``sqrt(n)`` if ``n`` is a perfect square, else ``None``."""
     if n < 0:
         return None
-    side = int(n**0.5 + 0.5)
+    side = math.isqrt(n)
     return side if side * side == n else None
 
 
