@@ -9,25 +9,25 @@ from dataclasses import dataclass
 
 import torch
 
-from lightkv_core.budget import KVFootprint, layer_kv_lengths, vision_retention
+from lightkv_core.budget import EFFECTS, KVFootprint, layer_kv_lengths, vision_retention
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.stage import lightkv_stage
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the accounting needs to know about a model family (7B-class members)."""
+    """What the accounting needs to know about a model family (7B-class members); its depth is
+    ``PRESET_DEPTHS``."""
 
-    num_layers: int
     kv: KVFootprint
     grid: tuple[int, int]
     images: int
 
 
 MODEL_SHAPES = {
-    "llava-1.5": ModelShape(32, KVFootprint(32, 128, 2), (24, 24), 1),
-    "llava-next": ModelShape(32, KVFootprint(32, 128, 2), (24, 24), 5),
-    "qwen2.5-vl": ModelShape(28, KVFootprint(4, 128, 2), (36, 36), 1),
+    "llava-1.5": ModelShape(KVFootprint(32, 128, 2), (24, 24), 1),
+    "llava-next": ModelShape(KVFootprint(32, 128, 2), (24, 24), 5),
+    "qwen2.5-vl": ModelShape(KVFootprint(4, 128, 2), (36, 36), 1),
 }
 
 
@@ -86,7 +86,7 @@ def simulate(args: argparse.Namespace) -> int:
     )
     print(f"{'stage':>5} {'layer':>5} {'W':>3} {'rho':>5} {'tokens':>8} {'vision':>8} {'time':>9}")
     print(f"{'-':>5} {'-':>5} {'-':>3} {'-':>5} {seq:>8} {vision0:>8} {'':>9}")
-    lengths, vision = [seq], [vision0]
+    lengths = [seq]
     for index, (layer, window, ratio) in enumerate(
         zip(config.merge_layers, config.merge_windows, config.merge_ratios, strict=True)
     ):
@@ -100,9 +100,8 @@ def simulate(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         hidden, spans = out.hidden, out.spans
         lengths.append(hidden.shape[1])
-        vision.append(sum(s.length for s in spans))
         print(
-            f"{index + 1:>5} {layer:>5} {window:>3} {ratio:>5.2f} {lengths[-1]:>8} {vision[-1]:>8} "
+            f"{index + 1:>5} {layer:>5} {window:>3} {ratio:>5.2f} {lengths[-1]:>8} {sum(s.length for s in spans):>8} "
             f"{elapsed * 1e3:>7.1f}ms"
         )
 
@@ -112,19 +111,20 @@ def simulate(args: argparse.Namespace) -> int:
         f"{shape.kv.bytes_per_value}-byte values:"
     )
     full_bytes = shape.kv.total_bytes([seq] * num_layers)
-    for effect in ("after", "at"):
-        per_layer = layer_kv_lengths(config.merge_layers, lengths, num_layers, effect)
+    vision_full = shape.kv.total_bytes([vision0] * num_layers)
+    per_layer_by_effect = {
+        effect: layer_kv_lengths(config.merge_layers, lengths, num_layers, effect) for effect in EFFECTS
+    }
+    for effect, per_layer in per_layer_by_effect.items():
         per_layer_vision = [n - text for n in per_layer]
         kv_bytes = shape.kv.total_bytes(per_layer)
-        vision_full = shape.kv.total_bytes([vision0] * num_layers)
         vision_kept = shape.kv.total_bytes(per_layer_vision)
         print(
             f"  merge takes effect {effect:>5} layer l: KV {_human_bytes(full_bytes)} -> {_human_bytes(kv_bytes)} "
             f"({kv_bytes / full_bytes:.1%}); vision KV {_human_bytes(vision_full)} -> {_human_bytes(vision_kept)}, "
             f"retention {vision_retention(per_layer_vision, vision0):.1%}"
         )
-    per_layer = layer_kv_lengths(config.merge_layers, lengths, num_layers)
-    print(f"  per-layer KV tokens: {per_layer}")
+    print(f"  per-layer KV tokens (merge after layer l): {per_layer_by_effect['after']}")
     return 0
 
 

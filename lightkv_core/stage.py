@@ -424,18 +424,15 @@ def _choose_merges(
 ) -> torch.Tensor:
     """``(B, S)`` int64: for every input token, the index of the B token it merges into, or -1."""
     device = hidden.device
-    involved = torch.cat([plan.a_rows, plan.b_rows]).to(device)
+    rows = hidden.reshape(batch * seq, -1)
+    a_rows, b_rows = plan.a_rows.to(device), plan.b_rows.to(device)
+    involved = torch.cat([a_rows, b_rows])
     if not bool(torch.isfinite(scores.view(-1)[involved]).all()):
         raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
-    if not bool(torch.isfinite(hidden.reshape(batch * seq, -1)[involved]).all()):
+    if not bool(torch.isfinite(rows[involved]).all()):
         raise ValueError("non-finite hidden states in vision tokens")
     best, sim = window_best_match(
-        hidden.reshape(batch * seq, -1),
-        plan.a_rows.to(device),
-        plan.a_offsets.to(device),
-        plan.b_rows.to(device),
-        plan.b_offsets.to(device),
-        backend=backend,
+        rows, a_rows, plan.a_offsets.to(device), b_rows, plan.b_offsets.to(device), backend=backend
     )
     best, sim = best.cpu(), sim.cpu()
     a_window = torch.repeat_interleave(
