@@ -2,6 +2,7 @@
 
 Public API:
     lightkv_stage        one compression stage on a layer's output (see :mod:`lightkv_core.stage`)
+    drop_tokens          keep only marked tokens (the compaction step of the dropping methods)
     StageResult          what a stage returns
     VisionSpan           an image's tokens in the sequence, with its grid
     LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
@@ -12,7 +13,7 @@ Public API:
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels import cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.spans import VisionSpan
-from lightkv_core.stage import StageResult, lightkv_stage, num_merged
+from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
 
 __all__ = [
     "PRESETS",
@@ -21,6 +22,7 @@ __all__ = [
     "StageResult",
     "VisionSpan",
     "cross_attention_scores",
+    "drop_tokens",
     "lightkv_stage",
     "merge_compact",
     "num_merged",

@@ -151,51 +151,19 @@ def lightkv_stage(
         merged_into = _choose_merges(hidden, plan, scores, backend, batch, seq)
 
     keep = real.cpu() & (merged_into < 0)
-    lengths = keep.sum(dim=1)
-    out_len = int(lengths.max()) if batch else 0
-    slot_of = torch.cumsum(keep, dim=1) - 1
-    if padding_side == "left":
-        slot_of = slot_of + (out_len - lengths)[:, None]
-    flat_slot = slot_of + torch.arange(batch)[:, None] * out_len
-    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long)
-    out_rows[flat_slot[keep]] = torch.arange(batch * seq).view(batch, seq)[keep]
-
-    merged_mask = merged_into >= 0
-    sources = (torch.arange(batch)[:, None] * seq + torch.arange(seq)[None, :])[merged_mask]
-    targets = (torch.arange(batch)[:, None] * seq + merged_into.clamp(min=0))[merged_mask]
-    receiver = flat_slot.view(-1)[targets]
-    order = torch.argsort(receiver * (batch * seq) + sources)
-    sources, receiver = sources[order], receiver[order]
-    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long)
-    src_offsets[1:] = torch.cumsum(torch.bincount(receiver, minlength=batch * out_len), 0)
-
-    device = hidden.device
-    weights = scores if scores is not None and guide != "none" else torch.ones(batch, seq, device=device)
-    new_hidden = merge_compact(
-        hidden.reshape(batch * seq, dim),
-        weights.reshape(-1).float().contiguous(),
-        out_rows.to(device),
-        src_offsets.to(device),
-        sources.to(device),
+    weights = scores if scores is not None and guide != "none" else None
+    return _compact(
+        hidden,
+        keep,
+        merged_into,
+        weights,
+        scores,
+        position_ids,
+        per_sample,
+        single=single,
+        mode=mode,
+        padding_side=padding_side,
         backend=backend,
-    ).view(batch, out_len, dim)
-
-    kept_padded = torch.where(out_rows >= 0, out_rows % max(seq, 1), -1).view(batch, out_len)
-    new_positions = _new_positions(position_ids, kept_padded, lengths, mode, padding_side)
-    new_spans = [
-        _new_spans(sample_spans, keep[b], int(out_len - lengths[b]) if padding_side == "left" else 0)
-        for b, sample_spans in enumerate(per_sample)
-    ]
-    kept = [keep[b].nonzero().squeeze(1).to(device) for b in range(batch)]
-    return StageResult(
-        hidden=new_hidden,
-        positions=new_positions.to(device),
-        lengths=lengths.to(device),
-        kept_padded=kept_padded.to(device),
-        kept=kept[0] if single else kept,
-        spans=new_spans[0] if single else new_spans,
-        merged_into=merged_into.to(device),
-        scores=scores,
     )
 
 
@@ -449,6 +417,127 @@ def _choose_merges(
 
 # ----------------------------------------------------------------------------------------------
 # Outputs
+
+
+def drop_tokens(
+    hidden: torch.Tensor,
+    keep: torch.Tensor,
+    spans: Sequence,
+    *,
+    positions: str = "original",
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> StageResult:
+    """Keep the tokens marked in ``keep`` and drop the rest (no merging): the compaction step shared by
+    the token-dropping methods (FastV, random drop).
+
+    Args:
+        hidden: ``(B, S, D)`` hidden states.
+        keep: ``(B, S)`` bool, tokens that survive; padding (``attention_mask`` False) is dropped anyway.
+        spans, positions, position_ids, attention_mask, padding_side: as for :func:`lightkv_stage`.
+
+    Returns:
+        A :class:`StageResult` (``merged_into`` all ``-1``, ``scores`` ``None``); dropped vision tokens
+        leave their span, whose ``coords`` and ``mergeable`` keep only the survivors'.
+    """
+    check_float("drop_tokens", "hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, S, D), got shape {tuple(hidden.shape)}")
+    batch, seq, _ = hidden.shape
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (batch, seq):
+        raise ValueError(f"keep must be a ({batch}, {seq}) bool tensor")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    mode = resolve_position_mode(positions, "default")
+    single, per_sample = _normalise_spans(spans, batch)
+    real = _check_mask(attention_mask, batch, seq, hidden.device)
+    bounds = _real_bounds(real)
+    for b, sample_spans in enumerate(per_sample):
+        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
+    position_ids = _check_position_ids(position_ids, real, batch, seq)
+    merged_into = torch.full((batch, seq), -1, dtype=torch.long)
+    keep = real.cpu() & keep.cpu()
+    return _compact(
+        hidden,
+        keep,
+        merged_into,
+        None,
+        None,
+        position_ids,
+        per_sample,
+        single=single,
+        mode=mode,
+        padding_side=padding_side,
+        backend="torch",
+    )
+
+
+def _compact(
+    hidden: torch.Tensor,
+    keep: torch.Tensor,
+    merged_into: torch.Tensor,
+    weights: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    per_sample: list[list[VisionSpan]],
+    *,
+    single: bool,
+    mode: str,
+    padding_side: str,
+    backend: str,
+) -> StageResult:
+    """Merge every token with ``merged_into >= 0`` into its B token (weights: ``(B, S)`` or ``None``
+    for uniform), write the ``keep`` tokens in order into a padded shorter batch, and carry positions
+    and spans along."""
+    batch, seq, dim = hidden.shape
+    lengths = keep.sum(dim=1)
+    out_len = int(lengths.max()) if batch else 0
+    slot_of = torch.cumsum(keep, dim=1) - 1
+    if padding_side == "left":
+        slot_of = slot_of + (out_len - lengths)[:, None]
+    flat_slot = slot_of + torch.arange(batch)[:, None] * out_len
+    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long)
+    out_rows[flat_slot[keep]] = torch.arange(batch * seq).view(batch, seq)[keep]
+
+    merged_mask = merged_into >= 0
+    sources = (torch.arange(batch)[:, None] * seq + torch.arange(seq)[None, :])[merged_mask]
+    targets = (torch.arange(batch)[:, None] * seq + merged_into.clamp(min=0))[merged_mask]
+    receiver = flat_slot.view(-1)[targets]
+    order = torch.argsort(receiver * (batch * seq) + sources)
+    sources, receiver = sources[order], receiver[order]
+    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long)
+    src_offsets[1:] = torch.cumsum(torch.bincount(receiver, minlength=batch * out_len), 0)
+
+    device = hidden.device
+    if weights is None:
+        weights = torch.ones(batch, seq, device=device)
+    new_hidden = merge_compact(
+        hidden.reshape(batch * seq, dim),
+        weights.reshape(-1).float().contiguous(),
+        out_rows.to(device),
+        src_offsets.to(device),
+        sources.to(device),
+        backend=backend,
+    ).view(batch, out_len, dim)
+
+    kept_padded = torch.where(out_rows >= 0, out_rows % max(seq, 1), -1).view(batch, out_len)
+    new_positions = _new_positions(position_ids, kept_padded, lengths, mode, padding_side)
+    new_spans = [
+        _new_spans(sample_spans, keep[b], int(out_len - lengths[b]) if padding_side == "left" else 0)
+        for b, sample_spans in enumerate(per_sample)
+    ]
+    kept = [keep[b].nonzero().squeeze(1).to(device) for b in range(batch)]
+    return StageResult(
+        hidden=new_hidden,
+        positions=new_positions.to(device),
+        lengths=lengths.to(device),
+        kept_padded=kept_padded.to(device),
+        kept=kept[0] if single else kept,
+        spans=new_spans[0] if single else new_spans,
+        merged_into=merged_into.to(device),
+        scores=scores,
+    )
 
 
 def _new_positions(

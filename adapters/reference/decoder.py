@@ -1,0 +1,435 @@
+"""A minimal Llama-style decoder with in-prefill token reduction: the example custom engines copy.
+
+Plain PyTorch: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU. Parameter names match
+Hugging Face ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``, ...), so
+the same state dict loads in both. What is specific to KV compression is marked ``COMPRESSION HOOK``:
+
+1. the layer at a scheduled index hands back the post-RoPE ``q``/``k`` it used;
+2. right after that layer (which has already cached its full KV) the method shortens the hidden states,
+   and the position ids, mask and vision spans follow the survivors;
+3. each layer's cache therefore has its own length; decoding appends one slot to every layer and
+   never reduces.
+
+Batches are left-padded: every sample's last token sits at the last slot in every layer, before and
+after a reduction, so decoding appends in the same column for all samples. ``valid`` masks mark the
+padding slots in each layer's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightkv_core.methods import PrefillReduction
+from lightkv_core.spans import VisionSpan, as_span
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape of a Llama-style decoder.
+
+    Attributes:
+        vocab_size: tokens in the vocabulary.
+        hidden_size: model width ``D``.
+        intermediate_size: SwiGLU inner width.
+        num_layers: decoder layers.
+        num_heads: query heads ``H``; ``head_dim = hidden_size // num_heads``.
+        num_kv_heads: key/value heads ``Hk`` (``H % Hk == 0``).
+        rope_theta: rotary base.
+        rms_norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple:
+    """``(cos, sin)``, each ``(B, S, head_dim)``, for ``(B, S)`` integer position ids."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, heads, S, d)`` by the tables ``(B, S, d)``."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@dataclass
+class LayerCache:
+    """One layer's KV cache. ``keys``/``values``: ``(B, Hk, L, d)``; ``valid``: ``(B, L)`` bool (False on
+    padding); ``next_position``: ``(B,)`` rotary position of the next token in this layer."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    next_position: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+@dataclass
+class KVCache:
+    """Per-layer caches whose lengths may differ (layers after a reduction hold fewer tokens)."""
+
+    layers: list[LayerCache | None]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        return cls([None] * num_layers)
+
+    @property
+    def is_empty(self) -> bool:
+        return all(layer is None for layer in self.layers)
+
+    def lengths(self) -> list[int]:
+        """Slots held per layer (padding included)."""
+        return [0 if layer is None else layer.length for layer in self.layers]
+
+    def valid_tokens(self) -> torch.Tensor:
+        """``(num_layers, B)`` real tokens held per layer and sample."""
+        return torch.stack([layer.valid.sum(dim=1) for layer in self.layers])
+
+
+@dataclass
+class PrefillStats:
+    """What a prefill did. Token counts are ``(num_layers, B)`` int64 tensors on the CPU."""
+
+    kv_tokens: torch.Tensor
+    vision_tokens: torch.Tensor
+    original_vision_tokens: torch.Tensor
+    reduce_seconds: float
+    prefill_seconds: float
+
+    def vision_retention(self) -> torch.Tensor:
+        """``(B,)`` vision tokens held in the KV summed over layers / (original vision tokens x layers)."""
+        layers = self.vision_tokens.shape[0]
+        return self.vision_tokens.sum(dim=0).double() / (self.original_vision_tokens.double() * layers)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, q, k, keys, values)``: ``q``/``k`` post-RoPE for the new tokens; ``keys``/``values``
+        the full layer cache including them. ``mask``: ``(B, 1, S, L)`` bool or ``None`` (causal)."""
+        batch, seq, _ = x.shape
+        c = self.config
+        q = self.q_proj(x).view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = k if cache is None else torch.cat([cache.keys, k], dim=2)
+        values = v if cache is None else torch.cat([cache.values, v], dim=2)
+        group = c.num_heads // c.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q,
+            keys.repeat_interleave(group, dim=1),
+            values.repeat_interleave(group, dim=1),
+            attn_mask=mask,
+            is_causal=mask is None,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), q, k, keys, values
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache):
+        attended, q, k, keys, values = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, q, k, keys, values
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def _prefill_mask(real: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, S, S)`` bool: causal over real tokens; a padding query sees only itself (no NaN rows)."""
+    seq = real.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=real.device).tril()
+    mask = causal[None] & real[:, None, :] & real[:, :, None]
+    return (mask | torch.eye(seq, dtype=torch.bool, device=real.device)[None])[:, None]
+
+
+def _decode_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
+    """``(B, 1, new, L)`` bool: new token ``i`` sees every valid cached slot and the new tokens ``<= i``."""
+    batch, length = valid.shape
+    past = length - new
+    slot = torch.arange(length, device=valid.device)
+    visible = slot[None, :] <= past + torch.arange(new, device=valid.device)[:, None]
+    return (valid[:, None, :] & visible[None])[:, None]
+
+
+def left_padded_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` bool: the last ``lengths[b]`` slots of row ``b`` are real."""
+    return torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]
+
+
+class Decoder(nn.Module):
+    """Llama-style causal LM (``LlamaForCausalLM`` parameter names) with per-layer KV lengths."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        spans: Sequence[Sequence] | None = None,
+        cache: KVCache | None = None,
+        reduction: PrefillReduction | None = None,
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, PrefillStats | None]:
+        """Run the decoder on new tokens.
+
+        Args:
+            inputs_embeds: ``(B, S, D)`` embeddings of the new tokens.
+            attention_mask: ``(B, S)`` real tokens of a prefill, padding on the left; ``None``: all
+                real. In decoding (non-empty ``cache``) every new token is real.
+            spans: one list of vision spans per sample (``VisionSpan`` or ``(start, end, rows, cols)``).
+            cache: a :class:`KVCache` filled in place; ``None`` runs without one (training).
+            reduction: an in-prefill token-reduction method (LightKV, FastV, ...); prefill only.
+            last_logits_only: return logits of the last slot only, ``(B, 1, V)``.
+
+        Returns:
+            ``(logits, stats)``: logits ``(B, S', V)`` float32 for the slots of the last layer (``S'``
+            shorter than ``S`` after a reduction), and :class:`PrefillStats` for a prefill with a cache
+            (else ``None``).
+        """
+        batch, seq, _ = inputs_embeds.shape
+        decoding = cache is not None and not cache.is_empty
+        if decoding and (reduction is not None or attention_mask is not None):
+            raise ValueError("decoding appends real tokens only: pass neither attention_mask nor reduction")
+        if reduction is not None and spans is None:
+            raise ValueError("a reduction needs the vision spans of every sample")
+        if decoding:
+            return self._decode(inputs_embeds, cache, last_logits_only), None
+
+        started = time.perf_counter()
+        real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        if attention_mask is not None:
+            real = attention_mask.to(inputs_embeds.device, torch.bool)
+            if tuple(real.shape) != (batch, seq):
+                raise ValueError(f"attention_mask must be ({batch}, {seq}), got {tuple(real.shape)}")
+            if not bool(real[:, -1].all()):
+                raise ValueError("prefill batches must be left-padded (every sample's last slot real)")
+        per_sample = [[as_span(s) for s in sample] for sample in spans] if spans is not None else [[]] * batch
+        if len(per_sample) != batch:
+            raise ValueError(f"spans has {len(per_sample)} per-sample lists for a batch of {batch}")
+        position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
+        is_vision = _vision_mask(per_sample, batch, seq, real.device)
+        original_vision = is_vision.sum(dim=1).cpu()
+        reduce_layers = set(reduction.reduce_layers) if reduction is not None else set()
+        if reduce_layers and max(reduce_layers) >= self.config.num_layers:
+            raise ValueError(f"reduction layers {sorted(reduce_layers)} exceed the {self.config.num_layers} layers")
+
+        hidden = inputs_embeds
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        unpadded = attention_mask is None or bool(real.all())
+        mask = None if unpadded else _prefill_mask(real)
+        kv_tokens, vision_tokens = [], []
+        reduce_seconds = 0.0
+        for index, layer in enumerate(self.model.layers):
+            hidden, q, k, keys, values = layer(hidden, cos, sin, mask, None)
+            if cache is not None:
+                cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
+            kv_tokens.append(real.sum(dim=1).cpu())
+            vision_tokens.append(is_vision.sum(dim=1).cpu())
+            if index in reduce_layers:
+                # COMPRESSION HOOK: this layer has cached its full KV; the method shortens its output and
+                # the later layers see (and cache) only the survivors, with their own positions and mask.
+                tick = time.perf_counter()
+                result = reduction.reduce(
+                    index,
+                    hidden,
+                    q,
+                    k,
+                    per_sample,
+                    position_ids=position_ids,
+                    attention_mask=real,
+                    padding_side="left",
+                )
+                reduce_seconds += time.perf_counter() - tick
+                hidden, position_ids, per_sample = result.hidden, result.positions, result.spans
+                real = left_padded_mask(result.lengths, hidden.shape[1])
+                is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
+                cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+                mask = _prefill_mask(real)
+        if last_logits_only:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(self.model.norm(hidden)).float()
+        if cache is None:
+            return logits, None
+        stats = PrefillStats(
+            kv_tokens=torch.stack(kv_tokens),
+            vision_tokens=torch.stack(vision_tokens),
+            original_vision_tokens=original_vision,
+            reduce_seconds=reduce_seconds,
+            prefill_seconds=time.perf_counter() - started,
+        )
+        return logits, stats
+
+    def _decode(self, inputs_embeds: torch.Tensor, cache: KVCache, last_logits_only: bool) -> torch.Tensor:
+        batch, new, _ = inputs_embeds.shape
+        hidden = inputs_embeds
+        steps = torch.arange(new, device=hidden.device)
+        for index, layer in enumerate(self.model.layers):
+            layer_cache = cache.layers[index]
+            position_ids = layer_cache.next_position[:, None] + steps[None, :]
+            cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+            valid = torch.cat([layer_cache.valid, torch.ones(batch, new, dtype=torch.bool, device=hidden.device)], 1)
+            mask = _decode_mask(valid, new)
+            hidden, _, _, keys, values = layer(hidden, cos, sin, mask, layer_cache)
+            cache.layers[index] = LayerCache(keys, values, valid, layer_cache.next_position + new)
+        if last_logits_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        spans: Sequence[Sequence] | None = None,
+        reduction: PrefillReduction | None = None,
+        max_new_tokens: int = 16,
+        eos_token_id: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, PrefillStats | None]:
+        """Greedy (``temperature == 0``) or sampled generation.
+
+        ``use_cache=False`` recomputes the whole sequence at every step (no reduction allowed): the
+        slow path the cached one is checked against.
+
+        Returns:
+            ``(tokens, stats)``: ``(B, N)`` int64 generated tokens (after a sample's ``eos_token_id``
+            the row is filled with it), and the prefill's :class:`PrefillStats` (``None`` without cache).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not use_cache and reduction is not None:
+            raise ValueError("use_cache=False recomputes the prompt every step; it cannot run a reduction")
+        batch = inputs_embeds.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
+        tokens: list[torch.Tensor] = []
+        cache = KVCache.empty(self.config.num_layers) if use_cache else None
+        embeds, mask = inputs_embeds, attention_mask
+        logits, stats = self(
+            embeds, attention_mask=mask, spans=spans, cache=cache, reduction=reduction, last_logits_only=True
+        )
+        for step in range(max_new_tokens):
+            token = _pick(logits[:, -1], temperature, top_k, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, eos_token_id, token)
+                finished = finished | (token == eos_token_id)
+            tokens.append(token)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            new_embeds = self.model.embed_tokens(token)[:, None]
+            if use_cache:
+                logits, _ = self(new_embeds, cache=cache, last_logits_only=True)
+            else:
+                embeds = torch.cat([embeds, new_embeds], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits, _ = self(embeds, attention_mask=mask, spans=spans, last_logits_only=True)
+        return torch.stack(tokens, dim=1), stats
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / temperature
+    if top_k is not None:
+        threshold = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _vision_mask(per_sample: list[list[VisionSpan]], batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    for b, sample_spans in enumerate(per_sample):
+        for span in sample_spans:
+            mask[b, span.start : span.end] = True
+    return mask

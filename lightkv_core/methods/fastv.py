@@ -1,0 +1,129 @@
+"""FastV (Chen et al., 2024): after layer ``K - 1``, keep only the vision tokens the text attends to most."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightkv_core.methods.base import PrefillReduction
+from lightkv_core.stage import StageResult, drop_tokens
+
+SCORINGS = ("last_token", "all_tokens")
+QUERY_CHUNK = 256
+
+
+def kept_count(ratio: float, tokens: int) -> int:
+    """Vision tokens kept when a fraction ``ratio`` of ``tokens`` is dropped: ``ceil((1 - ratio) * n)``."""
+    return min(tokens, math.ceil((1.0 - ratio) * tokens - 1e-9))
+
+
+def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` bool keep mask: all non-vision and structural tokens, plus the ``kept_count(ratio, n)``
+    mergeable vision tokens of each sample (``n`` over all its images) with the highest ``scores``
+    (``(B, S)``; ties: lower index)."""
+    keep = attention_mask.cpu().clone()
+    scores = scores.detach().float().cpu()
+    for b, sample_spans in enumerate(spans):
+        candidates = []
+        for span in sample_spans:
+            index = span.start + span.mergeable_or_default().nonzero().squeeze(1)
+            candidates.append(index)
+        if not candidates:
+            continue
+        index = torch.cat(candidates)
+        keep[b, index] = False
+        order = torch.argsort(-scores[b, index], stable=True)
+        keep[b, index[order[: kept_count(ratio, index.numel())]]] = True
+    return keep
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
+
+
+@dataclass(frozen=True)
+class FastV(PrefillReduction):
+    """FastV: on the output of ``layer`` (``K - 1`` in the paper's terms; layers ``>= K`` hold the
+    survivors), drop the fraction ``ratio`` (``R``) of vision tokens with the lowest attention score.
+
+    Score of a vision key: post-softmax causal attention it receives, averaged over heads, from
+    ``scoring="last_token"`` (the last real token, as the released code does) or ``"all_tokens"``
+    (averaged over every real query, the paper's description). ``positions``: ``"original"`` (survivors
+    keep their position ids) or ``"compact"``.
+    """
+
+    layer: int
+    ratio: float
+    scoring: str = "last_token"
+    positions: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        _check_ratio(self.ratio)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+
+    @property
+    def reduce_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def reduce(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        spans: Sequence,
+        *,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        padding_side: str,
+    ) -> StageResult:
+        scores = attention_received(q, k, attention_mask, last_token_only=self.scoring == "last_token")
+        keep = keep_top_vision(scores, spans, self.ratio, attention_mask)
+        return drop_tokens(
+            hidden,
+            keep,
+            spans,
+            positions=self.positions,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            padding_side=padding_side,
+        )
+
+
+def attention_received(
+    q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, *, last_token_only: bool, scale: float | None = None
+) -> torch.Tensor:
+    """``(B, S)`` float32 post-softmax causal attention each key receives, averaged over heads and over
+    the queries (the last real one, or every real one). Padding keys and queries take no part.
+
+    Args:
+        q: ``(B, H, S, d)``; k: ``(B, Hk, S, d)`` with ``H % Hk == 0``; attention_mask: ``(B, S)`` bool.
+    """
+    batch, heads, seq, dim = q.shape
+    group = heads // k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    keys = k.float().repeat_interleave(group, dim=1)
+    real = attention_mask.to(q.device, torch.bool)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    received = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)
+    if last_token_only:
+        rows = [int(real[b].nonzero().max()) for b in range(batch)]
+        query = q.float()[torch.arange(batch), :, rows][:, :, None]  # (B, H, 1, d)
+        logits = (query @ keys.transpose(-1, -2)) * scale
+        allowed = real[:, None, None, :] & causal[rows][:, None, None, :]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        return probs.mean(dim=1)[:, 0]
+    for start in range(0, seq, QUERY_CHUNK):
+        stop = min(seq, start + QUERY_CHUNK)
+        logits = (q.float()[:, :, start:stop] @ keys.transpose(-1, -2)) * scale
+        allowed = real[:, None, None, :] & causal[start:stop][None, None] & real[:, None, start:stop, None]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        received += probs.mean(dim=1).sum(dim=1)
+    return received / real.sum(dim=1, keepdim=True).clamp(min=1)
