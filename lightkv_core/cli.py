@@ -163,11 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("presets", help="list the released schedules")
     pre.set_defaults(func=presets)
+
+    # The reference adapter ships in the same distribution; it is imported only when these commands run.
+    from lightkv_adapters.reference import demo, quality
+
+    dem = commands.add_parser("demo", help="the shipped tiny LVLM answering questions with and without LightKV")
+    demo.add_arguments(dem)
+    dem.set_defaults(func=demo.run)
+
+    ev = commands.add_parser("eval", help="quality benchmark: accuracy vs vision-token retention per method")
+    quality.add_arguments(ev)
+    ev.set_defaults(func=quality.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, TypeError) as error:

@@ -136,7 +136,7 @@ def lightkv_stage(
             raise ValueError("give position ids either as positions=<tensor> or as position_ids, not both")
         positions, position_ids = "original", positions
     mode = resolve_position_mode(positions, layout)
-    single, per_sample = _normalise_spans(spans, batch)
+    single, per_sample = normalise_spans(spans, batch)
     real = _check_mask(attention_mask, batch, seq, hidden.device)
     bounds = _real_bounds(real)
     for b, sample_spans in enumerate(per_sample):
@@ -211,7 +211,7 @@ def _is_span(item: object) -> bool:
     )
 
 
-def _normalise_spans(spans: Sequence, batch: int) -> tuple[bool, list[list[VisionSpan]]]:
+def normalise_spans(spans: Sequence, batch: int) -> tuple[bool, list[list[VisionSpan]]]:
     """``(single, per_sample)``: whether spans came in single-sample form, and one span list per sample."""
     if not isinstance(spans, (list, tuple)):
         raise TypeError(f"spans must be a list of spans (or a list of per-sample lists), got {type(spans).__name__}")
@@ -450,7 +450,7 @@ def drop_tokens(
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     mode = resolve_position_mode(positions, "default")
-    single, per_sample = _normalise_spans(spans, batch)
+    single, per_sample = normalise_spans(spans, batch)
     real = _check_mask(attention_mask, batch, seq, hidden.device)
     bounds = _real_bounds(real)
     for b, sample_spans in enumerate(per_sample):

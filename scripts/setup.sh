@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with lightkv installed in editable mode plus the test tools.
+# Creates .venv with lightkv installed in editable mode, plus the test tools (dev), transformers (hf,
+# for the Hugging Face parity tests) and matplotlib (perf, for the benchmark plots).
 # - If the Python that runs this already has torch (for example a CUDA build), the venv sees it
 #   (--system-site-packages) and torch is not reinstalled.
 # - Otherwise torch==2.13.0 is installed first; on the project's CPU machines this takes the local
@@ -17,4 +18,4 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,hf,perf]"

@@ -262,7 +262,9 @@ class Decoder(nn.Module):
                 real. In decoding (non-empty ``cache``) every new token is real.
             spans: one list of vision spans per sample (``VisionSpan`` or ``(start, end, rows, cols)``).
             cache: a :class:`KVCache` filled in place; ``None`` runs without one (training).
-            reduction: an in-prefill token-reduction method (LightKV, FastV, ...); prefill only.
+            reduction: an in-prefill token-reduction method (LightKV, FastV, ...); prefill only. Layer
+                ``-1`` in its ``reduce_layers`` reduces the input embeddings before layer 0 (``q``/``k`` are
+                then ``None``; only methods that need no attention, such as random drop, can do that).
             last_logits_only: return logits of the last slot only, ``(B, 1, V)``.
 
         Returns:
@@ -294,24 +296,27 @@ class Decoder(nn.Module):
         is_vision = _vision_mask(per_sample, batch, seq, real.device)
         original_vision = is_vision.sum(dim=1).cpu()
         reduce_layers = set(reduction.reduce_layers) if reduction is not None else set()
-        if reduce_layers and max(reduce_layers) >= self.config.num_layers:
-            raise ValueError(f"reduction layers {sorted(reduce_layers)} exceed the {self.config.num_layers} layers")
+        if reduce_layers and not -1 <= min(reduce_layers) <= max(reduce_layers) < self.config.num_layers:
+            raise ValueError(f"reduction layers {sorted(reduce_layers)} must lie in [-1, {self.config.num_layers})")
 
         hidden = inputs_embeds
-        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        q = k = None
         unpadded = attention_mask is None or bool(real.all())
         mask = None if unpadded else _prefill_mask(real)
         kv_tokens, vision_tokens = [], []
         reduce_seconds = 0.0
-        for index, layer in enumerate(self.model.layers):
-            hidden, q, k, keys, values = layer(hidden, cos, sin, mask, None)
-            if cache is not None:
-                cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
-            kv_tokens.append(real.sum(dim=1).cpu())
-            vision_tokens.append(is_vision.sum(dim=1).cpu())
+        for index in range(-1, self.config.num_layers):
+            if index >= 0:
+                cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+                hidden, q, k, keys, values = self.model.layers[index](hidden, cos, sin, mask, None)
+                if cache is not None:
+                    cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
+                kv_tokens.append(real.sum(dim=1).cpu())
+                vision_tokens.append(is_vision.sum(dim=1).cpu())
             if index in reduce_layers:
-                # COMPRESSION HOOK: this layer has cached its full KV; the method shortens its output and
-                # the later layers see (and cache) only the survivors, with their own positions and mask.
+                # COMPRESSION HOOK: layer `index` has cached its full KV (index -1: the input embeddings, no
+                # q/k); the method shortens the hidden states and the later layers see (and cache) only the
+                # survivors, with their own positions and mask.
                 tick = time.perf_counter()
                 result = reduction.reduce(
                     index,
@@ -327,7 +332,6 @@ class Decoder(nn.Module):
                 hidden, position_ids, per_sample = result.hidden, result.positions, result.spans
                 real = left_padded_mask(result.lengths, hidden.shape[1])
                 is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
-                cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
                 mask = _prefill_mask(real)
         if last_logits_only:
             hidden = hidden[:, -1:]

@@ -20,7 +20,7 @@ class PrefillReduction(ABC):
     @property
     @abstractmethod
     def reduce_layers(self) -> tuple[int, ...]:
-        """Decoder layers (0-based, ascending) whose output is reduced."""
+        """Decoder layers (0-based, ascending) whose output is reduced; ``-1`` means the input embeddings."""
 
     @abstractmethod
     def reduce(
@@ -40,7 +40,8 @@ class PrefillReduction(ABC):
         Args:
             layer: the layer that just ran (one of :attr:`reduce_layers`).
             hidden: ``(B, S, D)`` its output hidden states.
-            q, k: ``(B, H, S, d)`` / ``(B, Hk, S, d)`` the post-RoPE queries and keys it used.
+            q, k: ``(B, H, S, d)`` / ``(B, Hk, S, d)`` the post-RoPE queries and keys it used (``None`` for
+                ``layer = -1``, the input embeddings, which only methods without scoring accept).
             spans: one list of vision spans per sample.
             position_ids: ``(B, S)`` or ``(3, B, S)`` position ids of the current tokens.
             attention_mask: ``(B, S)`` bool, real tokens.

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.config import POSITION_MODES
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.stage import StageResult, drop_tokens
+from lightkv_core.stage import StageResult, drop_tokens, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
 QUERY_CHUNK = 256
@@ -26,7 +27,8 @@ def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attenti
     (``(B, S)``; ties: lower index)."""
     keep = attention_mask.cpu().clone()
     scores = scores.detach().float().cpu()
-    for b, sample_spans in enumerate(spans):
+    _, per_sample = normalise_spans(spans, keep.shape[0])
+    for b, sample_spans in enumerate(per_sample):
         candidates = []
         for span in sample_spans:
             index = span.start + span.mergeable_or_default().nonzero().squeeze(1)
@@ -40,9 +42,19 @@ def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attenti
     return keep
 
 
-def _check_ratio(ratio: float) -> None:
+def check_drop_method(layer: int, ratio: float, positions: str, lowest_layer: int = 0) -> None:
+    """Constructor checks shared by the dropping methods."""
+    if layer < lowest_layer:
+        raise ValueError(f"layer must be >= {lowest_layer}, got {layer}")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+
+
+def check_layer(method: PrefillReduction, layer: int) -> None:
+    if layer not in method.reduce_layers:
+        raise ValueError(f"layer {layer} is not one of this method's layers {method.reduce_layers}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +74,7 @@ class FastV(PrefillReduction):
     positions: str = "original"
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
-        _check_ratio(self.ratio)
+        check_drop_method(self.layer, self.ratio, self.positions)
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
 
@@ -84,6 +94,7 @@ class FastV(PrefillReduction):
         attention_mask: torch.Tensor,
         padding_side: str,
     ) -> StageResult:
+        check_layer(self, layer)
         scores = attention_received(q, k, attention_mask, last_token_only=self.scoring == "last_token")
         keep = keep_top_vision(scores, spans, self.ratio, attention_mask)
         return drop_tokens(

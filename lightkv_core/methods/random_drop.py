@@ -8,15 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.methods.fastv import _check_ratio, keep_top_vision
+from lightkv_core.methods.fastv import check_drop_method, check_layer, keep_top_vision
 from lightkv_core.stage import StageResult, drop_tokens
 
 
 @dataclass(frozen=True)
 class RandomDrop(PrefillReduction):
     """On the output of ``layer``, drop a random fraction ``ratio`` of each sample's vision tokens (the
-    same count as :class:`~lightkv_core.methods.fastv.FastV` keeps, chosen uniformly). Draws come from a
-    generator seeded with ``seed`` at every call, so a run is reproducible."""
+    same count as :class:`~lightkv_core.methods.fastv.FastV` keeps, chosen uniformly). ``layer = -1``
+    drops on the input embeddings, before layer 0 (needs no q/k; every layer then holds only the
+    survivors). Draws come from a generator seeded with ``seed`` at every call, so a run is reproducible."""
 
     layer: int
     ratio: float
@@ -24,9 +25,7 @@ class RandomDrop(PrefillReduction):
     positions: str = "original"
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
-        _check_ratio(self.ratio)
+        check_drop_method(self.layer, self.ratio, self.positions, lowest_layer=-1)
 
     @property
     def reduce_layers(self) -> tuple[int, ...]:
@@ -36,14 +35,15 @@ class RandomDrop(PrefillReduction):
         self,
         layer: int,
         hidden: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
+        q: torch.Tensor | None,
+        k: torch.Tensor | None,
         spans: Sequence,
         *,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         padding_side: str,
     ) -> StageResult:
+        check_layer(self, layer)
         generator = torch.Generator().manual_seed(self.seed)
         scores = torch.rand(hidden.shape[:2], generator=generator)
         keep = keep_top_vision(scores, spans, self.ratio, attention_mask)
