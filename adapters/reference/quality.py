@@ -200,8 +200,10 @@ def plot(summary: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, row in summary["methods"].items():
-        points = sorted((summary["measured_retention"][name][key], acc) for key, acc in row.items() if acc is not None)
-        points = [(1.0, summary["full"])] + points
+        measured = summary["measured_retention"][name]
+        points = [(1.0, summary["full"])] + sorted(
+            ((measured[key], acc) for key, acc in row.items() if acc is not None), reverse=True
+        )
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     axis.set_xlabel("vision-token retention (mean over layers, measured)")
     axis.set_ylabel("exact-match accuracy")
