@@ -136,12 +136,7 @@ def lightkv_stage(
             raise ValueError("give position ids either as positions=<tensor> or as position_ids, not both")
         positions, position_ids = "original", positions
     mode = resolve_position_mode(positions, layout)
-    single, per_sample = normalise_spans(spans, batch)
-    real = _check_mask(attention_mask, batch, seq, hidden.device)
-    bounds = _real_bounds(real)
-    for b, sample_spans in enumerate(per_sample):
-        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
-    position_ids = _check_position_ids(position_ids, real, batch, seq)
+    single, per_sample, real, position_ids = _check_tokens(spans, attention_mask, position_ids, hidden)
 
     plan = _plan_windows(per_sample, seq, window, ratio, layout)
     merged_into = torch.full((batch, seq), -1, dtype=torch.long)
@@ -186,6 +181,19 @@ def _check_tensors(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tu
     if not (hidden.device == q.device == k.device):
         raise ValueError(f"hidden, q and k must be on one device, got {hidden.device}, {q.device}, {k.device}")
     return batch, seq, dim
+
+
+def _check_tokens(
+    spans: Sequence, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, hidden: torch.Tensor
+) -> tuple[bool, list[list[VisionSpan]], torch.Tensor, torch.Tensor]:
+    """``(single, per_sample spans, real (B, S) bool, position ids)``, each checked against ``hidden``."""
+    batch, seq = hidden.shape[:2]
+    single, per_sample = normalise_spans(spans, batch)
+    real = _check_mask(attention_mask, batch, seq, hidden.device)
+    bounds = _real_bounds(real)
+    for b, sample_spans in enumerate(per_sample):
+        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
+    return single, per_sample, real, _check_position_ids(position_ids, real, batch, seq)
 
 
 def _check_window(window: object) -> int:
@@ -450,12 +458,7 @@ def drop_tokens(
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     mode = resolve_position_mode(positions, "default")
-    single, per_sample = normalise_spans(spans, batch)
-    real = _check_mask(attention_mask, batch, seq, hidden.device)
-    bounds = _real_bounds(real)
-    for b, sample_spans in enumerate(per_sample):
-        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
-    position_ids = _check_position_ids(position_ids, real, batch, seq)
+    single, per_sample, real, position_ids = _check_tokens(spans, attention_mask, position_ids, hidden)
     merged_into = torch.full((batch, seq), -1, dtype=torch.long)
     keep = real.cpu() & keep.cpu()
     return _compact(

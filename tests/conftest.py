@@ -69,3 +69,13 @@ def device() -> str:
 def backend(request) -> str:
     """Session-scoped (so Hypothesis ``@given`` tests may use it) and parametrised over ``BACKENDS``."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny matrices: more threads only add overhead (and stall badly
+    on a busy machine). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,14 +14,7 @@ from lightkv_core import LightKVConfig, VisionSpan, drop_tokens, lightkv_stage
 from lightkv_core.methods import FastV, LightKV, PrefillReduction, RandomDrop, attention_received
 from lightkv_core.methods.fastv import keep_top_vision, kept_count
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices: intra-op threads only add overhead (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------------------------

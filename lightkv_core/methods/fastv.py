@@ -96,16 +96,33 @@ class FastV(PrefillReduction):
     ) -> StageResult:
         check_layer(self, layer)
         scores = attention_received(q, k, attention_mask, last_token_only=self.scoring == "last_token")
-        keep = keep_top_vision(scores, spans, self.ratio, attention_mask)
-        return drop_tokens(
-            hidden,
-            keep,
-            spans,
-            positions=self.positions,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            padding_side=padding_side,
+        return drop_lowest(
+            hidden, scores, spans, self.ratio, self.positions, position_ids, attention_mask, padding_side
         )
+
+
+def drop_lowest(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    spans: Sequence,
+    ratio: float,
+    positions: str,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    padding_side: str,
+) -> StageResult:
+    """Drop the fraction ``ratio`` of each sample's vision tokens with the lowest ``scores`` ``(B, S)``
+    (see :func:`keep_top_vision`); the rest as for :func:`~lightkv_core.stage.drop_tokens`."""
+    keep = keep_top_vision(scores, spans, ratio, attention_mask)
+    return drop_tokens(
+        hidden,
+        keep,
+        spans,
+        positions=positions,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        padding_side=padding_side,
+    )
 
 
 def attention_received(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.methods.fastv import check_drop_method, check_layer, keep_top_vision
-from lightkv_core.stage import StageResult, drop_tokens
+from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest
+from lightkv_core.stage import StageResult
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,6 @@ class RandomDrop(PrefillReduction):
         check_layer(self, layer)
         generator = torch.Generator().manual_seed(self.seed)
         scores = torch.rand(hidden.shape[:2], generator=generator)
-        keep = keep_top_vision(scores, spans, self.ratio, attention_mask)
-        return drop_tokens(
-            hidden,
-            keep,
-            spans,
-            positions=self.positions,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            padding_side=padding_side,
+        return drop_lowest(
+            hidden, scores, spans, self.ratio, self.positions, position_ids, attention_mask, padding_side
         )
