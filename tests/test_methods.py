@@ -282,9 +282,9 @@ def one_image_batch(seed: int = 0, side: int = 8) -> dict:
     )
 
 
-def run(method: PrefillReduction, inputs: dict, padding_side: str = "right"):
+def run(method: PrefillReduction, inputs: dict, padding_side: str = "right", layer: int | None = None):
     return method.reduce(
-        method.reduce_layers[0],
+        method.reduce_layers[0] if layer is None else layer,
         inputs["hidden"],
         inputs["q"],
         inputs["k"],
@@ -425,16 +425,7 @@ def test_lightkv_reduce_matches_the_stage_and_rejects_other_layers():
     inputs = one_image_batch(seed=3)
     method = LightKV(LightKVConfig((1, 3), (2, 1), (0.5, 0.25)), backend="torch")
     for layer, window, ratio in ((1, 2, 0.5), (3, 1, 0.25)):
-        got = method.reduce(
-            layer,
-            inputs["hidden"],
-            inputs["q"],
-            inputs["k"],
-            inputs["spans"],
-            position_ids=inputs["position_ids"],
-            attention_mask=inputs["mask"],
-            padding_side="left",
-        )
+        got = run(method, inputs, "left", layer)
         expected = lightkv_stage(
             inputs["hidden"],
             inputs["q"],
@@ -450,16 +441,7 @@ def test_lightkv_reduce_matches_the_stage_and_rejects_other_layers():
         assert got.lengths.tolist() == expected.lengths.tolist() == [71 - int(64 * ratio)]
     for layer in (0, 2, 4):
         with pytest.raises(ValueError, match="merge_layers"):
-            method.reduce(
-                layer,
-                inputs["hidden"],
-                inputs["q"],
-                inputs["k"],
-                inputs["spans"],
-                position_ids=inputs["position_ids"],
-                attention_mask=inputs["mask"],
-                padding_side="left",
-            )
+            run(method, inputs, "left", layer)
 
 
 @pytest.mark.parametrize("method", [FastV(0, 0.5), RandomDrop(0, 0.5)], ids=["fastv", "random"])
@@ -478,13 +460,4 @@ def test_dropping_methods_check_positions_and_layer(cls):
         cls(0, 0.5, positions="bad")
     inputs = one_image_batch()
     with pytest.raises(ValueError, match="layer 1 is not one of this method's layers"):
-        cls(0, 0.5).reduce(
-            1,
-            inputs["hidden"],
-            inputs["q"],
-            inputs["k"],
-            inputs["spans"],
-            position_ids=inputs["position_ids"],
-            attention_mask=inputs["mask"],
-            padding_side="left",
-        )
+        run(cls(0, 0.5), inputs, "left", layer=1)
