@@ -53,3 +53,12 @@ def vision_retention(per_layer_vision: Sequence[int], original_vision: int) -> f
     if original_vision <= 0 or not per_layer_vision:
         raise ValueError("vision_retention needs at least one layer and one original vision token")
     return sum(per_layer_vision) / (original_vision * len(per_layer_vision))
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``"512 B"``, ``"1.5 KiB"``, ``"320.5 MiB"`` or ``"2.0 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

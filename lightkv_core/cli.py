@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightkv_core.budget import EFFECTS, KVFootprint, layer_kv_lengths, vision_retention
+from lightkv_core.budget import EFFECTS, KVFootprint, human_bytes, layer_kv_lengths, vision_retention
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.stage import lightkv_stage
 
@@ -39,14 +39,6 @@ def _grid(text: str) -> tuple[int, int]:
     if rows < 1 or cols < 1:
         raise argparse.ArgumentTypeError(f"grid must be at least 1x1, got {text!r}")
     return rows, cols
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -120,8 +112,8 @@ def simulate(args: argparse.Namespace) -> int:
         kv_bytes = shape.kv.total_bytes(per_layer)
         vision_kept = shape.kv.total_bytes(per_layer_vision)
         print(
-            f"  merge takes effect {effect:>5} layer l: KV {_human_bytes(full_bytes)} -> {_human_bytes(kv_bytes)} "
-            f"({kv_bytes / full_bytes:.1%}); vision KV {_human_bytes(vision_full)} -> {_human_bytes(vision_kept)}, "
+            f"  merge takes effect {effect:>5} layer l: KV {human_bytes(full_bytes)} -> {human_bytes(kv_bytes)} "
+            f"({kv_bytes / full_bytes:.1%}); vision KV {human_bytes(vision_full)} -> {human_bytes(vision_kept)}, "
             f"retention {vision_retention(per_layer_vision, vision0):.1%}"
         )
     print(f"  per-layer KV tokens (merge after layer l): {per_layer_by_effect['after']}")

@@ -136,6 +136,7 @@ def test_eval_command_writes_its_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "quality.json").read_text())
     assert 0.0 <= summary["full"] <= 1.0 and summary["questions"] == 2 * len(world.QUESTION_TYPES)
     assert set(summary["methods"]) == {"lightkv", "fastv"}
+    assert summary["command"] == "lightkv " + " ".join([*args, "--out", str(tmp_path)])
     assert set(summary["methods"]["lightkv"]) == {"0.55", "0.15"}
     assert summary["methods"]["lightkv"]["0.15"] is None
     assert 0.0 <= summary["methods"]["fastv"]["0.15"] <= 1.0

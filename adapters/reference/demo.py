@@ -14,13 +14,9 @@ import torch
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import held_out, score
 from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
-from lightkv_core.budget import KVFootprint
+from lightkv_core.budget import KVFootprint, human_bytes
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig
 from lightkv_core.methods import LightKV
-
-
-def _human_bytes(n: float) -> str:
-    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for name in methods:
         vision = float(stats[name].vision_tokens.sum()) / len(shown)
         prefill_ms = scores[name].prefill_seconds / len(accuracy_set) * 1000
-        print(f"{name:<12}{_human_bytes(footprint.bytes_per_token_layer * vision):>20}"
+        print(f"{name:<12}{human_bytes(footprint.bytes_per_token_layer * vision):>20}"
               f"{vision / full_vision:>10.0%}{prefill_ms:>9.2f} ms{scores[name].accuracy:>10.1%}")  # fmt: skip
     print(f"\n(float32 KV of {model.config.num_kv_heads} KV heads x {model.config.head_dim} dims; prefill time per "
           f"question on this machine's CPU, batch {args.batch}; accuracy: exact match on {len(accuracy_set)} "

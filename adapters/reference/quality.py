@@ -218,6 +218,10 @@ def plot(summary: dict, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    try:
+        import matplotlib  # noqa: F401  (checked before the runs: the plot comes last)
+    except ImportError:
+        raise SystemExit("lightkv eval draws its plot with matplotlib: pip install 'lightkv[perf]'") from None
     torch.manual_seed(0)
     model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
     num_layers = model.config.num_layers
@@ -253,9 +257,9 @@ def run(args: argparse.Namespace) -> int:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "threads": torch.get_num_threads(),
-        },  # fmt: skip
+        },
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "command": "lightkv eval " + " ".join(args.argv),
+        "command": "lightkv " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d"),
     }
     for name in methods:

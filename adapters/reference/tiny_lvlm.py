@@ -103,11 +103,10 @@ def _block_context(rgb: torch.Tensor, foreground: torch.Tensor, grid: int) -> to
 
 @dataclass
 class Batch:
-    """A left- or right-padded batch. ``embeds``: ``(B, S, D)``; ``ids``: ``(B, S)``; ``mask``:
+    """A left- or right-padded batch. ``embeds``: ``(B, S, D)``; ``mask``:
     ``(B, S)`` bool real tokens; ``spans``: one ``[VisionSpan]`` per sample."""
 
     embeds: torch.Tensor
-    ids: torch.Tensor
     mask: torch.Tensor
     spans: list[list[VisionSpan]]
 
@@ -167,7 +166,7 @@ class TinyLVLM(nn.Module):
         embeds = self.decoder.model.embed_tokens(ids.to(device))
         vision = self.projector(vision_stem(images, origins).to(device))
         embeds = embeds.masked_scatter((ids == world.IMAGE).to(device)[..., None], vision)
-        return Batch(embeds, ids, mask.to(device), spans)
+        return Batch(embeds, mask.to(device), spans)
 
     @torch.no_grad()
     def answer(
@@ -189,6 +188,6 @@ class TinyLVLM(nn.Module):
         return [world.decode(row) for row in tokens.tolist()], stats
 
 
-def prompt_ids(question: world.Question, vision_tokens: int = VISION_TOKENS) -> list[int]:
-    """``<bos> <image> x vision_tokens`` followed by the question's ids."""
-    return [world.BOS] + [world.IMAGE] * vision_tokens + world.encode(question.words)
+def prompt_ids(question: world.Question) -> list[int]:
+    """``<bos> <image> x 256`` followed by the question's ids."""
+    return [world.BOS] + [world.IMAGE] * VISION_TOKENS + world.encode(question.words)
