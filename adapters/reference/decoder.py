@@ -305,9 +305,9 @@ class Decoder(nn.Module):
         mask = None if unpadded else _prefill_mask(real)
         kv_tokens, vision_tokens = [], []
         reduce_seconds = 0.0
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         for index in range(-1, self.config.num_layers):
             if index >= 0:
-                cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
                 hidden, q, k, keys, values = self.model.layers[index](hidden, cos, sin, mask, None)
                 if cache is not None:
                     cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
@@ -333,6 +333,7 @@ class Decoder(nn.Module):
                 real = left_padded_mask(result.lengths, hidden.shape[1])
                 is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
                 mask = _prefill_mask(real)
+                cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(self.model.norm(hidden)).float()
