@@ -227,16 +227,7 @@ def check_drop_result(result, inputs: dict, keep: np.ndarray, mode: str, padding
 def test_fastv_keeps_the_top_vision_tokens(inputs, ratio, scoring, positions, padding_side):
     method = FastV(2, ratio, scoring=scoring, positions=positions)
     assert method.reduce_layers == (2,)
-    result = method.reduce(
-        2,
-        inputs["hidden"],
-        inputs["q"],
-        inputs["k"],
-        inputs["spans"],
-        position_ids=inputs["position_ids"],
-        attention_mask=inputs["mask"],
-        padding_side=padding_side,
-    )
+    result = run(method, inputs, padding_side)
     scores = attention_received(inputs["q"], inputs["k"], inputs["mask"], last_token_only=scoring == "last_token")
     keep = oracle_keep(scores.double().numpy(), inputs["spans"], ratio, inputs["mask"].numpy())
     check_drop_result(result, inputs, keep, positions, padding_side)

@@ -103,6 +103,7 @@ class LayerCache:
 
     @property
     def length(self) -> int:
+        """Slots held (padding included)."""
         return self.keys.shape[2]
 
 
@@ -119,10 +120,6 @@ class KVCache:
     @property
     def is_empty(self) -> bool:
         return all(layer is None for layer in self.layers)
-
-    def lengths(self) -> list[int]:
-        """Slots held per layer (padding included)."""
-        return [0 if layer is None else layer.length for layer in self.layers]
 
     def valid_tokens(self) -> torch.Tensor:
         """``(num_layers, B)`` real tokens held per layer and sample."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lightkv_adapters.reference import shapes_world as world
+from lightkv_adapters.reference.quality import score
 from lightkv_adapters.reference.tiny_lvlm import WEIGHTS, TinyLVLM
 
 TRAIN_SEED_BASE = 1_000_000
@@ -57,16 +58,10 @@ def training_batch(model: TinyLVLM, seeds: range, cells: int) -> tuple[torch.Ten
 
 
 def evaluate(model: TinyLVLM, count: int) -> dict[str, float]:
-    """Exact-match accuracy per question type on the first ``count`` held-out examples."""
+    """Exact-match accuracy per question type on every question of the validation examples of seeds
+    ``0 .. count - 1`` (apart from the training seeds and from the benchmark's held-out set)."""
     examples = [world.make_example(s) for s in range(count)]
-    pairs = [(e, q) for e in examples for q in e.questions]
-    correct: dict[str, list[bool]] = {kind: [] for kind in world.QUESTION_TYPES}
-    for start in range(0, len(pairs), 64):
-        chunk = pairs[start : start + 64]
-        answers, _ = model.answer([e for e, _ in chunk], [q for _, q in chunk])
-        for (_, question), answer in zip(chunk, answers, strict=True):
-            correct[question.kind].append(answer == question.answer)
-    return {kind: float(np.mean(hits)) for kind, hits in correct.items()}
+    return score(model, [(e, q) for e in examples for q in e.questions], None, batch=64).per_type
 
 
 def main(argv: list[str] | None = None) -> int:
