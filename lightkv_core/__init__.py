@@ -5,6 +5,7 @@ Public API:
     drop_tokens          keep only marked tokens (the compaction step of the dropping methods)
     StageResult          what a stage returns
     VisionSpan           an image's tokens in the sequence, with its grid
+    PrefillStats         per-layer KV accounting of a prefill, shared by every adapter
     LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
     cross_attention_scores, window_best_match, merge_compact
                          the three kernels, each with ``backend="auto"|"triton"|"torch"``
@@ -14,11 +15,13 @@ from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels import cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
+from lightkv_core.stats import PrefillStats
 
 __all__ = [
     "PRESETS",
     "PRESET_DEPTHS",
     "LightKVConfig",
+    "PrefillStats",
     "StageResult",
     "VisionSpan",
     "cross_attention_scores",

@@ -166,6 +166,10 @@ class RecordingLightKV(PrefillReduction):
     def reduce_layers(self) -> tuple[int, ...]:
         return self.config.merge_layers
 
+    @property
+    def position_mode(self) -> str:
+        return self.config.position_mode
+
     def reduce(self, layer, hidden, q, k, spans, *, position_ids, attention_mask, padding_side):
         window, ratio = self.config.stage_at(layer)
         result = lightkv_stage(

@@ -27,6 +27,7 @@ from torch import nn
 
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.spans import VisionSpan, as_span
+from lightkv_core.stats import PrefillStats
 
 
 @dataclass(frozen=True)
@@ -124,22 +125,6 @@ class KVCache:
     def valid_tokens(self) -> torch.Tensor:
         """``(num_layers, B)`` real tokens held per layer and sample."""
         return torch.stack([layer.valid.sum(dim=1) for layer in self.layers])
-
-
-@dataclass
-class PrefillStats:
-    """What a prefill did. Token counts are ``(num_layers, B)`` int64 tensors on the CPU."""
-
-    kv_tokens: torch.Tensor
-    vision_tokens: torch.Tensor
-    original_vision_tokens: torch.Tensor
-    reduce_seconds: float
-    prefill_seconds: float
-
-    def vision_retention(self) -> torch.Tensor:
-        """``(B,)`` vision tokens held in the KV summed over layers / (original vision tokens x layers)."""
-        layers = self.vision_tokens.shape[0]
-        return self.vision_tokens.sum(dim=0).double() / (self.original_vision_tokens.double() * layers)
 
 
 class Attention(nn.Module):
@@ -292,6 +277,7 @@ class Decoder(nn.Module):
         position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
         is_vision = _vision_mask(per_sample, batch, seq, real.device)
         original_vision = is_vision.sum(dim=1).cpu()
+        original_tokens = real.sum(dim=1).cpu()
         reduce_layers = set(reduction.reduce_layers) if reduction is not None else set()
         if reduce_layers and not -1 <= min(reduce_layers) <= max(reduce_layers) < self.config.num_layers:
             raise ValueError(f"reduction layers {sorted(reduce_layers)} must lie in [-1, {self.config.num_layers})")
@@ -339,9 +325,11 @@ class Decoder(nn.Module):
         stats = PrefillStats(
             kv_tokens=torch.stack(kv_tokens),
             vision_tokens=torch.stack(vision_tokens),
+            original_tokens=original_tokens,
             original_vision_tokens=original_vision,
             reduce_seconds=reduce_seconds,
             prefill_seconds=time.perf_counter() - started,
+            bytes_per_token_layer=2 * self.config.num_kv_heads * self.config.head_dim * hidden.element_size(),
         )
         return logits, stats
 

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from lightkv_adapters.reference import shapes_world as world
-from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, PrefillStats
+from lightkv_adapters.reference.decoder import Decoder, DecoderConfig
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.spans import VisionSpan
+from lightkv_core.stats import PrefillStats
 
 WEIGHTS = Path(__file__).parent / "weights" / "tiny-lvlm.safetensors"
 STEM_DIM = world.PATCH * world.PATCH * 4 + 4 + 2 * 4 + 5 * 4 + 2 * world.GRID + 2 * world.CELLS

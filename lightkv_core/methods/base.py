@@ -22,6 +22,11 @@ class PrefillReduction(ABC):
     def reduce_layers(self) -> tuple[int, ...]:
         """Decoder layers (0-based, ascending) whose output is reduced; ``-1`` means the input embeddings."""
 
+    @property
+    @abstractmethod
+    def position_mode(self) -> str:
+        """``"original"`` (survivors keep their position ids) or ``"compact"`` (renumbered ``0..S'-1``)."""
+
     @abstractmethod
     def reduce(
         self,

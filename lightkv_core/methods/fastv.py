@@ -79,6 +79,10 @@ class FastV(PrefillReduction):
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
 
     @property
+    def position_mode(self) -> str:
+        return self.positions
+
+    @property
     def reduce_layers(self) -> tuple[int, ...]:
         return (self.layer,)
 

@@ -24,6 +24,10 @@ class LightKV(PrefillReduction):
     backend: str = "auto"
 
     @property
+    def position_mode(self) -> str:
+        return self.config.position_mode
+
+    @property
     def reduce_layers(self) -> tuple[int, ...]:
         return self.config.merge_layers
 

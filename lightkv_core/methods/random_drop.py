@@ -28,6 +28,10 @@ class RandomDrop(PrefillReduction):
         check_drop_method(self.layer, self.ratio, self.positions, lowest_layer=-1)
 
     @property
+    def position_mode(self) -> str:
+        return self.positions
+
+    @property
     def reduce_layers(self) -> tuple[int, ...]:
         return (self.layer,)
 

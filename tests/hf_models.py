@@ -1,0 +1,185 @@
+"""Tiny random-weight Hugging Face LVLMs built from configs (no hub), and batches of inputs for them.
+
+Every supported class is built small enough for a CPU test: an 8-layer text model of width 64 and a
+one- or two-layer vision tower. Images are random pixels; the tokens of each image are laid out as its
+processor would (LLaVA: one run per image; LLaVA-NeXT: base grid then the unpadded high-resolution grid
+with a row-newline token per row; Qwen2-VL / Qwen2.5-VL: ``<vision_start>`` image tokens ``<vision_end>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+KINDS = ("llava", "llava-qwen2", "llava-next", "qwen2-vl", "qwen2.5-vl")
+
+VOCAB = 160
+PAD, IMAGE, VIDEO, VISION_START, VISION_END = 0, 150, 151, 152, 153
+TEXT_TOKENS = 140
+NUM_LAYERS = 8
+LLAVA_IMAGE_SIZE = 48  # 12 x 12 = 144 tokens of patch 4
+NEXT_TILE = 32  # 8 x 8 = 64 tokens per tile of patch 4
+QWEN_PATCH = 2  # a grid of (h, w) patches gives (h/2) x (w/2) tokens after the 2x2 merger
+
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=PAD,
+)
+
+
+def build(kind: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A tiny float32 model of ``kind`` (one of :data:`KINDS`) in eval mode, with attention ``attn``."""
+    torch.manual_seed(seed)
+    if kind in ("llava", "llava-qwen2", "llava-next"):
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=NEXT_TILE if kind == "llava-next" else LLAVA_IMAGE_SIZE,
+            patch_size=4,
+        )
+        text = Qwen2Config(**_TEXT) if kind == "llava-qwen2" else LlamaConfig(**_TEXT)
+        common = dict(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1)
+        if kind == "llava-next":
+            pinpoints = [[32, 64], [64, 32], [64, 64]]
+            model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
+        else:
+            model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    elif kind in ("qwen2-vl", "qwen2.5-vl"):
+        ids = dict(
+            image_token_id=IMAGE,
+            video_token_id=VIDEO,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
+        text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        if kind == "qwen2-vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=QWEN_PATCH)
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            vision = dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                patch_size=QWEN_PATCH,
+                out_hidden_size=64,
+                window_size=8,
+                fullatt_block_indexes=[1],
+            )
+            model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    else:
+        raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a sample: LLaVA ignores the size; LLaVA-NeXT reads ``(height, width)`` in pixels; Qwen
+    reads ``(height, width)`` in patches (even numbers) and ``frames > 1`` makes it a video."""
+
+    height: int = 0
+    width: int = 0
+    frames: int = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A prompt: ``before`` text tokens, the images (``between`` text tokens between two images), then
+    ``after`` text tokens."""
+
+    images: tuple[Image, ...] = ()
+    before: int = 3
+    between: int = 2
+    after: int = 6
+
+
+def make_inputs(model: torch.nn.Module, kind: str, samples: list[Sample], seed: int = 0) -> dict:
+    """Left-padded model inputs for ``samples`` (what the model's processor would return)."""
+    generator = torch.Generator().manual_seed(seed)
+    qwen = kind in ("qwen2-vl", "qwen2.5-vl")
+    inputs: dict = {}
+    in_order = [image for sample in samples for image in sample.images]
+    counts = iter(_token_counts(model, kind, in_order, inputs, generator))
+    rows, types = [], []
+    for sample in samples:
+        ids, kinds = _text(sample.before, generator), [0] * sample.before
+        for index, image in enumerate(sample.images):
+            if index:
+                ids, kinds = ids + _text(sample.between, generator), kinds + [0] * sample.between
+            tokens = next(counts)
+            token = VIDEO if image.frames > 1 else IMAGE
+            body, body_kinds = [token] * tokens, [2 if image.frames > 1 else 1] * tokens
+            if qwen:
+                body, body_kinds = [VISION_START, *body, VISION_END], [0, *body_kinds, 0]
+            ids, kinds = ids + body, kinds + body_kinds
+        rows.append(ids + _text(sample.after, generator))
+        types.append(kinds + [0] * sample.after)
+    width = max(len(row) for row in rows)
+    inputs["input_ids"] = torch.tensor([[PAD] * (width - len(row)) + row for row in rows])
+    inputs["attention_mask"] = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    if qwen:
+        inputs["mm_token_type_ids"] = torch.tensor([[0] * (width - len(row)) + row for row in types])
+    return inputs
+
+
+def _text(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(1, TEXT_TOKENS, (n,), generator=generator).tolist()
+
+
+def _token_counts(model, kind: str, in_order: list[Image], inputs: dict, generator) -> list[int]:
+    """Tokens of every image/video in prompt order; puts their pixel inputs into ``inputs``."""
+    images = [image for image in in_order if image.frames == 1]
+    if kind in ("llava", "llava-qwen2"):
+        if images:
+            inputs["pixel_values"] = torch.randn(
+                len(images), 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=generator
+            )
+        return [(LLAVA_IMAGE_SIZE // 4) ** 2] * len(images)
+    if kind == "llava-next":
+        if not images:
+            return []
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = torch.tensor([[image.height, image.width] for image in images])
+        tiles = [image_size_to_num_patches(size, model.config.image_grid_pinpoints, NEXT_TILE) for size in sizes]
+        pixel_values = torch.zeros(len(images), max(tiles), 3, NEXT_TILE, NEXT_TILE)
+        for index, count in enumerate(tiles):
+            pixel_values[index, :count] = torch.randn(count, 3, NEXT_TILE, NEXT_TILE, generator=generator)
+        inputs["pixel_values"], inputs["image_sizes"] = pixel_values, sizes
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values, sizes).pooler_output
+        return [feature.shape[0] for feature in features]
+    merge = model.config.vision_config.spatial_merge_size
+    temporal = model.config.vision_config.temporal_patch_size
+    patch_values = 3 * temporal * QWEN_PATCH * QWEN_PATCH
+    videos = [image for image in in_order if image.frames > 1]
+    for name, key, items in (("image", "pixel_values", images), ("video", "pixel_values_videos", videos)):
+        if items:
+            # a video of F frames is F // temporal_patch_size temporal patches
+            grids = torch.tensor([[max(1, item.frames // temporal), item.height, item.width] for item in items])
+            inputs[f"{name}_grid_thw"] = grids
+            inputs[key] = torch.randn(int(grids.prod(-1).sum()), patch_values, generator=generator)
+    return [max(1, item.frames // temporal) * item.height * item.width // merge**2 for item in in_order]
