@@ -108,40 +108,48 @@ class Image:
 @dataclass(frozen=True)
 class Sample:
     """A prompt: ``before`` text tokens, the images (``between`` text tokens between two images), then
-    ``after`` text tokens."""
+    ``after`` text tokens. Its tokens and pixels are drawn from ``seed`` alone, so a sample is the same
+    prompt in any batch."""
 
     images: tuple[Image, ...] = ()
     before: int = 3
     between: int = 2
     after: int = 6
+    seed: int = 0
 
 
-def make_inputs(model: torch.nn.Module, kind: str, samples: list[Sample], seed: int = 0) -> dict:
+def make_inputs(model: torch.nn.Module, kind: str, samples: list[Sample]) -> dict:
     """Left-padded model inputs for ``samples`` (what the model's processor would return)."""
-    generator = torch.Generator().manual_seed(seed)
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
     qwen = kind in ("qwen2-vl", "qwen2.5-vl")
-    inputs: dict = {}
-    in_order = [image for sample in samples for image in sample.images]
-    counts = iter(_token_counts(model, kind, in_order, inputs, generator))
+    pixels: dict[str, list[torch.Tensor]] = {}
     rows, types = [], []
     for sample in samples:
+        generator = torch.Generator().manual_seed(sample.seed)
         ids, kinds = _text(sample.before, generator), [0] * sample.before
         for index, image in enumerate(sample.images):
             if index:
                 ids, kinds = ids + _text(sample.between, generator), kinds + [0] * sample.between
-            tokens = next(counts)
-            token = VIDEO if image.frames > 1 else IMAGE
-            body, body_kinds = [token] * tokens, [2 if image.frames > 1 else 1] * tokens
+            tokens = _add_pixels(model, kind, image, pixels, generator)
+            token, token_kind = (VIDEO, 2) if image.frames > 1 else (IMAGE, 1)
+            body, body_kinds = [token] * tokens, [token_kind] * tokens
             if qwen:
                 body, body_kinds = [VISION_START, *body, VISION_END], [0, *body_kinds, 0]
             ids, kinds = ids + body, kinds + body_kinds
         rows.append(ids + _text(sample.after, generator))
         types.append(kinds + [0] * sample.after)
     width = max(len(row) for row in rows)
+    inputs = {name: torch.cat(values) for name, values in pixels.items()}
     inputs["input_ids"] = torch.tensor([[PAD] * (width - len(row)) + row for row in rows])
     inputs["attention_mask"] = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     if qwen:
         inputs["mm_token_type_ids"] = torch.tensor([[0] * (width - len(row)) + row for row in types])
+    if kind == "llava-next" and "pixel_values" in inputs:
+        tiles = max(p.shape[1] for p in pixels["pixel_values"])
+        inputs["pixel_values"] = torch.cat(
+            [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels["pixel_values"]]
+        )
     return inputs
 
 
@@ -149,37 +157,28 @@ def _text(n: int, generator: torch.Generator) -> list[int]:
     return torch.randint(1, TEXT_TOKENS, (n,), generator=generator).tolist()
 
 
-def _token_counts(model, kind: str, in_order: list[Image], inputs: dict, generator) -> list[int]:
-    """Tokens of every image/video in prompt order; puts their pixel inputs into ``inputs``."""
-    images = [image for image in in_order if image.frames == 1]
+def _add_pixels(model, kind: str, image: Image, pixels: dict, generator: torch.Generator) -> int:
+    """Draw the pixel inputs of one image into ``pixels``; returns its number of tokens."""
     if kind in ("llava", "llava-qwen2"):
-        if images:
-            inputs["pixel_values"] = torch.randn(
-                len(images), 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=generator
-            )
-        return [(LLAVA_IMAGE_SIZE // 4) ** 2] * len(images)
+        pixels.setdefault("pixel_values", []).append(
+            torch.randn(1, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=generator)
+        )
+        return (LLAVA_IMAGE_SIZE // 4) ** 2
     if kind == "llava-next":
-        if not images:
-            return []
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        sizes = torch.tensor([[image.height, image.width] for image in images])
-        tiles = [image_size_to_num_patches(size, model.config.image_grid_pinpoints, NEXT_TILE) for size in sizes]
-        pixel_values = torch.zeros(len(images), max(tiles), 3, NEXT_TILE, NEXT_TILE)
-        for index, count in enumerate(tiles):
-            pixel_values[index, :count] = torch.randn(count, 3, NEXT_TILE, NEXT_TILE, generator=generator)
-        inputs["pixel_values"], inputs["image_sizes"] = pixel_values, sizes
+        size = torch.tensor([[image.height, image.width]])
+        tiles = image_size_to_num_patches(size[0], model.config.image_grid_pinpoints, NEXT_TILE)
+        values = torch.randn(1, tiles, 3, NEXT_TILE, NEXT_TILE, generator=generator)
+        pixels.setdefault("pixel_values", []).append(values)
+        pixels.setdefault("image_sizes", []).append(size)
         with torch.no_grad():
-            features = model.model.get_image_features(pixel_values, sizes).pooler_output
-        return [feature.shape[0] for feature in features]
+            return model.model.get_image_features(values, size).pooler_output[0].shape[0]
     merge = model.config.vision_config.spatial_merge_size
     temporal = model.config.vision_config.temporal_patch_size
-    patch_values = 3 * temporal * QWEN_PATCH * QWEN_PATCH
-    videos = [image for image in in_order if image.frames > 1]
-    for name, key, items in (("image", "pixel_values", images), ("video", "pixel_values_videos", videos)):
-        if items:
-            # a video of F frames is F // temporal_patch_size temporal patches
-            grids = torch.tensor([[max(1, item.frames // temporal), item.height, item.width] for item in items])
-            inputs[f"{name}_grid_thw"] = grids
-            inputs[key] = torch.randn(int(grids.prod(-1).sum()), patch_values, generator=generator)
-    return [max(1, item.frames // temporal) * item.height * item.width // merge**2 for item in in_order]
+    name, key = ("video", "pixel_values_videos") if image.frames > 1 else ("image", "pixel_values")
+    grid = torch.tensor([[max(1, image.frames // temporal), image.height, image.width]])  # F frames: F/2 patches
+    pixels.setdefault(f"{name}_grid_thw", []).append(grid)
+    values = 3 * temporal * QWEN_PATCH * QWEN_PATCH
+    pixels.setdefault(key, []).append(torch.randn(int(grid.prod()), values, generator=generator))
+    return int(grid.prod()) // merge**2
