@@ -438,3 +438,11 @@ def test_mismatched_placeholders_are_reported() -> None:
     inputs["input_ids"][0, 5] = 1  # one placeholder of the image lost
     with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="not a multiple"):
         model(**inputs)
+
+
+def test_images_without_input_ids_are_refused() -> None:
+    model = build("llava")
+    inputs = make_inputs(model, "llava", [Sample((Image(),))])
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=embeds, **inputs)

@@ -142,7 +142,7 @@ class _CacheLayout:
 class _Run:
     """State of one forward of the text model."""
 
-    spans: list[list[VisionSpan]]
+    spans: list[list[VisionSpan]] | None  # None: not known (no input_ids)
     real: torch.Tensor | None
     has_vision_tokens: bool
     mode: str = ""  # "prefill", "decode" or "passthrough", set at layer 0
@@ -261,8 +261,8 @@ class _Adapter:
         input_ids = inputs.get("input_ids")
         cache = inputs.get("past_key_values")
         if input_ids is None:
-            has_pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
-            self.inputs = _Inputs(None, has_pixels)
+            pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
+            self.inputs = _Inputs(None, pixels or bool(inputs.get("mm_encoder_outputs")))
             return
         vision_ids = [getattr(self.model.config, name, None) for name in ("image_token_id", "video_token_id")]
         has_vision_tokens = any(bool((input_ids == token).any()) for token in vision_ids if token is not None)
@@ -290,10 +290,11 @@ class _Adapter:
             real = None  # a prepared 4D mask or mask mapping: refused below if a prefill needs it
         if inputs is None:
             inputs = _Inputs(None, False)
-        spans = inputs.spans if inputs.spans is not None else [[] for _ in range(batch)]
-        if len(spans) != batch or (real is not None and real.shape != (batch, seq)):
+        if (inputs.spans is not None and len(inputs.spans) != batch) or (
+            real is not None and real.shape != (batch, seq)
+        ):
             raise ValueError("the vision spans and attention mask do not match the text model's input")
-        self.run = _Run(spans=spans, real=real, has_vision_tokens=inputs.has_vision_tokens)
+        self.run = _Run(spans=inputs.spans, real=real, has_vision_tokens=inputs.has_vision_tokens)
 
     def _after_text(self, module: nn.Module, args: tuple, output: object) -> None:
         run, self.run = self.run, None
@@ -360,6 +361,12 @@ class _Adapter:
                 raise NotImplementedError("lightkv needs a 2D attention_mask (or none) in prefill, not a 4D mask")
             if not bool(run.real[:, -1].all()):
                 raise ValueError("lightkv needs left padding: set tokenizer.padding_side = 'left'")
+            if run.spans is None:
+                if run.has_vision_tokens:
+                    raise ValueError(
+                        "lightkv finds the image tokens through input_ids: pass input_ids, not inputs_embeds"
+                    )
+                run.spans = [[] for _ in range(hidden.shape[0])]
             run.mode = "prefill"
             run.real = run.real.to(hidden.device)
             run.positions = (run.real.long().cumsum(dim=1) - 1).clamp(min=0)
