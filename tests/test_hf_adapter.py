@@ -446,3 +446,21 @@ def test_images_without_input_ids_are_refused() -> None:
     embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
     with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="pass input_ids"):
         model(inputs_embeds=embeds, **inputs)
+
+
+def test_beam_search_and_bfloat16() -> None:
+    model = build("llava")
+    inputs = make_inputs(model, "llava", batch_of_two("llava"))
+    zero = LightKVConfig("3-4-6", "4-2-1", "0-0-0")
+    stock = model.generate(**inputs, max_new_tokens=3, num_beams=3, do_sample=False)
+    with lightkv(model, zero, backend=BACKEND):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, num_beams=3, do_sample=False), stock)
+    for attn in ("sdpa", "eager"):  # the eager mask is additive: dead slots take bfloat16's minimum
+        model = build("qwen2.5-vl", attn).to(torch.bfloat16)
+        inputs = make_inputs(model, "qwen2.5-vl", batch_of_two("qwen2.5-vl"))
+        inputs = {name: v.to(torch.bfloat16) if v.is_floating_point() else v for name, v in inputs.items()}
+        with lightkv(model, released("qwen2.5-vl"), backend=BACKEND):
+            out = generate(model, inputs)
+            assert model.lightkv_stats.kv_tokens[-1].tolist() == [50, 97]
+            assert model.lightkv_stats.bytes_per_token_layer == 2 * 2 * 16 * 2
+        assert all(bool(step.isfinite().all()) for step in out.logits)
