@@ -120,3 +120,12 @@ def validate_spans(spans: Sequence[VisionSpan], seq_len: int, valid_start: int, 
             )
         if torch.unique(coords).numel() != coords.numel():
             raise ValueError(f"{where}: coords of mergeable tokens repeat a grid cell")
+
+
+def vision_token_mask(per_sample: Sequence[Sequence[VisionSpan]], seq: int, device: torch.device | str) -> torch.Tensor:
+    """``(B, seq)`` bool: ``True`` on every token inside one of each sample's spans."""
+    mask = torch.zeros(len(per_sample), seq, dtype=torch.bool, device=device)
+    for b, spans in enumerate(per_sample):
+        for span in spans:
+            mask[b, span.start : span.end] = True
+    return mask

@@ -34,7 +34,7 @@ from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family, family_of
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.methods import LightKV, PrefillReduction
-from lightkv_core.spans import VisionSpan
+from lightkv_core.spans import VisionSpan, vision_token_mask
 from lightkv_core.stats import PrefillStats
 
 _ADAPTERS: weakref.WeakKeyDictionary[nn.Module, _Adapter] = weakref.WeakKeyDictionary()
@@ -151,6 +151,8 @@ class _Run:
     columns: torch.Tensor | None = None  # (B, S') prefill index of every current slot, -1 dead
     positions: torch.Tensor | None = None  # (B, S') ordinal positions handed to the method
     is_vision: torch.Tensor | None = None
+    prefill_length: int = 0
+    dtype: torch.dtype = torch.float32
     originals: dict = field(default_factory=dict)  # layer 0's attention_mask / position_embeddings / position_ids
     swapped: dict | None = None  # the gathered ones for the current group of layers
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
@@ -301,10 +303,10 @@ class _Adapter:
         if run is None or run.mode != "prefill":
             return
         if run.cache is not None and run.groups:
-            self.layouts[run.cache] = _CacheLayout(run.originals["length"], run.groups)
+            self.layouts[run.cache] = _CacheLayout(run.prefill_length, run.groups)
         config = self.text_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        element = torch.finfo(run.originals["dtype"]).bits // 8
+        element = torch.finfo(run.dtype).bits // 8
         self.model.lightkv_stats = PrefillStats(
             kv_tokens=torch.stack(run.kv_tokens),
             vision_tokens=torch.stack(run.vision_tokens),
@@ -370,17 +372,13 @@ class _Adapter:
             run.mode = "prefill"
             run.real = run.real.to(hidden.device)
             run.positions = (run.real.long().cumsum(dim=1) - 1).clamp(min=0)
-            run.is_vision = torch.zeros_like(run.real)
-            for b, spans in enumerate(run.spans):
-                for span in spans:
-                    run.is_vision[b, span.start : span.end] = True
+            run.is_vision = vision_token_mask(run.spans, run.real.shape[1], hidden.device)
             run.originals = {
                 "attention_mask": kwargs.get("attention_mask"),
                 "position_embeddings": kwargs.get("position_embeddings"),
                 "position_ids": kwargs.get("position_ids"),
-                "length": hidden.shape[1],
-                "dtype": hidden.dtype,
             }
+            run.prefill_length, run.dtype = hidden.shape[1], hidden.dtype
             return
         if run.has_vision_tokens:
             raise ValueError(

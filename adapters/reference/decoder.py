@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightkv_core.methods import PrefillReduction
-from lightkv_core.spans import VisionSpan, as_span
+from lightkv_core.spans import as_span, vision_token_mask
 from lightkv_core.stats import PrefillStats
 
 
@@ -275,7 +275,7 @@ class Decoder(nn.Module):
         if len(per_sample) != batch:
             raise ValueError(f"spans has {len(per_sample)} per-sample lists for a batch of {batch}")
         position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
-        is_vision = _vision_mask(per_sample, batch, seq, real.device)
+        is_vision = vision_token_mask(per_sample, seq, real.device)
         original_vision = is_vision.sum(dim=1).cpu()
         original_tokens = real.sum(dim=1).cpu()
         reduce_layers = set(reduction.reduce_layers) if reduction is not None else set()
@@ -415,11 +415,3 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-
-def _vision_mask(per_sample: list[list[VisionSpan]], batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-    for b, sample_spans in enumerate(per_sample):
-        for span in sample_spans:
-            mask[b, span.start : span.end] = True
-    return mask
