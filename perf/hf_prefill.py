@@ -27,7 +27,7 @@ import torch
 import transformers
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from lightkv_adapters.hf import apply_lightkv, remove_lightkv
+from lightkv_adapters.hf import lightkv
 from lightkv_core.config import PRESET_DEPTHS, PRESETS
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,31 +105,27 @@ def run(args: argparse.Namespace) -> dict:
     text_parameters = sum(p.numel() for p in model.model.language_model.parameters())
 
     times: dict[str, list[float]] = {"stock": [], "lightkv": []}
+    kv: dict[str, tuple[int, list[int]]] = {}
     reduce_seconds: list[float] = []
     for repeat in range(args.repeats + 1):  # the first round warms up and is not timed
-        for name in ("stock", "lightkv"):
-            if name == "lightkv":
-                apply_lightkv(model, config)
+        seconds, cache = prefill(model, inputs)
+        kv["stock"] = cache_bytes(cache)
+        if repeat:
+            times["stock"].append(seconds)
+        with lightkv(model, config):
             seconds, cache = prefill(model, inputs)
-            if repeat:
-                times[name].append(seconds)
-                if name == "lightkv":
-                    reduce_seconds.append(model.lightkv_stats.reduce_seconds)
-            if name == "lightkv":
-                stats = model.lightkv_stats
-                remove_lightkv(model)
-            kv = cache_bytes(cache)
-            if name == "stock":
-                stock_kv = kv
-            else:
-                lightkv_kv = kv
+            stats = model.lightkv_stats
+        kv["lightkv"] = cache_bytes(cache)
+        if repeat:
+            times["lightkv"].append(seconds)
+            reduce_seconds.append(stats.reduce_seconds)
         print(f"round {repeat}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t), flush=True)
 
     text = model.config.text_config
     seq = inputs["input_ids"].shape[1]
     stock_time, lightkv_time = statistics.median(times["stock"]), statistics.median(times["lightkv"])
-    flops_stock = [layer_flops(n, text) for n in stock_kv[1]]
-    flops_lightkv = [layer_flops(n, text) for n in lightkv_kv[1]]
+    flops_stock = [layer_flops(n, text) for n in kv["stock"][1]]
+    flops_lightkv = [layer_flops(n, text) for n in kv["lightkv"][1]]
     return {
         "benchmark": "hf-prefill",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -161,11 +157,11 @@ def run(args: argparse.Namespace) -> dict:
             "merge_ratios": config.merge_ratios,
         },
         "repeats": args.repeats,
-        "stock": {"prefill_s": times["stock"], "kv_bytes": stock_kv[0], "kv_lengths": stock_kv[1]},
+        "stock": {"prefill_s": times["stock"], "kv_bytes": kv["stock"][0], "kv_lengths": kv["stock"][1]},
         "lightkv": {
             "prefill_s": times["lightkv"],
-            "kv_bytes": lightkv_kv[0],
-            "kv_lengths": lightkv_kv[1],
+            "kv_bytes": kv["lightkv"][0],
+            "kv_lengths": kv["lightkv"][1],
             "vision_tokens": stats.vision_tokens[:, 0].tolist(),
             "vision_retention": round(float(stats.vision_retention()[0]), 4),
             "reduce_s": reduce_seconds,
@@ -174,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         "ratios": {
             "prefill_time": round(lightkv_time / stock_time, 3),
             "text_flops": round(sum(flops_lightkv) / sum(flops_stock), 3),
-            "kv_bytes": round(lightkv_kv[0] / stock_kv[0], 3),
+            "kv_bytes": round(kv["lightkv"][0] / kv["stock"][0], 3),
             "reduce_share_of_prefill": round(statistics.median(reduce_seconds) / lightkv_time, 4),
         },
     }

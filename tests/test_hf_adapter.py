@@ -157,13 +157,11 @@ def test_default_config_is_the_family_preset_scaled_to_depth() -> None:
 # 3. Cached decode = a no-cache forward of prompt + generated tokens under the same merge
 
 
-class Replay(PrefillReduction):
-    """Runs ``method`` on the first forward, then replays the same merges (same pairs, same weights) on a
-    longer sequence whose extra tokens are appended at the end: the no-cache reference for decoding."""
+class Wrapping(PrefillReduction):
+    """A method that drives another one (``method``): same layers, same positions."""
 
     def __init__(self, method: PrefillReduction) -> None:
         self.method = method
-        self.recorded: dict[int, tuple[int, StageResult]] = {}
 
     @property
     def reduce_layers(self) -> tuple[int, ...]:
@@ -172,6 +170,15 @@ class Replay(PrefillReduction):
     @property
     def position_mode(self) -> str:
         return self.method.position_mode
+
+
+class Replay(Wrapping):
+    """Runs ``method`` on the first forward, then replays the same merges (same pairs, same weights) on a
+    longer sequence whose extra tokens are appended at the end: the no-cache reference for decoding."""
+
+    def __init__(self, method: PrefillReduction) -> None:
+        super().__init__(method)
+        self.recorded: dict[int, tuple[int, StageResult]] = {}
 
     def reduce(self, layer, hidden, q, k, spans, **kwargs) -> StageResult:
         if layer not in self.recorded:
@@ -229,20 +236,12 @@ def test_cached_decode_matches_no_cache_forward_under_the_same_merge(kind: str) 
 # 4. Scores handed to the core = scores from full attention logits on the same inputs
 
 
-class Spy(PrefillReduction):
+class Spy(Wrapping):
     """Records what the adapter hands to the method, then runs it."""
 
     def __init__(self, method: PrefillReduction) -> None:
-        self.method = method
+        super().__init__(method)
         self.calls: list[dict] = []
-
-    @property
-    def reduce_layers(self) -> tuple[int, ...]:
-        return self.method.reduce_layers
-
-    @property
-    def position_mode(self) -> str:
-        return self.method.position_mode
 
     def reduce(self, layer, hidden, q, k, spans, **kwargs) -> StageResult:
         result = self.method.reduce(layer, hidden, q, k, spans, **kwargs)
