@@ -8,11 +8,13 @@ Public API:
     PrefillStats         per-layer KV accounting of a prefill, shared by every adapter
     LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
     cross_attention_scores, window_best_match, merge_compact
-                         the three kernels, each with ``backend="auto"|"triton"|"torch"``
+                         the three LightKV kernels, each with ``backend="auto"|"triton"|"torch"``
+    attention_statistics attention selected keys receive from selected queries (FastV-style scores),
+                         streamed, with the same ``backend`` choice
 """
 
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.kernels import cross_attention_scores, merge_compact, window_best_match
+from lightkv_core.kernels import attention_statistics, cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
 from lightkv_core.stats import PrefillStats
@@ -24,6 +26,7 @@ __all__ = [
     "PrefillStats",
     "StageResult",
     "VisionSpan",
+    "attention_statistics",
     "cross_attention_scores",
     "drop_tokens",
     "lightkv_stage",

@@ -62,3 +62,48 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def apportion(weights: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
+    """Split ``total`` tokens over layers in proportion to ``weights``, no layer above its cap.
+
+    Largest-remainder rounding: each layer first gets ``floor`` of its share, the leftover tokens go to the
+    largest fractional parts (ties: lower layer). A layer whose share exceeds its cap is held at the cap and
+    the rest is split again over the others. All weights zero means equal weights.
+
+    Args:
+        weights: one non-negative weight per layer.
+        total: tokens to hand out, ``0 <= total <= sum(caps)``.
+        caps: most tokens each layer can hold.
+
+    Returns:
+        One count per layer; the counts sum to ``total`` exactly.
+    """
+    if len(weights) != len(caps):
+        raise ValueError(f"apportion: {len(weights)} weights for {len(caps)} caps")
+    if any(w < 0 or w != w for w in weights):
+        raise ValueError(f"apportion: weights must be non-negative numbers, got {list(weights)}")
+    if any(c < 0 for c in caps) or not 0 <= total <= sum(caps):
+        raise ValueError(f"apportion: total {total} must lie in [0, sum(caps) = {sum(caps)}] with caps >= 0")
+    sizes = [0] * len(caps)
+    open_layers = [i for i, cap in enumerate(caps) if cap > 0]
+    left = total
+    while left > 0:
+        mass = sum(weights[i] for i in open_layers)
+        share = {i: (weights[i] / mass if mass > 0 else 1.0 / len(open_layers)) * left for i in open_layers}
+        full = [i for i in open_layers if share[i] >= caps[i] - sizes[i]]
+        if full:
+            for i in full:
+                left -= caps[i] - sizes[i]
+                sizes[i] = caps[i]
+            open_layers = [i for i in open_layers if i not in full]
+            continue
+        floors = {i: int(share[i]) for i in open_layers}
+        for i in open_layers:
+            sizes[i] += floors[i]
+        rest = left - sum(floors.values())
+        order = sorted(open_layers, key=lambda i: (-(share[i] - floors[i]), i))
+        for i in order[:rest]:
+            sizes[i] += 1
+        left = 0
+    return sizes

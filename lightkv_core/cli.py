@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=presets)
 
     # The reference adapter ships in the same distribution; it is imported only when these commands run.
-    from lightkv_adapters.reference import demo, quality
+    from lightkv_adapters.reference import calibrate, demo, quality
 
     dem = commands.add_parser("demo", help="the shipped tiny LVLM answering questions with and without LightKV")
     demo.add_arguments(dem)
@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="quality benchmark: accuracy vs vision-token retention per method")
     quality.add_arguments(ev)
     ev.set_defaults(func=quality.run)
+
+    cal = commands.add_parser("calibrate", help="PrefixKV: per-layer budget fractions from calibration prompts")
+    calibrate.add_arguments(cal)
+    cal.set_defaults(func=calibrate.run)
     return parser
 
 

@@ -9,6 +9,7 @@ Public functions
 - :func:`oracle_cross_attention_scores` -- mirror of the scoring kernel (batched, padded).
 - :func:`oracle_window_best_match` -- mirror of the window matching kernel.
 - :func:`oracle_merge_compact` -- mirror of the merge + compaction kernel.
+- :func:`oracle_attention_statistics` -- mirror of the attention statistics kernel (FastV-style).
 
 Conventions fixed on top of the spec text:
 
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "oracle_attention_statistics",
     "oracle_cross_attention_scores",
     "oracle_merge_compact",
     "oracle_stage",
@@ -211,6 +213,57 @@ def oracle_merge_compact(
             num = num + weights[s] * x[s]
             den += float(weights[s])
         out[m] = num / max(den, _MERGE_EPS)
+    return out
+
+
+def oracle_attention_statistics(
+    q: np.ndarray,
+    k: np.ndarray,
+    query_index: np.ndarray,
+    key_index: np.ndarray,
+    key_mask: np.ndarray | None,
+    causal: bool,
+    scale: float,
+    heads: str = "per_head",
+) -> np.ndarray:
+    """Attention statistics kernel oracle.
+
+    q (B, H, S, d), k (B, Hk, S, d), query_index (B, Q) and key_index (B, C) int (-1 = unused entry),
+    key_mask (B, S) bool or None (= all keys). For each used query row i the full row softmax
+    ``P[b, h, i, j]`` is materialised over the allowed keys j (key_mask[b, j] and, if causal, j <= i;
+    P = 0 elsewhere, a row with no allowed key is all 0). Returns float64 ``out[b, h, c] = sum_i
+    P[b, h, i, key_index[b, c]]`` over the used query entries (duplicates count twice; 0 for unused
+    key entries): (B, H, C), or (B, C) averaged over heads when ``heads == "mean"``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    query_index = np.asarray(query_index)
+    key_index = np.asarray(key_index)
+    batch, n_heads, seq, _ = q.shape
+    if n_heads % k.shape[1] != 0:
+        raise ValueError("H must be a multiple of Hk")
+    group = n_heads // k.shape[1]
+    mask = np.ones((batch, seq), dtype=bool) if key_mask is None else np.asarray(key_mask, dtype=bool)
+    out = np.zeros((batch, n_heads, key_index.shape[1]), dtype=np.float64)
+    for b in range(batch):
+        for h in range(n_heads):
+            probs = np.zeros((seq, seq), dtype=np.float64)  # (query row, key)
+            for i in range(seq):
+                allowed = [j for j in range(seq) if mask[b, j] and (not causal or j <= i)]
+                if not allowed:
+                    continue
+                logits = float(scale) * (k[b, h // group, allowed] @ q[b, h, i])
+                probs[i, allowed] = np.exp(logits - _logsumexp(logits))
+            for i in query_index[b]:
+                if i < 0:
+                    continue
+                for c, j in enumerate(key_index[b]):
+                    if j >= 0:
+                        out[b, h, c] += probs[int(i), int(j)]
+    if heads == "mean":
+        return out.mean(axis=1)
+    if heads != "per_head":
+        raise ValueError(f"unknown heads {heads!r}")
     return out
 
 

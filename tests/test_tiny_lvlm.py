@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import (
     build_method,
-    drop_ratio,
-    fastv_layer,
     held_out,
     lightkv_schedule,
     planned_retention,
@@ -25,6 +23,7 @@ from lightkv_adapters.reference.tiny_lvlm import WEIGHTS, TinyLVLM
 from lightkv_core.cli import main
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods import LightKV
+from lightkv_core.methods.fastv import drop_ratio, released_layer
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_out_of_reach_targets_are_none_not_clamped():
     assert lightkv_schedule(8, 0.15, (16, 16)) is None
     assert build_method("lightkv", 8, 0.15, (16, 16)) is None
     assert drop_ratio(8, 3, 0.25) is None
-    assert fastv_layer(32) == 1 and fastv_layer(8) == 0
+    assert released_layer(32) == 1 and released_layer(8) == 0
     assert drop_ratio(8, 0, 0.25) == pytest.approx(1 - 1 / 7)
 
 

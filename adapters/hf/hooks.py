@@ -9,6 +9,9 @@ What the hooks do, per forward of the text model:
   returns the shorter hidden states. Every later layer's pre-hook swaps in the mask, rotary ``cos``/``sin``
   and position ids gathered at the survivors' original indices (positions stay original, so
   ``generate()``'s own position bookkeeping, which reads the full-length layer 0, stays right).
+* **Post-prefill eviction** (PrefixKV, AirCache, LOOK-M): every layer's ``q``/``k`` is captured and the
+  method keeps a few statistics of it; once the text model has run, each layer's cache is replaced by the
+  method's compacted one (layers may end at different lengths). The prefill's own outputs are untouched.
 * **Decode** on a compressed cache: nothing merges; each shortened layer's mask is gathered to the columns
   that layer holds (its prefill survivors, then every decoded token).
 
@@ -33,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family, family_of
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.methods import LightKV, PrefillReduction
+from lightkv_core.methods import METHODS, CompressionMethod, KVEviction, LightKV, PrefillReduction, method_by_name
 from lightkv_core.spans import VisionSpan, vision_token_mask
 from lightkv_core.stats import PrefillStats
 
@@ -41,7 +44,7 @@ _ADAPTERS: weakref.WeakKeyDictionary[nn.Module, _Adapter] = weakref.WeakKeyDicti
 
 
 def apply_lightkv(
-    model: nn.Module, config: LightKVConfig | PrefillReduction | str | None = None, *, backend: str = "auto"
+    model: nn.Module, config: LightKVConfig | CompressionMethod | str | None = None, *, backend: str = "auto"
 ) -> nn.Module:
     """Hook a compression method into ``model`` in place; ``generate()`` and ``forward()`` keep their API.
 
@@ -50,9 +53,12 @@ def apply_lightkv(
             ``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
             ``Qwen2_5_VLForConditionalGeneration`` loaded with ``attn_implementation="sdpa"`` or ``"eager"``.
         config: a :class:`LightKVConfig` (used as given), the name of a released preset (scaled to the
-            model's depth), any :class:`PrefillReduction` (e.g. ``FastV``), or ``None``: the released
-            schedule of the model's family scaled to its depth.
-        backend: kernels for LightKV, ``"auto"``, ``"triton"`` or ``"torch"``.
+            model's depth), the name of a method in ``lightkv_core.METHODS`` (``"fastv"``, ``"prefixkv"``,
+            ... with its defaults, see :func:`~lightkv_core.methods.method_by_name`), any method instance
+            (:class:`PrefillReduction` such as ``FastV(2, 0.5)``, or :class:`KVEviction` such as
+            ``PrefixKV(retention=0.3)``), or ``None``: the released schedule of the model's family scaled to
+            its depth.
+        backend: kernels of a method given by name or as a schedule, ``"auto"``, ``"triton"`` or ``"torch"``.
 
     After each prefill ``model.lightkv_stats`` holds a :class:`~lightkv_core.stats.PrefillStats`.
 
@@ -85,7 +91,7 @@ def remove_lightkv(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def lightkv(
-    model: nn.Module, config: LightKVConfig | PrefillReduction | str | None = None, *, backend: str = "auto"
+    model: nn.Module, config: LightKVConfig | CompressionMethod | str | None = None, *, backend: str = "auto"
 ) -> Iterator[nn.Module]:
     """``with lightkv(model, config): model.generate(...)``: :func:`apply_lightkv` for the block only."""
     apply_lightkv(model, config, backend=backend)
@@ -96,16 +102,26 @@ def lightkv(
 
 
 def _method_for(
-    family: Family, depth: int, config: LightKVConfig | PrefillReduction | str | None, backend: str
-) -> PrefillReduction:
-    if config is None or isinstance(config, str):
+    family: Family, depth: int, config: LightKVConfig | CompressionMethod | str | None, backend: str
+) -> CompressionMethod:
+    if isinstance(config, str) and config.lower() in METHODS:
+        config = method_by_name(config.lower(), depth, preset=family.preset, backend=backend)
+    elif config is None or isinstance(config, str):
         preset = family.preset if config is None else config.lower().replace("_", "-")
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise ValueError(
+                f"unknown preset or method {config!r}; presets: {', '.join(sorted(PRESETS))}; methods: "
+                f"{', '.join(METHODS)}"
+            )
         config = PRESETS[preset].scaled_to(depth, PRESET_DEPTHS[preset])
     method = LightKV(config, backend) if isinstance(config, LightKVConfig) else config
+    if isinstance(method, KVEviction):
+        return method
     if not isinstance(method, PrefillReduction):
-        raise TypeError(f"config must be a LightKVConfig, a preset name or a PrefillReduction, got {type(config)}")
+        raise TypeError(
+            f"config must be a LightKVConfig, a preset or method name, a PrefillReduction or a KVEviction, got "
+            f"{type(config)}"
+        )
     if method.position_mode != "original":
         raise ValueError(
             "the transformers adapter needs positions='original' (generate() numbers new tokens from the "
@@ -122,20 +138,16 @@ class _CacheLayout:
     """Which prefill tokens each shortened layer of a compressed cache holds.
 
     Attributes:
-        prefill_length: slots of the full-length layers (layer 0) after the prefill.
-        groups: ``(first_layer, columns)`` per group of layers after a reduction, ascending; ``columns``
-            ``(B, L)`` int64 is the prefill index of every slot, ``-1`` for a dead slot.
+        prefill_length: tokens of the prefill.
+        columns: per layer, ``None`` (the layer holds the full prefill) or ``(B, L)`` int64, the prefill
+            index of every slot, ``-1`` for a dead slot (after an eviction: the token head 0 holds; the
+            other heads may hold other tokens, in the same slots).
+        decoded: tokens decoded into the cache since the prefill.
     """
 
     prefill_length: int
-    groups: list[tuple[int, torch.Tensor]]
-
-    def columns_for(self, layer: int) -> torch.Tensor | None:
-        columns = None
-        for first, group_columns in self.groups:
-            if layer >= first:
-                columns = group_columns
-        return columns
+    columns: list[torch.Tensor | None]
+    decoded: int = 0
 
 
 @dataclass
@@ -157,6 +169,7 @@ class _Run:
     swapped: dict | None = None  # the gathered ones for the current group of layers
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     captured: dict = field(default_factory=dict)
+    observations: list[torch.Tensor] = field(default_factory=list)
     kv_tokens: list[torch.Tensor] = field(default_factory=list)
     vision_tokens: list[torch.Tensor] = field(default_factory=list)
     reduce_seconds: float = 0.0
@@ -174,10 +187,11 @@ class _Inputs:
 class _Adapter:
     """lightkv on one model: its hooks, its method, the layout of every compressed cache."""
 
-    def __init__(self, model: nn.Module, family: Family, text_model: nn.Module, method: PrefillReduction) -> None:
+    def __init__(self, model: nn.Module, family: Family, text_model: nn.Module, method: CompressionMethod) -> None:
         self.model, self.family, self.text_model, self.method = model, family, text_model, method
         self.layers: Sequence[nn.Module] = text_model.layers
-        self.reduce_layers = set(method.reduce_layers)
+        self.evicting = isinstance(method, KVEviction)
+        self.reduce_layers = set(range(len(self.layers))) if self.evicting else set(method.reduce_layers)
         self.layouts: weakref.WeakKeyDictionary[Cache, _CacheLayout] = weakref.WeakKeyDictionary()
         self.inputs: _Inputs | None = None
         self.run: _Run | None = None
@@ -300,10 +314,17 @@ class _Adapter:
 
     def _after_text(self, module: nn.Module, args: tuple, output: object) -> None:
         run, self.run = self.run, None
+        if run is not None and run.mode == "decode":
+            run.layout.decoded += 1
         if run is None or run.mode != "prefill":
             return
+        if self.evicting and run.cache is not None and any(run.spans):
+            self._evict(run)
         if run.cache is not None and run.groups:
-            self.layouts[run.cache] = _CacheLayout(run.prefill_length, run.groups)
+            columns = [None] * len(self.layers)
+            for first, group_columns in run.groups:
+                columns[first:] = [group_columns] * (len(self.layers) - first)
+            self.layouts[run.cache] = _CacheLayout(run.prefill_length, columns)
         config = self.text_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         element = torch.finfo(run.dtype).bits // 8
@@ -316,6 +337,28 @@ class _Adapter:
             prefill_seconds=time.perf_counter() - run.started,
             bytes_per_token_layer=2 * config.num_key_value_heads * head_dim * element,
         )
+
+    def _evict(self, run: _Run) -> None:
+        """Replace every layer's prefill cache by the method's compacted one; record the layout and counts."""
+        layers = run.cache.layers
+        _synchronize(layers[0].keys)
+        tick = time.perf_counter()
+        evictions = self.method.evict(
+            run.observations,
+            [layer.keys for layer in layers],
+            [layer.values for layer in layers],
+            run.spans,
+            attention_mask=run.real,
+        )
+        _synchronize(layers[0].keys)
+        run.reduce_seconds += time.perf_counter() - tick
+        for index, evicted in enumerate(evictions):
+            layers[index].keys, layers[index].values = evicted.keys, evicted.values
+            columns = evicted.slots[:, 0].to(run.real.device)
+            alive = columns >= 0
+            run.groups.append((index, columns))
+            run.kv_tokens[index] = alive.sum(dim=1).cpu()
+            run.vision_tokens[index] = (run.is_vision.gather(1, columns.clamp(min=0)) & alive).sum(dim=1).cpu()
 
     # --- layer hooks --------------------------------------------------------------------------------
 
@@ -335,11 +378,12 @@ class _Adapter:
                     run.swapped = _gather_prefill_inputs(run.originals, run.columns)
                 return args, {**kwargs, **run.swapped}
             if run.mode == "decode":
-                columns = run.layout.columns_for(index)
+                columns = run.layout.columns[index]
                 if columns is None:
                     return None
+                _check_cache_length(run.cache, index, columns, run.layout.decoded)
                 prefill_length = run.layout.prefill_length
-                full_length = _check_cache_length(run.cache, index, columns, prefill_length)
+                full_length = prefill_length + run.layout.decoded + 1
                 mask = _gather_decode_mask(kwargs.get("attention_mask"), columns, prefill_length, full_length)
                 return args, {**kwargs, "attention_mask": mask}
             return None
@@ -417,6 +461,11 @@ class _Adapter:
             query = query if scaling == query.shape[-1] ** -0.5 else query * (scaling * query.shape[-1] ** 0.5)
             _synchronize(hidden)
             tick = time.perf_counter()
+            if self.evicting:
+                run.observations.append(self.method.observe(index, query, key, run.spans, attention_mask=run.real))
+                _synchronize(hidden)
+                run.reduce_seconds += time.perf_counter() - tick
+                return None
             result = self.method.reduce(
                 index,
                 hidden,
@@ -499,32 +548,32 @@ def _gather_prefill_inputs(originals: dict, columns: torch.Tensor) -> dict:
 def _gather_decode_mask(
     mask: torch.Tensor | None, columns: torch.Tensor, prefill_length: int, full_length: int
 ) -> torch.Tensor | None:
-    """The decode mask of a shortened layer: the full-length layers' mask ``(B, 1, 1, full_length)`` (or
-    ``None``) at the columns the layer holds, its prefill survivors ``columns`` ``(B, L)`` (``-1``: dead)
-    then every decoded token."""
+    """The decode mask of a shortened layer: the uncompressed mask ``(B, 1, 1, full_length)`` (or ``None``)
+    at the columns the layer holds, its prefill survivors ``columns`` ``(B, L)`` (``-1``: dead) then every
+    decoded token. The stock mask is sized to layer 0; where layer 0 is itself compacted (post-prefill
+    eviction) it does not cover the full length, and the mask is built from the held slots alone (a
+    decoded token sees every real prompt token the layer holds)."""
     batch = columns.shape[0]
     decoded = torch.arange(prefill_length, full_length, device=columns.device).expand(batch, -1)
     held = torch.cat([columns, decoded], dim=1)
     alive = held >= 0
-    if mask is None:
-        return None if bool(alive.all()) else alive[:, None, None, :]
-    if mask.shape[-1] != full_length:
-        raise ValueError(f"decode mask covers {mask.shape[-1]} keys but the full-length layers hold {full_length}")
+    if mask is None or mask.shape[-1] != full_length:
+        if mask is None or mask.dtype == torch.bool:
+            return None if mask is None and bool(alive.all()) else alive[:, None, None, :]
+        _, masked = _allowed_and_masked(mask)
+        return torch.zeros(alive.shape, dtype=mask.dtype, device=mask.device).masked_fill(~alive, masked)[:, None, None]
     _, masked = _allowed_and_masked(mask)
     full = mask.expand(batch, -1, -1, -1)
     gathered = full.gather(3, held.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
     return gathered.masked_fill(~alive[:, None, None, :], masked)
 
 
-def _check_cache_length(cache: Cache, index: int, columns: torch.Tensor, prefill_length: int) -> int:
-    """Length of the full-length layers (layer 0, already extended in this step); checks that layer
-    ``index`` holds its prefill survivors plus one slot per earlier decoded token."""
-    full_length = cache.layers[0].get_seq_length()
+def _check_cache_length(cache: Cache, index: int, columns: torch.Tensor, decoded: int) -> None:
+    """Check that layer ``index`` holds its prefill survivors plus one slot per earlier decoded token."""
     held = cache.layers[index].get_seq_length()
-    expected = columns.shape[1] + full_length - prefill_length - 1
+    expected = columns.shape[1] + decoded
     if held != expected:
         raise RuntimeError(
             f"layer {index} of the compressed KV cache holds {held} slots, lightkv expected {expected}: the cache "
             "was changed outside lightkv (cropped, reordered or reused for another prompt)"
         )
-    return full_length

@@ -5,8 +5,10 @@ Hugging Face ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``, `
 the same state dict loads in both. What is specific to KV compression is marked ``COMPRESSION HOOK``:
 
 1. the layer at a scheduled index hands back the post-RoPE ``q``/``k`` it used;
-2. right after that layer (which has already cached its full KV) the method shortens the hidden states,
-   and the position ids, mask and vision spans follow the survivors;
+2. right after that layer (which has already cached its full KV) an in-prefill method
+   (:class:`PrefillReduction`) shortens the hidden states, and the position ids, mask and vision spans
+   follow the survivors; a post-prefill method (:class:`KVEviction`) instead observes every layer's
+   ``q``/``k`` and, once the prefill is done, compacts each layer's cache;
 3. each layer's cache therefore has its own length; decoding appends one slot to every layer and
    never reduces.
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightkv_core.methods import PrefillReduction
+from lightkv_core.methods import CompressionMethod, KVEviction
 from lightkv_core.spans import as_span, vision_token_mask
 from lightkv_core.stats import PrefillStats
 
@@ -233,7 +235,7 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         spans: Sequence[Sequence] | None = None,
         cache: KVCache | None = None,
-        reduction: PrefillReduction | None = None,
+        reduction: CompressionMethod | None = None,
         last_logits_only: bool = False,
     ) -> tuple[torch.Tensor, PrefillStats | None]:
         """Run the decoder on new tokens.
@@ -244,9 +246,10 @@ class Decoder(nn.Module):
                 real. In decoding (non-empty ``cache``) every new token is real.
             spans: one list of vision spans per sample (``VisionSpan`` or ``(start, end, rows, cols)``).
             cache: a :class:`KVCache` filled in place; ``None`` runs without one (training).
-            reduction: an in-prefill token-reduction method (LightKV, FastV, ...); prefill only. Layer
-                ``-1`` in its ``reduce_layers`` reduces the input embeddings before layer 0 (``q``/``k`` are
-                then ``None``; only methods that need no attention, such as random drop, can do that).
+            reduction: the compression method, prefill only: an in-prefill token reduction (LightKV,
+                FastV, ...; layer ``-1`` in its ``reduce_layers`` reduces the input embeddings before
+                layer 0, ``q``/``k`` then ``None``, which only methods without attention such as random
+                drop accept) or a post-prefill eviction (PrefixKV, AirCache, LOOK-M; needs a ``cache``).
             last_logits_only: return logits of the last slot only, ``(B, 1, V)``.
 
         Returns:
@@ -260,6 +263,9 @@ class Decoder(nn.Module):
             raise ValueError("decoding appends real tokens only: pass neither attention_mask nor reduction")
         if reduction is not None and spans is None:
             raise ValueError("a reduction needs the vision spans of every sample")
+        evicting = isinstance(reduction, KVEviction)
+        if evicting and cache is None:
+            raise ValueError(f"{type(reduction).__name__} compacts the KV cache after the prefill: pass a cache")
         if decoding:
             return self._decode(inputs_embeds, cache, last_logits_only), None
 
@@ -278,7 +284,7 @@ class Decoder(nn.Module):
         is_vision = vision_token_mask(per_sample, seq, real.device)
         original_vision = is_vision.sum(dim=1).cpu()
         original_tokens = real.sum(dim=1).cpu()
-        reduce_layers = set(reduction.reduce_layers) if reduction is not None else set()
+        reduce_layers = set(reduction.reduce_layers) if reduction is not None and not evicting else set()
         if reduce_layers and not -1 <= min(reduce_layers) <= max(reduce_layers) < self.config.num_layers:
             raise ValueError(f"reduction layers {sorted(reduce_layers)} must lie in [-1, {self.config.num_layers})")
 
@@ -288,6 +294,7 @@ class Decoder(nn.Module):
         mask = None if unpadded else _prefill_mask(real)
         kv_tokens, vision_tokens = [], []
         reduce_seconds = 0.0
+        observations = []
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         for index in range(-1, self.config.num_layers):
             if index >= 0:
@@ -296,6 +303,11 @@ class Decoder(nn.Module):
                     cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
                 kv_tokens.append(real.sum(dim=1).cpu())
                 vision_tokens.append(is_vision.sum(dim=1).cpu())
+                if evicting:
+                    # COMPRESSION HOOK: a post-prefill method keeps a few statistics of every layer's attention
+                    tick = time.perf_counter()
+                    observations.append(reduction.observe(index, q, k, per_sample, attention_mask=real))
+                    reduce_seconds += time.perf_counter() - tick
             if index in reduce_layers:
                 # COMPRESSION HOOK: layer `index` has cached its full KV (index -1: the input embeddings, no
                 # q/k); the method shortens the hidden states and the later layers see (and cache) only the
@@ -317,6 +329,23 @@ class Decoder(nn.Module):
                 is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
                 mask = _prefill_mask(real)
                 cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        if evicting:
+            # COMPRESSION HOOK: the prefill is done; every layer's cache is compacted (lengths may differ)
+            tick = time.perf_counter()
+            layers = cache.layers
+            evictions = reduction.evict(
+                observations,
+                [layer.keys for layer in layers],
+                [layer.values for layer in layers],
+                per_sample,
+                attention_mask=real,
+            )
+            for index, evicted in enumerate(evictions):
+                alive = evicted.alive.to(real.device)
+                layers[index] = LayerCache(evicted.keys, evicted.values, alive, layers[index].next_position)
+                vision_held = torch.gather(is_vision, 1, evicted.slots[:, 0].to(real.device).clamp(min=0)) & alive
+                kv_tokens[index], vision_tokens[index] = alive.sum(dim=1).cpu(), vision_held.sum(dim=1).cpu()
+            reduce_seconds += time.perf_counter() - tick
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(self.model.norm(hidden)).float()
@@ -356,7 +385,7 @@ class Decoder(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         spans: Sequence[Sequence] | None = None,
-        reduction: PrefillReduction | None = None,
+        reduction: CompressionMethod | None = None,
         max_new_tokens: int = 16,
         eos_token_id: int | None = None,
         temperature: float = 0.0,

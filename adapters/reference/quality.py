@@ -17,6 +17,8 @@ a target retention as follows (all schedules are deterministic):
   meets the target.
 - ``random``: random dropping on the input embeddings, before layer 0, so every layer holds the target
   fraction.
+- PrefixKV, AirCache, LOOK-M (post-prefill eviction): their ``retention`` is the target, met exactly
+  (the prefill runs in full, so they save KV memory but no prefill compute).
 """
 
 from __future__ import annotations
@@ -38,14 +40,27 @@ from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
 from lightkv_core.budget import layer_kv_lengths
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.methods import FastV, LightKV, PrefillReduction, RandomDrop
+from lightkv_core.methods import (
+    AirCache,
+    CompressionMethod,
+    FastV,
+    KVEviction,
+    LightKV,
+    LookM,
+    PrefixKV,
+    RandomDrop,
+)
+from lightkv_core.methods.fastv import drop_ratio, released_layer
 from lightkv_core.stage import lightkv_stage
 
 HELD_OUT_SEED_BASE = 500_000
 RETENTIONS = (0.75, 0.55, 0.35, 0.25, 0.15)
 TOLERANCE = 0.01
-FASTV_K, FASTV_DEPTH = 2, 32
-METHODS = ("lightkv", "lightkv-compact", "lightkv-prompt", "lightkv-unguided", "fastv", "random-fastv", "random")
+METHODS = (
+    "lightkv", "lightkv-compact", "lightkv-prompt", "lightkv-unguided", "fastv", "random-fastv", "random",
+    "prefixkv", "aircache", "lookm",
+)  # fmt: skip
+_EVICTIONS = {"prefixkv": PrefixKV, "aircache": AirCache, "lookm": LookM}
 _VARIANTS = {
     "lightkv": {},
     "lightkv-compact": {"positions": "compact"},
@@ -115,23 +130,14 @@ def lightkv_schedule(num_layers: int, target: float, grid: tuple[int, int], **op
                          merge_ratios=(0.5,) * len(layers))  # fmt: skip
 
 
-def fastv_layer(num_layers: int) -> int:
-    """The layer whose output FastV prunes (``K - 1``), the released ``K`` scaled to the depth."""
-    return max(0, round(FASTV_K * num_layers / FASTV_DEPTH) - 1)
-
-
-def drop_ratio(num_layers: int, layer: int, target: float) -> float | None:
-    """Fraction of vision tokens a single drop after ``layer`` removes to meet ``target``, or ``None``."""
-    keep = (target * num_layers - (layer + 1)) / (num_layers - layer - 1)
-    return None if keep < 0 else 1.0 - min(1.0, keep)
-
-
-def build_method(name: str, num_layers: int, target: float, grid: tuple[int, int]) -> PrefillReduction | None:
+def build_method(name: str, num_layers: int, target: float, grid: tuple[int, int]) -> CompressionMethod | None:
     """Method ``name`` at retention ``target``, or ``None`` if it cannot reach it."""
     if name in _VARIANTS:
         config = lightkv_schedule(num_layers, target, grid, **_VARIANTS[name])
         return None if config is None else LightKV(config)
-    layer = fastv_layer(num_layers)
+    if name in _EVICTIONS:
+        return _EVICTIONS[name](retention=target)
+    layer = released_layer(num_layers)
     ratio = drop_ratio(num_layers, layer, target)
     if ratio is None:
         return None
@@ -155,7 +161,7 @@ class Score:
 def score(
     model: TinyLVLM,
     pairs: list,
-    reduction: PrefillReduction | None,
+    reduction: CompressionMethod | None,
     batch: int,
     on_batch: Callable[[], object] | None = None,
 ) -> Score:
@@ -182,13 +188,15 @@ def score(
     )
 
 
-def _describe(reduction: PrefillReduction | None) -> dict | None:
+def _describe(reduction: CompressionMethod | None) -> dict | None:
     if reduction is None:
         return None
     if isinstance(reduction, LightKV):
         c = reduction.config
         return {"merge_layers": list(c.merge_layers), "merge_windows": list(c.merge_windows),
                 "merge_ratios": list(c.merge_ratios), "guide": c.guide, "positions": c.position_mode}  # fmt: skip
+    if isinstance(reduction, KVEviction):
+        return {"retention": reduction.retention}
     return {"layer": reduction.layer, "ratio": round(reduction.ratio, 4)}
 
 

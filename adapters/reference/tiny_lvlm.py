@@ -19,7 +19,7 @@ from torch import nn
 
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.decoder import Decoder, DecoderConfig
-from lightkv_core.methods import PrefillReduction
+from lightkv_core.methods import CompressionMethod
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stats import PrefillStats
 
@@ -172,7 +172,7 @@ class TinyLVLM(nn.Module):
     @torch.no_grad()
     def answer(
         self, examples: Sequence[world.Example], questions: Sequence[world.Question],
-        reduction: PrefillReduction | None = None,
+        reduction: CompressionMethod | None = None,
     ) -> tuple[list[tuple[str, ...]], PrefillStats]:  # fmt: skip
         """Greedy answers to ``questions[i]`` about ``examples[i]``, and the prefill statistics."""
         prompts = [prompt_ids(q) for q in questions]

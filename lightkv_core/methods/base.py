@@ -1,9 +1,11 @@
-"""The interface every in-prefill token-reduction method shares, so an adapter can drive any of them."""
+"""The two interfaces an adapter drives: in-prefill token reduction (:class:`PrefillReduction`) and post-prefill
+KV eviction (:class:`KVEviction`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -54,4 +56,74 @@ class PrefillReduction(ABC):
 
         Returns:
             A :class:`~lightkv_core.stage.StageResult`.
+        """
+
+
+@dataclass
+class LayerEviction:
+    """One layer's KV cache after a post-prefill eviction.
+
+    Attributes:
+        keys, values: ``(B, Hk, L, d)`` the kept (possibly merged) entries, in the cache's dtype.
+        slots: ``(B, Hk, L)`` int64 prefill index of the token each slot holds, ascending per head; ``-1``
+            marks a dead slot. Samples are left-padded with dead slots to the batch's longest; every head of
+            a sample holds the same number of tokens (heads may hold different ones), so a slot is dead in
+            every head or in none.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """``(B, L)`` bool: slots that hold a token."""
+        return self.slots[:, 0] >= 0
+
+
+class KVEviction(ABC):
+    """A method that compacts each layer's KV cache once the prefill has run (layers may end at different
+    lengths); the prefill itself runs in full and decoding never evicts.
+
+    The adapter calls :meth:`observe` right after every decoder layer with the post-RoPE ``q``/``k`` it
+    used, keeps what it returns (``O(B * H * S)`` numbers per layer), and after the last layer calls
+    :meth:`evict` with those observations and every layer's cache. Budgets are vision-token retention:
+    vision KV entries kept, summed over layers, over (vision tokens x layers).
+    """
+
+    position_mode = "original"
+
+    @abstractmethod
+    def observe(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, spans: Sequence, *, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention statistics of ``layer`` that :meth:`evict` needs later.
+
+        Args:
+            layer: the layer that just ran.
+            q, k: ``(B, H, S, d)`` / ``(B, Hk, S, d)`` its post-RoPE queries and keys (scaled so that
+                ``d ** -0.5`` reproduces its logits).
+            spans: one list of vision spans per sample.
+            attention_mask: ``(B, S)`` bool, real tokens (left padding).
+        """
+
+    @abstractmethod
+    def evict(
+        self,
+        observations: Sequence[torch.Tensor],
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        spans: Sequence,
+        *,
+        attention_mask: torch.Tensor,
+    ) -> list[LayerEviction]:
+        """Compact every layer's cache.
+
+        Args:
+            observations: what :meth:`observe` returned, one per layer, in layer order.
+            keys, values: ``(B, Hk, S, d)`` each layer's full prefill cache.
+            spans, attention_mask: as for :meth:`observe`.
+
+        Returns:
+            One :class:`LayerEviction` per layer.
         """

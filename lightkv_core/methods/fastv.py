@@ -9,11 +9,26 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.config import POSITION_MODES
+from lightkv_core.kernels._backend import FLOAT_DTYPES
+from lightkv_core.kernels.attention_stats import attention_statistics
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.stage import StageResult, drop_tokens, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
-QUERY_CHUNK = 256
+RELEASED_K, RELEASED_DEPTH = 2, 32
+
+
+def released_layer(num_layers: int) -> int:
+    """The layer whose output FastV prunes (``K - 1``): the released ``K = 2`` of 32 layers scaled to the
+    depth (at least layer 0)."""
+    return max(0, round(RELEASED_K * num_layers / RELEASED_DEPTH) - 1)
+
+
+def drop_ratio(num_layers: int, layer: int, retention: float) -> float | None:
+    """Fraction of vision tokens one drop after ``layer`` (``-1``: the embeddings) removes so that the
+    vision KV summed over layers is ``retention`` of the full one; ``None`` if out of reach."""
+    keep = (retention * num_layers - (layer + 1)) / (num_layers - layer - 1)
+    return None if keep < 0 else 1.0 - min(1.0, keep)
 
 
 def kept_count(ratio: float, tokens: int) -> int:
@@ -65,13 +80,14 @@ class FastV(PrefillReduction):
     Score of a vision key: post-softmax causal attention it receives, averaged over heads, from
     ``scoring="last_token"`` (the last real token, as the released code does) or ``"all_tokens"``
     (averaged over every real query, the paper's description). ``positions``: ``"original"`` (survivors
-    keep their position ids) or ``"compact"``.
+    keep their position ids) or ``"compact"``. ``backend``: the attention-statistics kernel's.
     """
 
     layer: int
     ratio: float
     scoring: str = "last_token"
     positions: str = "original"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_drop_method(self.layer, self.ratio, self.positions)
@@ -99,7 +115,9 @@ class FastV(PrefillReduction):
         padding_side: str,
     ) -> StageResult:
         check_layer(self, layer)
-        scores = attention_received(q, k, attention_mask, last_token_only=self.scoring == "last_token")
+        scores = attention_received(
+            q, k, attention_mask, last_token_only=self.scoring == "last_token", backend=self.backend
+        )
         return drop_lowest(
             hidden, scores, spans, self.ratio, self.positions, position_ids, attention_mask, padding_side
         )
@@ -130,32 +148,42 @@ def drop_lowest(
 
 
 def attention_received(
-    q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, *, last_token_only: bool, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    last_token_only: bool,
+    scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``(B, S)`` float32 post-softmax causal attention each key receives, averaged over heads and over
-    the queries (the last real one, or every real one). Padding keys and queries take no part.
+    the queries (the last real one, or every real one). Padding keys and queries take no part; a sample
+    without real tokens scores 0. Streams through :func:`~lightkv_core.kernels.attention_statistics`
+    (never ``S x S``).
 
     Args:
         q: ``(B, H, S, d)``; k: ``(B, Hk, S, d)`` with ``H % Hk == 0``; attention_mask: ``(B, S)`` bool.
+        backend: the kernel's, ``"auto"``, ``"triton"`` or ``"torch"``.
     """
-    batch, heads, seq, dim = q.shape
-    group = heads // k.shape[1]
-    scale = dim**-0.5 if scale is None else scale
-    keys = k.float().repeat_interleave(group, dim=1)
+    batch, _, seq, _ = q.shape
+    if q.dtype != k.dtype or q.dtype not in FLOAT_DTYPES:
+        q, k = q.float(), k.float()
     real = attention_mask.to(q.device, torch.bool)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    received = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)
+    positions = torch.arange(seq, device=q.device)
+    query_index = torch.where(real, positions, -1)  # every real row, -1 on padding
     if last_token_only:
-        rows = [int(real[b].nonzero().max()) for b in range(batch)]
-        query = q.float()[torch.arange(batch), :, rows][:, :, None]  # (B, H, 1, d)
-        logits = (query @ keys.transpose(-1, -2)) * scale
-        allowed = real[:, None, None, :] & causal[rows][:, None, None, :]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        return probs.mean(dim=1)[:, 0]
-    for start in range(0, seq, QUERY_CHUNK):
-        stop = min(seq, start + QUERY_CHUNK)
-        logits = (q.float()[:, :, start:stop] @ keys.transpose(-1, -2)) * scale
-        allowed = real[:, None, None, :] & causal[start:stop][None, None] & real[:, None, start:stop, None]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        received += probs.mean(dim=1).sum(dim=1)
+        query_index = query_index.amax(dim=1, keepdim=True)  # the last real row (-1: none)
+    received = attention_statistics(
+        q,
+        k,
+        query_index,
+        positions.expand(batch, seq),
+        key_mask=real,
+        causal=True,
+        scale=scale,
+        heads="mean",
+        backend=backend,
+    )
+    if last_token_only:
+        return received
     return received / real.sum(dim=1, keepdim=True).clamp(min=1)

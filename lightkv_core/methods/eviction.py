@@ -1,0 +1,102 @@
+"""Pieces the post-prefill eviction methods (PrefixKV, AirCache, LOOK-M) share: token classes, the global
+budget, top-k selection and the compaction of a layer's cache into :class:`LayerEviction` slots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightkv_core.methods.base import LayerEviction
+from lightkv_core.stage import normalise_spans
+
+DEFAULT_RETENTION = 0.55  # about what LightKV's released LLaVA schedule keeps (0.57 at 32 layers)
+
+
+def check_retention(retention: float) -> None:
+    if not 0.0 <= retention <= 1.0:
+        raise ValueError(f"retention must lie in [0, 1], got {retention}")
+
+
+def check_observations(observations: Sequence, keys: Sequence, values: Sequence) -> None:
+    if not len(observations) == len(keys) == len(values) or not keys:
+        raise ValueError(
+            f"evict needs one observation, key and value tensor per layer, got {len(observations)}, {len(keys)} "
+            f"and {len(values)}"
+        )
+
+
+def token_classes(spans: Sequence, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vision, evictable)``, each ``(B, S)`` bool on ``attention_mask``'s device: every real token inside a
+    vision span, and of those the mergeable ones (structural tokens such as LLaVA-NeXT row newlines are
+    always kept)."""
+    real = attention_mask.to(torch.bool)
+    batch, seq = real.shape
+    _, per_sample = normalise_spans(spans, batch)
+    vision = torch.zeros(batch, seq, dtype=torch.bool)
+    evictable = torch.zeros(batch, seq, dtype=torch.bool)
+    for b, sample_spans in enumerate(per_sample):
+        for span in sample_spans:
+            vision[b, span.start : span.end] = True
+            evictable[b, span.start : span.end] = span.mergeable_or_default()
+    vision, evictable = vision.to(real.device) & real, evictable.to(real.device) & real
+    return vision, evictable
+
+
+def retained_total(retention: float, candidates: int, num_layers: int) -> int:
+    """Entries kept over all layers: ``round(retention * candidates * num_layers)``."""
+    return min(candidates * num_layers, round(retention * candidates * num_layers))
+
+
+def real_rows(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` int64: the index of every real row, ``-1`` on padding (query index for the statistics kernel)."""
+    index = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.to(torch.bool), index, -1)
+
+
+def last_rows(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)`` int64: the last real row of each sample."""
+    index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.to(torch.bool), index, -1).max(dim=1, keepdim=True).values
+
+
+def all_columns(batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """``(B, S)`` int64 key index covering every position."""
+    return torch.arange(seq, device=device).expand(batch, seq)
+
+
+def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` largest ``scores`` (1-D; ties: lower index)."""
+    return torch.argsort(-scores.float(), stable=True)[:count]
+
+
+def slots_from_keep(keep: torch.Tensor) -> torch.Tensor:
+    """``(B, G, L)`` int64 slots from a ``(B, G, S)`` bool keep mask: kept indices ascending, each sample
+    left-padded with ``-1`` to the longest; every group ``G`` of a sample must keep the same count."""
+    counts = keep.sum(dim=-1)
+    if bool((counts != counts[:, :1]).any()):
+        raise ValueError("every head of a sample must keep the same number of tokens")
+    length = int(counts.max()) if counts.numel() else 0
+    seq = keep.shape[-1]
+    order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[..., seq - length :]
+    alive = torch.arange(length, device=keep.device) >= (length - counts)[..., None]
+    return torch.where(alive, order, -1)
+
+
+def compact_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> LayerEviction:
+    """Keep the marked entries of one layer's cache.
+
+    Args:
+        keys, values: ``(B, Hk, S, d)``.
+        keep: ``(B, S)`` (the same tokens in every head) or ``(B, Hk, S)`` bool.
+    """
+    batch, kv_heads, _, dim = keys.shape
+    keep = keep.to(keys.device)
+    if keep.dim() == 2:
+        keep = keep[:, None]
+    slots = slots_from_keep(keep).expand(batch, kv_heads, -1)
+    index = slots.clamp(min=0)[..., None].expand(-1, -1, -1, dim)
+    alive = (slots >= 0)[..., None]
+    kept_keys = keys.gather(2, index).masked_fill(~alive, 0)
+    kept_values = values.gather(2, index).masked_fill(~alive, 0)
+    return LayerEviction(kept_keys, kept_values, slots.contiguous())
