@@ -10,7 +10,7 @@ import torch
 from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, KVCache
 from lightkv_core import LightKVConfig, lightkv_stage
 from lightkv_core.budget import layer_kv_lengths
-from lightkv_core.methods import FastV, LightKV, PrefillReduction, RandomDrop
+from lightkv_core.methods import AirCache, FastV, LightKV, LookM, PrefillReduction, PrefixKV, RandomDrop
 from lightkv_core.methods.fastv import kept_count
 
 CONFIG = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
@@ -415,3 +415,40 @@ def test_dropping_methods_through_the_decoder(decoder, method):
     assert bool((retention <= 1).all())
     tokens, _ = decoder.generate(embeds, attention_mask=mask, spans=spans, reduction=method, max_new_tokens=3)
     assert tokens.shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-prefill eviction (PrefixKV, AirCache, LOOK-M) through the same hooks
+
+
+EVICTIONS = [PrefixKV(0.3, backend="torch"), AirCache(0.3, backend="torch"), LookM(0.3, backend="torch")]
+
+
+@pytest.mark.parametrize("method", EVICTIONS, ids=lambda m: type(m).__name__)
+def test_eviction_alone_equals_in_batch_and_meets_its_budget(decoder, method):
+    samples = [make_sample(decoder, 60, 2, 8, 6), make_sample(decoder, 61, 9, 8, 2)]
+    embeds, mask, spans = left_pad(samples)
+    tokens, stats = decoder.generate(embeds, attention_mask=mask, spans=spans, reduction=method, max_new_tokens=5)
+    for b, sample in enumerate(samples):
+        one = sample.embeds[None]
+        alone_tokens, alone_stats = decoder.generate(one, spans=[sample.spans], reduction=method, max_new_tokens=5)
+        assert tokens[b].tolist() == alone_tokens[0].tolist()
+        assert stats.kv_tokens[:, b].tolist() == alone_stats.kv_tokens[:, 0].tolist()
+    if not isinstance(method, PrefixKV):  # PrefixKV's sinks may hold vision tokens outside the budget
+        assert stats.vision_tokens.sum(dim=0).tolist() == [round(0.3 * 64 * CONFIG.num_layers)] * 2
+    assert bool((stats.kv_tokens - stats.vision_tokens == (stats.original_tokens - 64)[None]).all())
+
+
+@pytest.mark.parametrize("method", EVICTIONS, ids=lambda m: type(m).__name__)
+def test_eviction_at_full_retention_is_the_stock_decoder(decoder, method):
+    embeds, mask, spans = left_pad([make_sample(decoder, 62, 3, 8, 5), make_sample(decoder, 63, 1, 8, 2)])
+    stock, _ = decoder.generate(embeds, attention_mask=mask, spans=spans, max_new_tokens=5)
+    full = type(method)(**{**vars(method), "retention": 1.0})
+    kept, stats = decoder.generate(embeds, attention_mask=mask, spans=spans, reduction=full, max_new_tokens=5)
+    assert torch.equal(stock, kept) and bool((stats.vision_retention() == 1).all())
+
+
+def test_eviction_needs_a_cache(decoder):
+    sample = make_sample(decoder, 64, 2, 8, 2)
+    with pytest.raises(ValueError, match="pass a cache"):
+        decoder(sample.embeds[None], spans=[sample.spans], reduction=EVICTIONS[0])

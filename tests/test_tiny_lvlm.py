@@ -141,3 +141,22 @@ def test_eval_command_writes_its_summary(tmp_path, capsys):
     assert 0.0 <= summary["methods"]["fastv"]["0.15"] <= 1.0
     assert summary["measured_retention"]["fastv"]["0.55"] == pytest.approx(0.55, abs=0.01)
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_calibrate_writes_fractions_that_calibrated_prefixkv_uses(tmp_path, model, capsys):
+    from lightkv_core.methods import PrefixKV
+
+    path = tmp_path / "calibration.json"
+    arguments = ["calibrate", "--prompts", "6", "--batch", "4", "--retention", "0.3", "--backend", "torch"]
+    arguments += ["--out", str(path)]
+    assert main(arguments) == 0
+    assert "wrote" in capsys.readouterr().out
+    method = PrefixKV.from_calibration(path, retention=0.2, backend="torch")
+    assert len(method.fractions) == model.config.num_layers and method.retention == 0.2
+    pairs = held_out(1)[:4]
+    _, stats = model.answer([e for e, _ in pairs], [q for _, q in pairs], method)
+    candidates = stats.original_vision_tokens - 3  # the first three image tokens are among the 4 sinks
+    assert (stats.vision_tokens.sum(dim=0) - 3 * model.config.num_layers).tolist() == [
+        round(0.2 * n * model.config.num_layers) for n in candidates.tolist()
+    ]
+    assert main(["calibrate", "--prompts", "0", "--out", str(path)]) == 2

@@ -318,6 +318,7 @@ class _Adapter:
             run.layout.decoded += 1
         if run is None or run.mode != "prefill":
             return
+        original_tokens, original_vision_tokens = run.kv_tokens[0], run.vision_tokens[0]
         if self.evicting and run.cache is not None and any(run.spans):
             self._evict(run)
         if run.cache is not None and run.groups:
@@ -331,8 +332,8 @@ class _Adapter:
         self.model.lightkv_stats = PrefillStats(
             kv_tokens=torch.stack(run.kv_tokens),
             vision_tokens=torch.stack(run.vision_tokens),
-            original_tokens=run.kv_tokens[0],
-            original_vision_tokens=run.vision_tokens[0],
+            original_tokens=original_tokens,
+            original_vision_tokens=original_vision_tokens,
             reduce_seconds=run.reduce_seconds,
             prefill_seconds=time.perf_counter() - run.started,
             bytes_per_token_layer=2 * config.num_key_value_heads * head_dim * element,

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
     torch.manual_seed(0)
     model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
-    method = PrefixKV(retention=args.retention, scope=args.scope, sink=args.sink)
+    method = PrefixKV(retention=args.retention, scope=args.scope, sink=args.sink, backend=args.backend)
     pairs = []
     seed = CALIBRATION_SEED_BASE
     while len(pairs) < args.prompts:
@@ -63,5 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", type=int, default=4, help="first tokens always kept")
     parser.add_argument("--prompts", type=int, default=64, help="calibration prompts")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="statistics kernel")
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
     parser.add_argument("--out", default="prefixkv-calibration.json", help="calibration file to write")
