@@ -9,17 +9,21 @@ Public API:
     LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
     cross_attention_scores, window_best_match, merge_compact
                          the three LightKV kernels, each with ``backend="auto"|"triton"|"torch"``
-    attention_statistics attention selected keys receive from selected queries (FastV-style scores),
-                         streamed, with the same ``backend`` choice
+    attention_statistics attention selected keys receive from selected queries (the statistics of
+                         FastV, PrefixKV, AirCache, LOOK-M), streamed, with the same ``backend`` choice
+    METHODS, method_by_name
+                         every compression method by name (see :mod:`lightkv_core.methods`)
 """
 
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels import attention_statistics, cross_attention_scores, merge_compact, window_best_match
+from lightkv_core.methods import METHODS, method_by_name
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
 from lightkv_core.stats import PrefillStats
 
 __all__ = [
+    "METHODS",
     "PRESETS",
     "PRESET_DEPTHS",
     "LightKVConfig",
@@ -30,6 +34,7 @@ __all__ = [
     "cross_attention_scores",
     "drop_tokens",
     "lightkv_stage",
+    "method_by_name",
     "merge_compact",
     "num_merged",
     "window_best_match",
