@@ -7,13 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_inputs import ALL_DTYPES
 from oracle import oracle_window_best_match
 
 from lightkv_core.kernels import window_match as match_mod
 from lightkv_core.kernels.window_match import window_best_match
 
-# bf16 too through Triton under the interpreter: the kernels upcast bf16 tiles there (triton-lang/triton#11584).
-ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIM_TOL = 1e-5  # float32 cosine vs float64
 MARGIN = 2e-5  # a B token within this of the best (in float64) makes the argmax ambiguous in float32
 

@@ -40,16 +40,8 @@ from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
 from lightkv_core.budget import layer_kv_lengths
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.methods import (
-    AirCache,
-    CompressionMethod,
-    FastV,
-    KVEviction,
-    LightKV,
-    LookM,
-    PrefixKV,
-    RandomDrop,
-)
+from lightkv_core.methods import METHODS as REGISTRY
+from lightkv_core.methods import CompressionMethod, FastV, KVEviction, LightKV, RandomDrop, method_by_name
 from lightkv_core.methods.fastv import drop_ratio, released_layer
 from lightkv_core.stage import lightkv_stage
 
@@ -60,7 +52,6 @@ METHODS = (
     "lightkv", "lightkv-compact", "lightkv-prompt", "lightkv-unguided", "fastv", "random-fastv", "random",
     "prefixkv", "aircache", "lookm",
 )  # fmt: skip
-_EVICTIONS = {"prefixkv": PrefixKV, "aircache": AirCache, "lookm": LookM}
 _VARIANTS = {
     "lightkv": {},
     "lightkv-compact": {"positions": "compact"},
@@ -135,8 +126,8 @@ def build_method(name: str, num_layers: int, target: float, grid: tuple[int, int
     if name in _VARIANTS:
         config = lightkv_schedule(num_layers, target, grid, **_VARIANTS[name])
         return None if config is None else LightKV(config)
-    if name in _EVICTIONS:
-        return _EVICTIONS[name](retention=target)
+    if name in REGISTRY and issubclass(REGISTRY[name], KVEviction):
+        return method_by_name(name, num_layers, retention=target)
     layer = released_layer(num_layers)
     ratio = drop_ratio(num_layers, layer, target)
     if ratio is None:

@@ -21,19 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.budget import apportion
-from lightkv_core.kernels import attention_statistics
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import (
     DEFAULT_RETENTION,
-    all_columns,
-    check_observations,
     check_retention,
-    compact_layer,
-    last_rows,
-    retained_total,
+    evict_top_per_layer,
     token_classes,
-    top_indices,
 )
+from lightkv_core.methods.received import received_attention
 
 
 def skewness(values: torch.Tensor) -> float:
@@ -79,10 +74,7 @@ class AirCache(KVEviction):
 
     def elite(self, q: torch.Tensor, k: torch.Tensor, vision: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` bool elite observation window of one layer."""
-        batch, seq = real.shape
-        last = attention_statistics(
-            q, k, last_rows(real), all_columns(batch, seq, q.device), key_mask=real, heads="mean", backend=self.backend
-        )
+        last = received_attention(q, k, real, last_token_only=True, backend=self.backend)
         text = real & ~vision
         last = last.masked_fill(~text, -1.0)
         best = last.max(dim=1, keepdim=True).values
@@ -95,16 +87,7 @@ class AirCache(KVEviction):
         real = attention_mask.to(q.device, torch.bool)
         vision, _ = token_classes(spans, real)
         elite = self.elite(q, k, vision, real)
-        rows = torch.arange(real.shape[1], device=q.device).expand_as(real)
-        summed = attention_statistics(
-            q,
-            k,
-            torch.where(elite, rows, -1),
-            all_columns(*real.shape, q.device),
-            key_mask=vision | elite,
-            heads="mean",
-            backend=self.backend,
-        )
+        summed = received_attention(q, k, real, queries=elite, key_mask=vision | elite, backend=self.backend)
         return (summed / elite.sum(dim=1, keepdim=True).clamp(min=1)).masked_fill(~vision, 0.0)
 
     def evict(
@@ -116,16 +99,12 @@ class AirCache(KVEviction):
         *,
         attention_mask: torch.Tensor,
     ) -> list[LayerEviction]:
-        check_observations(observations, keys, values)
         real = attention_mask.to(torch.bool).cpu()
         _, candidates = token_classes(spans, real)
-        importance = torch.stack([o.float().cpu() for o in observations])  # (L, B, S)
-        layers = len(observations)
-        keep = real[None].repeat(layers, 1, 1) & ~candidates[None]
-        for b in range(real.shape[0]):
-            index = candidates[b].nonzero().squeeze(1)
-            budget = retained_total(self.retention, index.numel(), layers)
-            sizes = apportion(layer_weights(importance[:, b, index]), budget, [index.numel()] * layers)
-            for layer, size in enumerate(sizes):
-                keep[layer, b, index[top_indices(importance[layer, b, index], size)]] = True
-        return [compact_layer(k, v, keep[i]) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
+        return evict_top_per_layer(observations, keys, values, candidates, real, self.retention, self.layer_sizes)
+
+    @staticmethod
+    def layer_sizes(importance: torch.Tensor, budget: int) -> list[int]:
+        """Per-layer kept vision tokens for one sample: ``budget`` split by :func:`layer_weights`."""
+        layers, candidates = importance.shape
+        return apportion(layer_weights(importance), budget, [candidates] * layers)

@@ -3,7 +3,7 @@ budget, top-k selection and the compaction of a layer's cache into :class:`Layer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,23 +48,6 @@ def retained_total(retention: float, candidates: int, num_layers: int) -> int:
     return min(candidates * num_layers, round(retention * candidates * num_layers))
 
 
-def real_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, S)`` int64: the index of every real row, ``-1`` on padding (query index for the statistics kernel)."""
-    index = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.to(torch.bool), index, -1)
-
-
-def last_rows(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, 1)`` int64: the last real row of each sample."""
-    index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return torch.where(attention_mask.to(torch.bool), index, -1).max(dim=1, keepdim=True).values
-
-
-def all_columns(batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """``(B, S)`` int64 key index covering every position."""
-    return torch.arange(seq, device=device).expand(batch, seq)
-
-
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` largest ``scores`` (1-D; ties: lower index)."""
     return torch.argsort(-scores.float(), stable=True)[:count]
@@ -81,6 +64,40 @@ def slots_from_keep(keep: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[..., seq - length :]
     alive = torch.arange(length, device=keep.device) >= (length - counts)[..., None]
     return torch.where(alive, order, -1)
+
+
+def evict_top_per_layer(
+    observations: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    candidates: torch.Tensor,
+    attention_mask: torch.Tensor,
+    retention: float,
+    layer_sizes: Callable[[torch.Tensor, int], list[int]],
+) -> list[LayerEviction]:
+    """Keep, per layer, the highest-scoring candidates (the same tokens in every head), every other real token,
+    and compact each layer's cache.
+
+    Args:
+        observations: ``(B, S)`` per layer, each key's score.
+        keys, values: ``(B, Hk, S, d)`` per layer.
+        candidates: ``(B, S)`` bool, tokens that may be evicted.
+        attention_mask: ``(B, S)`` bool, real tokens.
+        retention: the sample's budget is ``retained_total(retention, candidates, layers)``.
+        layer_sizes: ``(importance (L, n), budget) -> L counts summing to budget`` for one sample.
+    """
+    check_observations(observations, keys, values)
+    real = attention_mask.to(torch.bool).cpu()
+    candidates = candidates.cpu()
+    importance = torch.stack([o.float().cpu() for o in observations])  # (L, B, S)
+    layers = len(observations)
+    keep = real[None].repeat(layers, 1, 1) & ~candidates[None]
+    for b in range(real.shape[0]):
+        index = candidates[b].nonzero().squeeze(1)
+        sizes = layer_sizes(importance[:, b, index], retained_total(retention, index.numel(), layers))
+        for layer, size in enumerate(sizes):
+            keep[layer, b, index[top_indices(importance[layer, b, index], size)]] = True
+    return [compact_layer(k, v, keep[i]) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
 
 
 def compact_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> LayerEviction:

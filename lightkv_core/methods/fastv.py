@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.config import POSITION_MODES
-from lightkv_core.kernels._backend import FLOAT_DTYPES
-from lightkv_core.kernels.attention_stats import attention_statistics
 from lightkv_core.methods.base import PrefillReduction
+from lightkv_core.methods.received import received_attention
 from lightkv_core.stage import StageResult, drop_tokens, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
@@ -165,25 +164,7 @@ def attention_received(
         q: ``(B, H, S, d)``; k: ``(B, Hk, S, d)`` with ``H % Hk == 0``; attention_mask: ``(B, S)`` bool.
         backend: the kernel's, ``"auto"``, ``"triton"`` or ``"torch"``.
     """
-    batch, _, seq, _ = q.shape
-    if q.dtype != k.dtype or q.dtype not in FLOAT_DTYPES:
-        q, k = q.float(), k.float()
-    real = attention_mask.to(q.device, torch.bool)
-    positions = torch.arange(seq, device=q.device)
-    query_index = torch.where(real, positions, -1)  # every real row, -1 on padding
-    if last_token_only:
-        query_index = query_index.amax(dim=1, keepdim=True)  # the last real row (-1: none)
-    received = attention_statistics(
-        q,
-        k,
-        query_index,
-        positions.expand(batch, seq),
-        key_mask=real,
-        causal=True,
-        scale=scale,
-        heads="mean",
-        backend=backend,
-    )
+    received = received_attention(q, k, attention_mask, last_token_only=last_token_only, scale=scale, backend=backend)
     if last_token_only:
         return received
-    return received / real.sum(dim=1, keepdim=True).clamp(min=1)
+    return received / attention_mask.to(received.device, torch.bool).sum(dim=1, keepdim=True).clamp(min=1)

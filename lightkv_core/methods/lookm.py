@@ -27,19 +27,17 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.budget import apportion
-from lightkv_core.kernels import attention_statistics
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import (
     DEFAULT_RETENTION,
-    all_columns,
     check_observations,
     check_retention,
     compact_layer,
-    real_rows,
     retained_total,
     token_classes,
     top_indices,
 )
+from lightkv_core.methods.received import received_attention
 
 MERGES = ("pivotal", "averaged", "weighted", "none")
 
@@ -103,10 +101,7 @@ class LookM(KVEviction):
     ) -> torch.Tensor:
         """``(B, Hk, S)`` float32 attention each key receives, summed over real queries, averaged over the
         query heads of each KV head."""
-        real = attention_mask.to(q.device, torch.bool)
-        per_head = attention_statistics(
-            q, k, real_rows(real), all_columns(*real.shape, q.device), key_mask=real, backend=self.backend
-        )
+        per_head = received_attention(q, k, attention_mask, heads="per_head", backend=self.backend)
         batch, heads, seq = per_head.shape
         return per_head.view(batch, k.shape[1], heads // k.shape[1], seq).mean(dim=2)
 
@@ -134,8 +129,8 @@ class LookM(KVEviction):
         for layer, (layer_keys, layer_values) in enumerate(zip(keys, values, strict=True)):
             importance = observations[layer].float().cpu()
             keep = (real & ~evictable)[:, None].repeat(1, kv_heads, 1)
-            merged_keys = layer_keys.float().cpu().clone()
-            merged_values = layer_values.float().cpu().clone()
+            merged_keys = torch.empty(layer_keys.shape, dtype=torch.float32)  # every (sample, head) is written below
+            merged_values = torch.empty(layer_values.shape, dtype=torch.float32)
             for b in range(batch):
                 forced = (evictable[b] & in_window[b]).nonzero().squeeze(1)
                 ranked = (evictable[b] & ~in_window[b]).nonzero().squeeze(1)

@@ -10,19 +10,14 @@ from pathlib import Path
 import torch
 
 from lightkv_core.budget import apportion
-from lightkv_core.kernels import attention_statistics
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import (
     DEFAULT_RETENTION,
-    all_columns,
-    check_observations,
     check_retention,
-    compact_layer,
-    real_rows,
-    retained_total,
+    evict_top_per_layer,
     token_classes,
-    top_indices,
 )
+from lightkv_core.methods.received import received_attention
 
 SCOPES = ("vision", "all")
 SEARCH_STEPS = 60
@@ -125,16 +120,7 @@ class PrefixKV(KVEviction):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, spans: Sequence, *, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """``(B, S)`` float32 attention received by each key, averaged over heads, summed over real queries."""
-        real = attention_mask.to(q.device, torch.bool)
-        return attention_statistics(
-            q,
-            k,
-            real_rows(real),
-            all_columns(*real.shape, q.device),
-            key_mask=real,
-            heads="mean",
-            backend=self.backend,
-        )
+        return received_attention(q, k, attention_mask, backend=self.backend)
 
     def candidates(self, spans: Sequence, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` bool: tokens that may be evicted."""
@@ -164,18 +150,9 @@ class PrefixKV(KVEviction):
         *,
         attention_mask: torch.Tensor,
     ) -> list[LayerEviction]:
-        check_observations(observations, keys, values)
         real = attention_mask.to(torch.bool).cpu()
         candidates = self.candidates(spans, real)
-        importance = torch.stack([o.float().cpu() for o in observations])  # (L, B, S)
-        keep = real[None].repeat(len(observations), 1, 1) & ~candidates[None]
-        for b in range(real.shape[0]):
-            index = candidates[b].nonzero().squeeze(1)
-            budget = retained_total(self.retention, index.numel(), len(observations))
-            sizes = self.layer_sizes(importance[:, b, index], budget)
-            for layer, size in enumerate(sizes):
-                keep[layer, b, index[top_indices(importance[layer, b, index], size)]] = True
-        return [compact_layer(k, v, keep[i]) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
+        return evict_top_per_layer(observations, keys, values, candidates, real, self.retention, self.layer_sizes)
 
 
 def save_calibration(path: str | Path, fractions: Sequence[float], method: PrefixKV, prompts: int, model: str) -> None:
