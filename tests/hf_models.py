@@ -47,8 +47,11 @@ _TEXT = dict(
 )
 
 
-def build(kind: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A tiny float32 model of ``kind`` (one of :data:`KINDS`) in eval mode, with attention ``attn``."""
+def build(kind: str, attn: str = "sdpa", seed: int = 0, qwen_patch: int = QWEN_PATCH) -> torch.nn.Module:
+    """A tiny float32 model of ``kind`` (one of :data:`KINDS`) in eval mode, with attention ``attn``.
+
+    ``qwen_patch`` is the Qwen vision patch side in pixels (SGLang's Qwen2.5-VL needs the released 14).
+    """
     torch.manual_seed(seed)
     if kind in ("llava", "llava-qwen2", "llava-next"):
         vision = CLIPVisionConfig(
@@ -75,7 +78,7 @@ def build(kind: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
         )
         text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
         if kind == "qwen2-vl":
-            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=QWEN_PATCH)
+            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=qwen_patch)
             model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
         else:
             vision = dict(
@@ -83,9 +86,9 @@ def build(kind: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
                 hidden_size=32,
                 intermediate_size=64,
                 num_heads=2,
-                patch_size=QWEN_PATCH,
+                patch_size=qwen_patch,
                 out_hidden_size=64,
-                window_size=8,
+                window_size=4 * qwen_patch,  # a 2x2 window of merged tokens
                 fullatt_block_indexes=[1],
             )
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
@@ -179,6 +182,7 @@ def _add_pixels(model, kind: str, image: Image, pixels: dict, generator: torch.G
     name, key = ("video", "pixel_values_videos") if image.frames > 1 else ("image", "pixel_values")
     grid = torch.tensor([[max(1, image.frames // temporal), image.height, image.width]])  # F frames: F/2 patches
     pixels.setdefault(f"{name}_grid_thw", []).append(grid)
-    values = 3 * temporal * QWEN_PATCH * QWEN_PATCH
+    patch = model.config.vision_config.patch_size
+    values = 3 * temporal * patch * patch
     pixels.setdefault(key, []).append(torch.randn(int(grid.prod()), values, generator=generator))
     return int(grid.prod()) // merge**2

@@ -1,0 +1,330 @@
+"""The decoder loop of a SGLang text model with in-prefill token reduction, and the layer-group views that let
+later layers read and write only the survivors' KV slots.
+
+Layers are split into *groups* at the method's reduce layers: group 0 runs up to and including the first
+reduce layer on the full sequence, group ``g`` runs after the ``g``-th reduction on its survivors. A request
+owns the same KV slots as in stock SGLang (one per prompt token plus one per decoded token; the single pool
+gives every slot storage in every layer). Group ``g`` sees, per request:
+
+* its survivors, each writing its K/V into the slot of its own prompt token (a merged token into its B
+  token's), in a per-group request-to-token table whose row lists the survivors' slots then the decoded
+  tokens' slots;
+* ``seq_lens`` shortened by the tokens the request dropped before the group (its *dropped* count, kept per
+  request-pool row from its prefill to its last decode step);
+* the survivors' original positions (M-RoPE included), so decoding continues at the stock positions.
+
+In prefill the hidden states are packed (``(N, D)``, requests one after another) as SGLang passes them; the
+method sees them left-padded to ``(B, S, D)`` and its output is packed again. The ``ForwardBatch`` a group's
+layers get is a shallow copy of the real one with those fields replaced; the attention backend is pointed at
+the group's table while the group runs (:func:`_use_table`). Logits are taken from the last group's view.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
+from sglang.srt.model_executor.forward_context import get_attn_backend
+from torch import nn
+
+from lightkv_core.methods import PrefillReduction
+
+
+class _GroupTable:
+    """A request-to-token pool as an attention backend reads it, with a group's own table."""
+
+    def __init__(self, pool: object, req_to_token: torch.Tensor) -> None:
+        self._pool = pool
+        self.req_to_token = req_to_token
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pool, name)
+
+
+@dataclass
+class _Prefill:
+    """One prefill batch's bookkeeping while its layers run."""
+
+    spans: list[list]  # per request, vision spans in request-local token indices
+    lengths: list[int]  # per request, current token count
+    origin: list[torch.Tensor]  # per request, (length,) prompt index of every current token
+    starts: list[int]  # per request, where its prompt starts in the stock packed batch
+    positions: torch.Tensor  # (N,) or (3, N) the stock position ids the layers get
+
+    def stock_index(self) -> torch.Tensor:
+        """``(N',)`` index in the stock packed batch of every current token."""
+        return torch.cat([start + origin for start, origin in zip(self.starts, self.origin, strict=True)])
+
+
+class LayerGroups:
+    """The reduction state of one text model (one per model instance, shared by its forward calls).
+
+    Args:
+        text_model: SGLang's ``Qwen2Model`` / ``LlamaModel`` (``layers``, ``embed_tokens``, ``norm``).
+        method: the in-prefill reduction (LightKV or FastV) of this server.
+    """
+
+    def __init__(self, text_model: nn.Module, method: PrefillReduction) -> None:
+        num_layers = len(text_model.layers)
+        if method.position_mode != "original":
+            raise ValueError("SGLang decoding continues at the stock positions: the method must keep original ones")
+        if not method.reduce_layers or method.reduce_layers[0] < 0 or method.reduce_layers[-1] >= num_layers - 1:
+            raise ValueError(
+                f"reduce layers {method.reduce_layers} must lie in 0..{num_layers - 2} of a {num_layers}-layer model"
+            )
+        self.method = method
+        self.reduce_layers = tuple(method.reduce_layers)
+        self.spans: list[list] | None = None
+        self.final_batch: object | None = None
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._tables: list[torch.Tensor] = []
+        self._dropped: torch.Tensor | None = None
+        for index in self.reduce_layers:
+            text_model.layers[index].self_attn.attn.register_forward_pre_hook(self._capture(index))
+        self._capturing = False
+
+    def _capture(self, index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._capturing:
+                q, k = args[0], args[1]
+                self._captured[index] = (
+                    q.reshape(q.shape[0], module.tp_q_head_num, module.qk_head_dim),
+                    k.reshape(k.shape[0], module.tp_k_head_num, module.qk_head_dim),
+                    float(module.scaling),
+                )
+
+        return hook
+
+    # ---- group tables -------------------------------------------------------------------------------
+
+    def _ensure_tables(self, pool: object) -> None:
+        table = pool.req_to_token
+        if self._tables and self._tables[0].shape == table.shape and self._tables[0].device == table.device:
+            return
+        groups = len(self.reduce_layers)
+        self._tables = [torch.zeros_like(table) for _ in range(groups)]
+        self._dropped = torch.zeros(groups, table.shape[0], dtype=torch.int64, device=table.device)
+
+    def _reset_rows(self, forward_batch: object, pool: object) -> None:
+        """Every request of an extend batch starts with the stock rows in every group (nothing dropped)."""
+        self._ensure_tables(pool)
+        width = int(forward_batch.seq_lens.max())
+        rows = forward_batch.req_pool_indices
+        for table in self._tables:
+            table[rows, :width] = pool.req_to_token[rows, :width]
+        self._dropped[:, rows] = 0
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        text_model: nn.Module,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        forward_batch: object,
+        input_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The text model's forward (first and last pipeline rank only): ``(N', D)`` final-normed hidden
+        states of the tokens the last group holds. Sets :attr:`final_batch` to the view logits must use."""
+        spans, self.spans = self.spans, None
+        mode = forward_batch.forward_mode
+        hidden = text_model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        backend = get_attn_backend()
+        pool = backend.req_to_token_pool
+        prefill = None
+        if mode.is_extend():
+            self._reset_rows(forward_batch, pool)
+            if spans is not None and any(spans):
+                prefill = self._start_prefill(forward_batch, spans, positions)
+        elif not mode.is_decode():
+            raise NotImplementedError(f"lightkv layer groups do not support forward mode {mode!r}")
+        view = forward_batch
+        residual_batch.start(view)
+        try:
+            for index in range(len(text_model.layers)):
+                self._capturing = prefill is not None and index in self.reduce_layers
+                hidden = text_model.layers[index](positions, hidden, view)
+                if index not in self.reduce_layers:
+                    continue
+                group = self.reduce_layers.index(index)
+                if prefill is not None:
+                    hidden, view, positions = self._reduce(index, group, hidden, view, forward_batch, prefill, pool)
+                elif mode.is_decode():
+                    view = self._decode_view(group, view, forward_batch)
+                else:
+                    continue  # an extend with nothing to reduce: every group's rows are the stock ones
+                _use_table(backend, _GroupTable(pool, self._tables[group]), view)
+            hidden = residual_batch.final_norm(hidden, view, text_model.norm, skip_empty=True)
+        finally:
+            self._capturing = False
+            self._captured.clear()
+            if view is not forward_batch:
+                _use_table(backend, pool, forward_batch)
+        self.final_batch = view
+        return hidden
+
+    def _start_prefill(self, forward_batch: object, spans: list[list], positions: torch.Tensor) -> _Prefill:
+        if any(spans[b] and forward_batch.extend_prefix_lens_cpu[b] for b in range(len(spans))):
+            raise NotImplementedError(
+                "lightkv compresses an image in one prefill: this request's prompt was split (chunked prefill or a "
+                "cached prefix); run with --chunked-prefill-size -1 and --disable-radix-cache"
+            )
+        if forward_batch.return_logprob and any(
+            start < length
+            for start, length, request_spans in zip(
+                forward_batch.extend_logprob_start_lens_cpu, forward_batch.extend_seq_lens_cpu, spans, strict=True
+            )
+            if request_spans
+        ):
+            raise NotImplementedError("input-token logprobs of a compressed prompt are not available (merged tokens)")
+        lengths = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+        device = positions.device
+        starts = [sum(lengths[:b]) for b in range(len(lengths))]
+        return _Prefill(spans, lengths, [torch.arange(n, device=device) for n in lengths], starts, positions)
+
+    def _reduce(
+        self,
+        index: int,
+        group: int,
+        hidden: torch.Tensor,
+        view: object,
+        forward_batch: object,
+        prefill: _Prefill,
+        pool: object,
+    ) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """Run the method on the output of layer ``index`` and build the view of group ``group + 1``."""
+        stream = residual_batch.stream_of(view)
+        if stream.pending is not None and not stream.pending.update.is_plain_add:
+            raise NotImplementedError("lightkv needs a plain residual add at a reduce layer")
+        output, residual = stream.export(hidden)
+        full = output if residual is None else output + residual
+        residual_batch.clear(view)
+        q, k, scaling = self._captured.pop(index)
+        head_dim = q.shape[-1]
+        if scaling != head_dim**-0.5:
+            q = q * (scaling * head_dim**0.5)
+        lengths = prefill.lengths
+        width = max(lengths)
+        mask = _left_mask(lengths, width, full.device)
+        padded_positions = _pad_positions(prefill.positions[..., prefill.stock_index()], mask)
+        result = self.method.reduce(
+            index,
+            _pad(full, mask),
+            _pad(q, mask).permute(0, 2, 1, 3),
+            _pad(k, mask).permute(0, 2, 1, 3),
+            [_shift(s, width - n) for s, n in zip(prefill.spans, lengths, strict=True)],
+            position_ids=padded_positions,
+            attention_mask=mask,
+            padding_side="left",
+        )
+        kept = result.kept_padded.to(full.device)
+        alive = kept >= 0
+        new_lengths = alive.sum(dim=1).tolist()
+        prefill.origin = [
+            origin[(kept[b][alive[b]] - (width - lengths[b]))] for b, origin in enumerate(prefill.origin)
+        ]
+        prefill.lengths = new_lengths
+        prefill.spans = [_shift(s, -(kept.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
+        merged = result.hidden.to(full.dtype)[alive]
+        stock = prefill.stock_index()
+        new_view = self._prefill_view(group, forward_batch, prefill, stock, pool)
+        residual_batch.start(new_view)
+        return merged, new_view, prefill.positions[..., stock]
+
+    def _prefill_view(
+        self, group: int, forward_batch: object, prefill: _Prefill, stock: torch.Tensor, pool: object
+    ) -> object:
+        device = forward_batch.seq_lens.device
+        lengths = torch.tensor(prefill.lengths, device=device, dtype=forward_batch.seq_lens.dtype)
+        rows = forward_batch.req_pool_indices
+        table = self._tables[group]
+        origin_slots = []
+        for b, origin in enumerate(prefill.origin):
+            row = int(rows[b])
+            slots = pool.req_to_token[row, origin]
+            table[row, : len(origin)] = slots
+            origin_slots.append(slots)
+        self._dropped[group, rows] = forward_batch.seq_lens.to(torch.int64) - lengths.to(torch.int64)
+        view = copy.copy(forward_batch)
+        view.out_cache_loc = torch.cat(origin_slots).to(forward_batch.out_cache_loc.dtype)
+        view.input_ids = None if forward_batch.input_ids is None else forward_batch.input_ids[stock]
+        view.positions = forward_batch.positions[stock]
+        if forward_batch.mrope_positions is not None:
+            view.mrope_positions = forward_batch.mrope_positions[:, stock]
+        view.seq_lens = lengths
+        view.seq_lens_cpu = lengths.cpu()
+        view.seq_lens_sum = int(lengths.sum())
+        view.extend_seq_lens = lengths.to(forward_batch.extend_seq_lens.dtype)
+        view.extend_seq_lens_cpu = list(prefill.lengths)
+        view.extend_start_loc = torch.cumsum(view.extend_seq_lens, 0) - view.extend_seq_lens
+        view.extend_num_tokens = view.seq_lens_sum
+        view.extend_logprob_start_lens_cpu = [0] * len(prefill.lengths)
+        view.num_token_non_padded = None
+        view.global_num_token_non_padded_cpu = view.seq_lens_sum
+        view.orig_seq_lens = None
+        view.residual_stream = None
+        return view
+
+    def _decode_view(self, group: int, view: object, forward_batch: object) -> object:
+        rows = forward_batch.req_pool_indices
+        seq_lens = forward_batch.seq_lens - self._dropped[group, rows].to(forward_batch.seq_lens.dtype)
+        table = self._tables[group]
+        table[rows, seq_lens.to(torch.int64) - 1] = forward_batch.out_cache_loc.to(table.dtype)
+        return self._carry(view, forward_batch, group, seq_lens)
+
+    def _carry(self, view: object, forward_batch: object, group: int, seq_lens: torch.Tensor) -> object:
+        new_view = copy.copy(forward_batch)
+        new_view.seq_lens = seq_lens
+        new_view.seq_lens_cpu = seq_lens.cpu()
+        new_view.seq_lens_sum = int(seq_lens.sum())
+        new_view.residual_stream = view.residual_stream
+        return new_view
+
+
+def _use_table(backend: object, pool: object, view: object) -> None:
+    """Point the attention backend at ``pool`` (a group's table, or the stock pool back) for the layers that
+    get ``view``, and rebuild its metadata from them."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    if isinstance(backend, TorchNativeAttnBackend):
+        backend.req_to_token_pool = pool
+        return
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    if isinstance(backend, TritonAttnBackend):
+        backend.req_to_token_pool = pool
+        backend.req_to_token = pool.req_to_token
+        backend.init_forward_metadata(view)
+        return
+    raise NotImplementedError(
+        f"lightkv layer groups support the torch_native and triton attention backends, not {type(backend).__name__}"
+    )
+
+
+def _left_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    """``(B, width)`` bool: the real tokens of left-padded rows."""
+    columns = torch.arange(width, device=device)
+    return columns[None, :] >= (width - torch.tensor(lengths, device=device))[:, None]
+
+
+def _pad(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(N, ...)`` packed rows as ``(B, S, ...)`` left-padded with zeros."""
+    out = packed.new_zeros(*mask.shape, *packed.shape[1:])
+    out[mask] = packed
+    return out
+
+
+def _pad_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` / ``(3, N)`` packed position ids as ``(B, S)`` / ``(3, B, S)`` left-padded with zeros."""
+    if positions.ndim == 1:
+        return _pad(positions, mask)
+    return torch.stack([_pad(row, mask) for row in positions])
+
+
+def _shift(spans: Sequence, offset: int) -> list:
+    from dataclasses import replace
+
+    return [replace(s, start=s.start + offset, end=s.end + offset) for s in spans]
