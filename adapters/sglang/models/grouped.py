@@ -117,6 +117,12 @@ class LayerGroups:
             table[rows, :width] = pool.req_to_token[rows, :width]
         self._dropped[:, rows] = 0
 
+    def dropped_tokens(self, rows: torch.Tensor) -> list[int]:
+        """Prompt tokens each request (by request-pool row) no longer holds after the last reduction."""
+        if self._dropped is None:
+            return [0] * len(rows)
+        return self._dropped[-1, rows].tolist()
+
     # ---- forward ------------------------------------------------------------------------------------
 
     def forward(
