@@ -3,9 +3,9 @@
 # for the Hugging Face parity tests) and matplotlib (perf, for the benchmark plots).
 # - If the Python that runs this already has torch (for example a CUDA build), the venv sees it
 #   (--system-site-packages) and torch is not reinstalled.
-# - SGLang 0.5.23 without its CUDA dependencies (scripts/sglang-cpu.txt), for the SGLang adapter's CPU tests.
 # - Otherwise torch==2.13.0 is installed first; on the project's CPU machines this takes the local
 #   CPU wheel instead of pulling several GB of CUDA packages.
+# - SGLang 0.5.23 without its CUDA dependencies (scripts/sglang-cpu.txt), for the SGLang adapter's CPU tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
