@@ -2,6 +2,11 @@
 ``ReqToTokenPool``/``MHATokenToKVPool`` and ``TorchNativeAttnBackend``, batches made by ``ScheduleBatch``
 and ``ForwardBatch.init_new`` as the scheduler makes them (the path of ``sglang.benchmark.one_batch``).
 
+Requests carry their images the way SGLang's multimodal processor of the model's family hands them to the
+scheduler: Qwen-VL prompts hold every image token and each image's ``(t, h, w)`` grid with its token
+offsets and M-RoPE positions; LLaVA prompts hold one image token per image, which the model's
+``pad_input_ids`` expands into the image's pad values (recording ``image_offsets`` / ``image_pad_len``).
+
 Each run happens in a fresh spawned process (:func:`run_in_child`): SGLang's runtime context, distributed
 group and model registry are process-wide.
 """
@@ -11,22 +16,25 @@ from __future__ import annotations
 import multiprocessing
 import sys
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 TESTS = Path(__file__).resolve().parent
 
+#: The float type of every run (the Transformers side of the comparisons runs in float32 too).
+DTYPE = "float32"
+
 
 @dataclass
 class Request:
-    """One prompt: its token ids (image placeholders included) and, for Qwen-VL, each image's pixels and
-    ``(t, h, w)`` patch grid."""
+    """One prompt: its token ids and each image's pixels; for Qwen-VL also each image's ``(t, h, w)`` patch
+    grid. Qwen-VL ids hold every image token; LLaVA ids hold one image token per image."""
 
     input_ids: list[int]
     pixel_values: list[torch.Tensor]
-    grids: list[torch.Tensor]
+    grids: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -48,78 +56,22 @@ def run_in_child(model_dir: str, method: str, requests: list[Request], steps: in
 
 def run(model_dir: str, method: str, requests: list[Request], steps: int) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
-    method`` (its released defaults) on the Qwen-VL model saved in ``model_dir``."""
+    method`` (its released defaults) on the Qwen-VL or LLaVA model saved in ``model_dir``."""
     sys.path.insert(0, str(TESTS))
     import sglang_env
 
     sglang_env.install()
     from sglang.benchmark import one_batch
-    from sglang.srt.layers.rotary_embedding.mrope import MRotaryEmbedding
-    from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
-    from sglang.srt.managers.schedule_batch import MultimodalDataItem, MultimodalInputs
-    from sglang.srt.models.registry import ModelRegistry, import_model_classes
-    from sglang.srt.multimodal.modality import Modality
     from sglang.srt.sampling.sampling_params import SamplingParams
-    from sglang.srt.server_args import PortArgs, ServerArgs
 
-    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings
-
-    ModelRegistry.models.update(import_model_classes("lightkv_adapters.sglang.models"))
-    server_args = ServerArgs(
-        model_path=model_dir,
-        tokenizer_path=model_dir,
-        skip_tokenizer_init=True,
-        device="cpu",
-        attention_backend="torch_native",
-        disable_cuda_graph=True,
-        disable_radix_cache=True,
-        chunked_prefill_size=-1,
-        dtype="float32",
-        mem_fraction_static=0.05,
-        max_total_tokens=4096,
-        load_format="safetensors",
-    )
-    setattr(server_args, SETTINGS_ATTRIBUTE, KVCompressSettings(method=method))
-    server_args.resolve_once()
-    port_args = PortArgs.init_new(server_args)
-    ranks = one_batch.SpawnRanks(world_rank=one_batch.spawn_world_rank(server_args, tp_rank=0, pp_rank=0), gpu_id=0)
-    one_batch.publish(server_args, role="scheduler", ranks=ranks)
-    one_batch._init_process_global_configs()
-    one_batch.get_tokenizer = lambda *args, **kwargs: None  # skip_tokenizer_init: no tokenizer files
-    runner, _ = one_batch.load_model(server_args, port_args, 0, 0)
-    init_mm_embedding_cache(64 * 1024 * 1024)
+    runner = _load(model_dir, method)
     model = runner.torch_runner.model
-    config = model.config
+    multimodal_inputs = _llava_inputs if model.config.model_type == "llava" else _qwen_vl_inputs
     reqs = []
     for index, request in enumerate(requests):
-        ids = torch.tensor(request.input_ids)
-        items = []
-        runs = _runs(ids == config.image_token_id)
-        for pixels, grid, (start, end) in zip(request.pixel_values, request.grids, runs, strict=True):
-            item = MultimodalDataItem(modality=Modality.IMAGE, feature=pixels, offsets=[(start, end)])
-            item.image_grid_thw = grid
-            item.set_pad_value()
-            items.append(item)
-        mm_inputs = None
-        if items:
-            positions, delta = MRotaryEmbedding.get_rope_index(
-                spatial_merge_size=config.vision_config.spatial_merge_size,
-                image_token_id=config.image_token_id,
-                video_token_id=config.video_token_id,
-                vision_start_token_id=config.vision_start_token_id,
-                model_type=config.model_type,
-                tokens_per_second=getattr(config.vision_config, "tokens_per_second", None),
-                input_ids=ids[None],
-                image_grid_thw=torch.cat(request.grids),
-            )
-            mm_inputs = MultimodalInputs(
-                mm_items=items,
-                im_token_id=config.image_token_id,
-                video_token_id=config.video_token_id,
-                mrope_positions=positions.squeeze(1),
-                mrope_position_delta=delta,
-            )
-        padded = array("q", request.input_ids) if mm_inputs is None else model.pad_input_ids(array("q", ids), mm_inputs)
+        ids = array("q", request.input_ids)
+        mm_inputs = multimodal_inputs(model, request) if request.pixel_values else None
+        padded = ids if mm_inputs is None else model.pad_input_ids(ids, mm_inputs)
         req = one_batch.Req(
             rid=index,
             origin_input_text="",
@@ -141,6 +93,114 @@ def run(model_dir: str, method: str, requests: list[Request], steps: int) -> Run
     groups = getattr(model, "lightkv_groups", None)
     dropped = [0] * len(reqs) if groups is None else groups.dropped_tokens(batch.req_pool_indices)
     return Run(torch.stack(all_tokens, dim=1), all_logits, dropped)
+
+
+def _load(model_dir: str, method: str):
+    """SGLang's model runner (as ``one_batch`` builds it) for the model in ``model_dir`` under ``--kv-compress
+    method``, with our model classes registered over SGLang's."""
+    from sglang.benchmark import one_batch
+    from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
+    from sglang.srt.models.registry import ModelRegistry, import_model_classes
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings
+
+    ModelRegistry.models.update(import_model_classes("lightkv_adapters.sglang.models"))
+    _load_llava_vision_towers_at(getattr(torch, DTYPE))
+    server_args = ServerArgs(
+        model_path=model_dir,
+        tokenizer_path=model_dir,
+        skip_tokenizer_init=True,
+        device="cpu",
+        attention_backend="torch_native",
+        disable_cuda_graph=True,
+        disable_radix_cache=True,
+        chunked_prefill_size=-1,
+        dtype=DTYPE,
+        mem_fraction_static=0.05,
+        max_total_tokens=4096,
+        load_format="safetensors",
+    )
+    setattr(server_args, SETTINGS_ATTRIBUTE, KVCompressSettings(method=method))
+    server_args.resolve_once()
+    port_args = PortArgs.init_new(server_args)
+    ranks = one_batch.SpawnRanks(world_rank=one_batch.spawn_world_rank(server_args, tp_rank=0, pp_rank=0), gpu_id=0)
+    one_batch.publish(server_args, role="scheduler", ranks=ranks)
+    one_batch._init_process_global_configs()
+    one_batch.get_tokenizer = lambda *args, **kwargs: None  # skip_tokenizer_init: no tokenizer files
+    runner, _ = one_batch.load_model(server_args, port_args, 0, 0)
+    init_mm_embedding_cache(64 * 1024 * 1024)
+    return runner
+
+
+def _load_llava_vision_towers_at(dtype: torch.dtype) -> None:
+    """Make SGLang's LLaVA load its CLIP vision tower at ``dtype``.
+
+    ``LlavaBaseForCausalLM.load_weights`` loads the tower with ``torch_dtype=torch.float16`` whatever
+    ``--dtype`` says (SGLang's LLaVA image processor hands it float16 pixels, and the config's ``auto``
+    dtype is forced to float16 for ``Llava*ForCausalLM``); at ``--dtype float32`` its float16 features then
+    meet the float32 projector. Only the tower's load dtype changes here; the model code runs as released.
+    """
+    from sglang.srt.models import llava
+    from transformers import CLIPVisionModel
+
+    class _CLIPVisionModelAtDtype:
+        @staticmethod
+        def from_pretrained(path: str, *args, torch_dtype=None, **kwargs) -> CLIPVisionModel:
+            return CLIPVisionModel.from_pretrained(path, *args, dtype=dtype, **kwargs)
+
+    llava.CLIPVisionModel = _CLIPVisionModelAtDtype
+
+
+def _qwen_vl_inputs(model, request: Request):
+    """Qwen2-VL / Qwen2.5-VL: one item per image at its run of image tokens, with the request's M-RoPE
+    positions."""
+    from sglang.srt.layers.rotary_embedding.mrope import MRotaryEmbedding
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem, MultimodalInputs
+    from sglang.srt.multimodal.modality import Modality
+
+    config = model.config
+    ids = torch.tensor(request.input_ids)
+    items = []
+    runs = _runs(ids == config.image_token_id)
+    for pixels, grid, (start, end) in zip(request.pixel_values, request.grids, runs, strict=True):
+        item = MultimodalDataItem(modality=Modality.IMAGE, feature=pixels, offsets=[(start, end)])
+        item.image_grid_thw = grid
+        item.set_pad_value()
+        items.append(item)
+    positions, delta = MRotaryEmbedding.get_rope_index(
+        spatial_merge_size=config.vision_config.spatial_merge_size,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        model_type=config.model_type,
+        tokens_per_second=getattr(config.vision_config, "tokens_per_second", None),
+        input_ids=ids[None],
+        image_grid_thw=torch.cat(request.grids),
+    )
+    return MultimodalInputs(
+        mm_items=items,
+        im_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        mrope_positions=positions.squeeze(1),
+        mrope_position_delta=delta,
+    )
+
+
+def _llava_inputs(model, request: Request):
+    """LLaVA: one item per image as SGLang's ``LlavaImageProcessor`` makes it: ``(1, 3, H, W)`` pixels, the
+    image's ``(width, height)`` and the config's aspect ratio (``pad`` for LLaVA-1.5)."""
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem, MultimodalInputs
+    from sglang.srt.multimodal.modality import Modality
+
+    items = []
+    for pixels in request.pixel_values:
+        item = MultimodalDataItem(modality=Modality.IMAGE, feature=pixels)
+        item.image_sizes = [(pixels.shape[-1], pixels.shape[-2])]
+        item.image_aspect_ratio = model.config.image_aspect_ratio
+        item.set_pad_value()
+        items.append(item)
+    return MultimodalInputs(mm_items=items, im_token_id=model.config.image_token_index)
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

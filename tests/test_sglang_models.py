@@ -1,9 +1,18 @@
 """SGLang's real model runner on the CPU with ``--kv-compress``, token for token against the Transformers
 adapter on the same weights: stock (``none``) equals stock Transformers; LightKV and FastV equal the
-Transformers adapter running the same method, through a prefill of two requests with different images and
-decode steps (logits to 1e-5)."""
+Transformers adapter running the same method, through a prefill of three requests (images in two of them,
+a text-only one) and decode steps (logits to 1e-5).
+
+Two families: Qwen2.5-VL (SGLang's ``Qwen2_5_VLForConditionalGeneration``, saved as Transformers saves it)
+and LLaVA-1.5 (SGLang's ``LlavaLlamaForCausalLM``, which reads the original LLaVA checkpoint format: a
+Llama config with ``mm_*`` keys, ``model.mm_projector.*`` weights and the CLIP tower in its own folder).
+"""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import hf_models
 import pytest
@@ -13,29 +22,65 @@ from sglang_runner import Request, run_in_child
 pytest.importorskip("sglang")
 
 STEPS = 5
-KIND = "qwen2.5-vl"
-#: Images big enough that every stage of the released schedule merges (grids of merged tokens 8x10, 10x8).
-SAMPLES = [
-    hf_models.Sample(images=(hf_models.Image(16, 20),), seed=1),
-    hf_models.Sample(images=(hf_models.Image(20, 16),), seed=2, after=3),
-    hf_models.Sample(seed=3, after=9),
-]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """The tiny Qwen2.5-VL (patch 14, as SGLang's vision encoder expects), saved, with its inputs."""
-    model = hf_models.build(KIND, qwen_patch=14)
-    directory = tmp_path_factory.mktemp("qwen25vl")
-    model.save_pretrained(directory)
-    inputs = hf_models.make_inputs(model, KIND, SAMPLES)
-    return model, str(directory), inputs
+@dataclass(frozen=True)
+class Family:
+    """One model family under test: the tiny model's kind and weight seed, and the batch it runs."""
+
+    kind: str
+    seed: int
+    samples: tuple[hf_models.Sample, ...]
 
 
-def _requests(inputs: dict) -> list[Request]:
+FAMILIES = {
+    # Images big enough that every stage of the released schedule merges (grids of merged tokens 8x10, 10x8).
+    "qwen2.5-vl": Family(
+        "qwen2.5-vl",
+        seed=0,
+        samples=(
+            hf_models.Sample(images=(hf_models.Image(16, 20),), seed=1),
+            hf_models.Sample(images=(hf_models.Image(20, 16),), seed=2, after=3),
+            hf_models.Sample(seed=3, after=9),
+        ),
+    ),
+    # 12x12 tokens per image; two images in the first request. Weight seed 2 decodes varied tokens, and
+    # LightKV changes some of them.
+    "llava": Family(
+        "llava",
+        seed=2,
+        samples=(
+            hf_models.Sample(images=(hf_models.Image(), hf_models.Image()), seed=1),
+            hf_models.Sample(images=(hf_models.Image(),), seed=2, after=3),
+            hf_models.Sample(seed=3, after=9),
+        ),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def saved(request, tmp_path_factory):
+    """The family's tiny model, saved for SGLang, with its Transformers inputs and the SGLang requests."""
+    family = FAMILIES[request.param]
+    if family.kind == "qwen2.5-vl":
+        model = hf_models.build(family.kind, seed=family.seed, qwen_patch=14)  # SGLang's vision encoder needs 14
+    else:
+        model = hf_models.build(family.kind, seed=family.seed)
+    directory = tmp_path_factory.mktemp(family.kind)
+    inputs = hf_models.make_inputs(model, family.kind, list(family.samples))
+    if family.kind == "llava":
+        _save_original_llava(model, directory)
+        requests = _llava_requests(inputs, family.samples)
+    else:
+        model.save_pretrained(directory)
+        requests = _qwen_vl_requests(inputs, family.samples)
+    return model, str(directory), inputs, requests
+
+
+def _qwen_vl_requests(inputs: dict, samples: tuple[hf_models.Sample, ...]) -> list[Request]:
     requests, cursor, image = [], 0, 0
     grids = inputs["image_grid_thw"]
-    for sample, ids, real in zip(SAMPLES, inputs["input_ids"], inputs["attention_mask"], strict=True):
+    for sample, ids, real in zip(samples, inputs["input_ids"], inputs["attention_mask"], strict=True):
         pixels, sample_grids = [], []
         for _ in sample.images:
             grid = grids[image : image + 1]
@@ -45,6 +90,68 @@ def _requests(inputs: dict) -> list[Request]:
             cursor, image = cursor + count, image + 1
         requests.append(Request(ids[real.bool()].tolist(), pixels, sample_grids))
     return requests
+
+
+def _llava_requests(inputs: dict, samples: tuple[hf_models.Sample, ...]) -> list[Request]:
+    """The prompts as SGLang's LLaVA gets them: one image token per image (Transformers' ids hold a run of
+    them per image) and each image's ``(1, 3, H, W)`` pixels."""
+    requests, image = [], 0
+    for sample, ids, real in zip(samples, inputs["input_ids"], inputs["attention_mask"], strict=True):
+        prompt = []
+        for token in ids[real.bool()].tolist():
+            if token != hf_models.IMAGE or prompt[-1:] != [hf_models.IMAGE]:
+                prompt.append(token)
+        count = len(sample.images)
+        assert prompt.count(hf_models.IMAGE) == count
+        pixels = [inputs["pixel_values"][index : index + 1] for index in range(image, image + count)]
+        requests.append(Request(prompt, pixels))
+        image += count
+    return requests
+
+
+def _save_original_llava(model, directory: Path) -> None:
+    """Save the Transformers LLaVA ``model`` as an original LLaVA-1.5 checkpoint (what SGLang's
+    ``LlavaLlamaForCausalLM`` loads), with the same vision features: layer ``vision_feature_layer``, CLS
+    dropped (``patch``; Transformers' ``default``)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    assert config.vision_feature_select_strategy == "default" and config.projector_hidden_act == "gelu"
+    tower = directory / "clip-vision"  # SGLang picks the tower class by "clip" in its path
+    model.model.vision_tower.save_pretrained(tower)
+    text = config.text_config.to_dict()
+    llava = {key: value for key, value in text.items() if key not in ("model_type", "architectures", "_name_or_path")}
+    llava.update(
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava",
+        dtype="float32",
+        text_config=text,
+        vision_config=config.vision_config.to_dict(),
+        image_token_index=config.image_token_id,
+        mm_vision_tower=str(tower),
+        mm_hidden_size=config.vision_config.hidden_size,
+        mm_projector_type="mlp2x_gelu",
+        projector_hidden_act=config.projector_hidden_act,
+        mm_vision_select_layer=config.vision_feature_layer,
+        mm_vision_select_feature="patch",
+        image_aspect_ratio="pad",
+        mm_patch_merge_type="flat",
+    )
+    (directory / "config.json").write_text(json.dumps(llava, indent=2))
+    renames = {
+        "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
+        "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
+        "model.language_model.": "model.",
+    }
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.vision_tower."):
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+        weights[name] = tensor.contiguous()
+    save_file(weights, directory / "model.safetensors")
 
 
 def _transformers(model, inputs: dict, method: str):
@@ -65,9 +172,9 @@ def _transformers(model, inputs: dict, method: str):
 
 @pytest.mark.parametrize("method", ["none", "lightkv", "fastv"])
 def test_sglang_matches_transformers(saved, method):
-    model, directory, inputs = saved
+    model, directory, inputs, requests = saved
     expected_tokens, expected_logits = _transformers(model, inputs, method)
-    run = run_in_child(directory, method, _requests(inputs), STEPS)
+    run = run_in_child(directory, method, requests, STEPS)
     assert torch.equal(run.tokens, expected_tokens)
     for step, (got, want) in enumerate(zip(run.logits, expected_logits, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
