@@ -10,7 +10,12 @@ LAYOUTS = ("default", "reference")
 POSITION_MODES = ("original", "compact")
 
 
-def _parse(value: str | int | float | Sequence[int | float], kind: type, name: str) -> tuple:
+def parse_values(value: str | int | float | Sequence[int | float], kind: type, name: str) -> tuple:
+    """``value`` as a tuple of ``kind``: a string of ``-`` or ``,`` separated items, one number, or a sequence.
+
+    Raises:
+        ValueError naming ``name`` if a string item does not parse.
+    """
     if isinstance(value, str):
         parts = [p for p in value.replace(",", "-").split("-") if p.strip()]
         try:
@@ -49,9 +54,9 @@ class LightKVConfig:
     positions: str | None = None
 
     def __post_init__(self) -> None:
-        layers = _parse(self.merge_layers, int, "merge_layers")
-        windows = _parse(self.merge_windows, int, "merge_windows")
-        ratios = _parse(self.merge_ratios, float, "merge_ratios")
+        layers = parse_values(self.merge_layers, int, "merge_layers")
+        windows = parse_values(self.merge_windows, int, "merge_windows")
+        ratios = parse_values(self.merge_ratios, float, "merge_ratios")
         object.__setattr__(self, "merge_layers", layers)
         object.__setattr__(self, "merge_windows", windows)
         object.__setattr__(self, "merge_ratios", ratios)

@@ -54,6 +54,15 @@ class VisionSpan:
         return self.length if self.mergeable is None else int(self.mergeable.sum())
 
 
+def grid_with_row_newlines(rows: int, cols: int, start: int = 0) -> VisionSpan:
+    """A ``rows x cols`` image laid out row by row, each row followed by a structural newline token (never
+    merged), as LLaVA-NeXT lays out its unpadded high-resolution grid: ``rows * (cols + 1)`` tokens from
+    ``start``."""
+    raster = torch.arange(rows * cols).view(rows, cols)
+    coords = torch.cat([raster, torch.full((rows, 1), -1)], dim=1).flatten()
+    return VisionSpan(start, start + coords.numel(), rows, cols, coords, coords >= 0)
+
+
 def as_span(span: VisionSpan | Sequence[int]) -> VisionSpan:
     """Normalise a span given as a ``VisionSpan``, ``(start, end)`` (square grid) or
     ``(start, end, rows, cols)``."""

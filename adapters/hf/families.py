@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lightkv_core.spans import VisionSpan
+from lightkv_core.spans import VisionSpan, grid_with_row_newlines
 
 #: Text backbones whose decoder layers lightkv has been checked against.
 TEXT_BACKBONES = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
@@ -135,10 +135,7 @@ def _llava_next_spans(model: nn.Module, inputs: dict) -> list[list[VisionSpan]]:
             continue
         tiles_high, tiles_wide = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
         rows, cols = unpad_image(torch.empty(0, tiles_high * side, tiles_wide * side), size).shape[1:]
-        raster = torch.arange(rows * cols).view(rows, cols)
-        coords = torch.cat([raster, torch.full((rows, 1), -1)], dim=1).flatten()  # a newline ends each row
-        high_res = VisionSpan(0, coords.numel(), rows, cols, coords, coords >= 0)
-        images.append([grid_piece(side, side), high_res])
+        images.append([grid_piece(side, side), grid_with_row_newlines(rows, cols)])
     return image_spans(input_ids, config.image_token_id, images, "image")
 
 

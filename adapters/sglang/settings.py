@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig, parse_values
 from lightkv_core.methods import FastV, LightKV, PrefillReduction
 from lightkv_core.methods.fastv import released_layer
 
@@ -115,9 +115,8 @@ def parse_list(text: str, kind: type, flag: str) -> tuple:
     Raises:
         ValueError naming ``flag`` if an item does not parse.
     """
-    items = [item for item in text.replace("-", ",").split(",") if item.strip()]
     try:
-        return tuple(kind(item) for item in items)
+        return parse_values(text, kind, flag)
     except ValueError:
         raise ValueError(f"{flag} takes a comma-separated list of {kind.__name__}s, got {text!r}") from None
 

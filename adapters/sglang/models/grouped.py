@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
@@ -331,6 +331,5 @@ def _pad_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _shift(spans: Sequence, offset: int) -> list:
-    from dataclasses import replace
-
+    """``spans`` moved by ``offset`` tokens."""
     return [replace(s, start=s.start + offset, end=s.end + offset) for s in spans]

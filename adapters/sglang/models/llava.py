@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 
-import torch
 from sglang.srt.models.llava import LlavaLlamaForCausalLM as _StockLlavaLlama
 from sglang.srt.models.llava import LlavaQwenForCausalLM as _StockLlavaQwen
 from sglang.srt.multimodal.mm_utils import get_anyres_image_grid_shape, unpad_image_shape
 
 from lightkv_adapters.sglang.models.base import capture_spans, install
-from lightkv_core.spans import VisionSpan
+from lightkv_core.spans import VisionSpan, grid_with_row_newlines
 
 #: The released schedule of both classes (LLaVA-NeXT shares LLaVA-1.5's).
 PRESET = "llava-1.5"
@@ -69,13 +68,7 @@ class _Llava:
                 f"an anyres image of {length} tokens is not a {side}x{side} base grid plus an unpadded {rows}x{cols} "
                 "grid with row newlines (anyres_max pooling is not supported)"
             )
-        raster = torch.arange(rows * cols).view(rows, cols)
-        coords = torch.cat([raster, torch.full((rows, 1), -1)], dim=1).flatten()
-        base_end = start + side * side
-        return [
-            _square(start, side),
-            VisionSpan(base_end, base_end + coords.numel(), rows, cols, coords, coords >= 0),
-        ]
+        return [_square(start, side), grid_with_row_newlines(rows, cols, start + side * side)]
 
     def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
         capture_spans(self.lightkv_groups, forward_batch, self._image_spans)
