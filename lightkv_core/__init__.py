@@ -7,6 +7,8 @@ Public API:
     VisionSpan           an image's tokens in the sequence, with its grid
     PrefillStats         per-layer KV accounting of a prefill, shared by every adapter
     LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
+    plan_lengths, LengthPlan
+                         tokens one request holds in each layer group, from its spans alone (for a scheduler)
     cross_attention_scores, window_best_match, merge_compact
                          the three LightKV kernels, each with ``backend="auto"|"triton"|"torch"``
     attention_statistics attention selected keys receive from selected queries (the statistics of
@@ -18,6 +20,7 @@ Public API:
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels import attention_statistics, cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.methods import METHODS, method_by_name
+from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
 from lightkv_core.stats import PrefillStats
@@ -26,6 +29,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "PRESET_DEPTHS",
+    "LengthPlan",
     "LightKVConfig",
     "PrefillStats",
     "StageResult",
@@ -37,5 +41,6 @@ __all__ = [
     "method_by_name",
     "merge_compact",
     "num_merged",
+    "plan_lengths",
     "window_best_match",
 ]

@@ -18,6 +18,7 @@ from lightkv_core import LightKVConfig, StageResult  # noqa: E402
 from lightkv_core.budget import layer_kv_lengths  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, PRESETS  # noqa: E402
 from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
+from lightkv_core.plan import LengthPlan  # noqa: E402
 from lightkv_core.stage import band_of, num_merged  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -170,6 +171,9 @@ class Wrapping(PrefillReduction):
     @property
     def position_mode(self) -> str:
         return self.method.position_mode
+
+    def plan_lengths(self, spans, seq_len: int) -> LengthPlan:
+        return self.method.plan_lengths(spans, seq_len)
 
 
 class Replay(Wrapping):

@@ -12,6 +12,7 @@ from lightkv_core import LightKVConfig, lightkv_stage
 from lightkv_core.budget import layer_kv_lengths
 from lightkv_core.methods import AirCache, FastV, LightKV, LookM, PrefillReduction, PrefixKV, RandomDrop
 from lightkv_core.methods.fastv import kept_count
+from lightkv_core.plan import LengthPlan, plan_lengths
 
 CONFIG = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
 
@@ -169,6 +170,9 @@ class RecordingLightKV(PrefillReduction):
     @property
     def position_mode(self) -> str:
         return self.config.position_mode
+
+    def plan_lengths(self, spans, seq_len: int) -> LengthPlan:
+        return plan_lengths(spans, self.config, seq_len)
 
     def reduce(self, layer, hidden, q, k, spans, *, position_ids, attention_mask, padding_side):
         window, ratio = self.config.stage_at(layer)

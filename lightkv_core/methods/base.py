@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.plan import LengthPlan
 from lightkv_core.stage import StageResult
 
 
@@ -28,6 +29,22 @@ class PrefillReduction(ABC):
     @abstractmethod
     def position_mode(self) -> str:
         """``"original"`` (survivors keep their position ids) or ``"compact"`` (renumbered ``0..S'-1``)."""
+
+    @abstractmethod
+    def plan_lengths(self, spans: Sequence, seq_len: int) -> LengthPlan:
+        """Tokens one sample holds in each layer group, before its forward (no hidden states needed).
+
+        Args:
+            spans: the sample's vision spans (``VisionSpan`` or ``(start, end[, rows, cols])``).
+            seq_len: the sample's prompt length in tokens.
+
+        Returns:
+            A :class:`~lightkv_core.plan.LengthPlan` with ``len(reduce_layers) + 1`` groups, split at
+            :attr:`reduce_layers`.
+
+        Raises:
+            TypeError / ValueError naming the problem if ``spans`` do not fit a prompt of ``seq_len``.
+        """
 
     @abstractmethod
     def reduce(

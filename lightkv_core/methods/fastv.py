@@ -11,6 +11,7 @@ import torch
 from lightkv_core.config import POSITION_MODES
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.received import received_attention
+from lightkv_core.plan import LengthPlan, check_sample_spans
 from lightkv_core.stage import StageResult, drop_tokens, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
@@ -33,6 +34,14 @@ def drop_ratio(num_layers: int, layer: int, retention: float) -> float | None:
 def kept_count(ratio: float, tokens: int) -> int:
     """Vision tokens kept when a fraction ``ratio`` of ``tokens`` is dropped: ``ceil((1 - ratio) * n)``."""
     return min(tokens, math.ceil((1.0 - ratio) * tokens - 1e-9))
+
+
+def drop_plan(spans: Sequence, seq_len: int, ratio: float) -> LengthPlan:
+    """Exact two-group plan of one drop (see :func:`keep_top_vision`): the prompt of ``seq_len`` tokens,
+    then the same without the ``n - kept_count(ratio, n)`` dropped vision tokens (``n``: mergeable vision
+    tokens over all the sample's ``spans``; structural tokens are kept)."""
+    vision = sum(span.num_mergeable() for span in check_sample_spans(spans, seq_len))
+    return LengthPlan.exactly((seq_len, seq_len - vision + kept_count(ratio, vision)))
 
 
 def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,6 +109,9 @@ class FastV(PrefillReduction):
     @property
     def reduce_layers(self) -> tuple[int, ...]:
         return (self.layer,)
+
+    def plan_lengths(self, spans: Sequence, seq_len: int) -> LengthPlan:
+        return drop_plan(spans, seq_len, self.ratio)
 
     def reduce(
         self,

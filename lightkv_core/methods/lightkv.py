@@ -9,6 +9,7 @@ import torch
 
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods.base import PrefillReduction
+from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.stage import StageResult, lightkv_stage
 
 
@@ -30,6 +31,9 @@ class LightKV(PrefillReduction):
     @property
     def reduce_layers(self) -> tuple[int, ...]:
         return self.config.merge_layers
+
+    def plan_lengths(self, spans: Sequence, seq_len: int) -> LengthPlan:
+        return plan_lengths(spans, self.config, seq_len)
 
     def reduce(
         self,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest
+from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest, drop_plan
+from lightkv_core.plan import LengthPlan
 from lightkv_core.stage import StageResult
 
 
@@ -34,6 +35,9 @@ class RandomDrop(PrefillReduction):
     @property
     def reduce_layers(self) -> tuple[int, ...]:
         return (self.layer,)
+
+    def plan_lengths(self, spans: Sequence, seq_len: int) -> LengthPlan:
+        return drop_plan(spans, seq_len, self.ratio)
 
     def reduce(
         self,
