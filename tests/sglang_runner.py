@@ -40,23 +40,32 @@ class Request:
 @dataclass
 class Run:
     """What a run produced: ``tokens`` ``(B, steps)`` greedy tokens, ``logits`` one ``(B, V)`` per step,
-    ``dropped`` per request the prompt tokens the last layer group no longer holds."""
+    ``dropped`` per request the prompt tokens the last layer group no longer holds.
+
+    With layer-group pools: ``pool_sizes`` slots per group, ``held`` per request the tokens it holds in each
+    group after the first at the end, and, once every request was released as the scheduler releases a
+    finished one, ``free_after_release`` each later group's free slots and ``leaks`` the pools' own check."""
 
     tokens: torch.Tensor
     logits: list[torch.Tensor]
     dropped: list[int]
+    pool_sizes: list[int] = field(default_factory=list)
+    held: list[list[int]] = field(default_factory=list)
+    free_after_release: list[int] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
 
 
-def run_in_child(model_dir: str, method: str, requests: list[Request], steps: int) -> Run:
+def run_in_child(model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto") -> Run:
     """:func:`run` in a spawned process, so that every run starts from a clean SGLang."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(run, (model_dir, method, requests, steps))
+        return pool.apply(run, (model_dir, method, requests, steps, pools))
 
 
-def run(model_dir: str, method: str, requests: list[Request], steps: int) -> Run:
+def run(model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto") -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
-    method`` (its released defaults) on the Qwen-VL or LLaVA model saved in ``model_dir``."""
+    method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
+    in ``model_dir``. The plugin's hooks are applied as SGLang applies them in a server process."""
     sys.path.insert(0, str(TESTS))
     import sglang_env
 
@@ -64,7 +73,7 @@ def run(model_dir: str, method: str, requests: list[Request], steps: int) -> Run
     from sglang.benchmark import one_batch
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    runner = _load(model_dir, method)
+    runner = _load(model_dir, method, pools)
     model = runner.torch_runner.model
     multimodal_inputs = _llava_inputs if model.config.model_type == "llava" else _qwen_vl_inputs
     reqs = []
@@ -92,19 +101,42 @@ def run(model_dir: str, method: str, requests: list[Request], steps: int) -> Run
             all_logits.append(logits)
     groups = getattr(model, "lightkv_groups", None)
     dropped = [0] * len(reqs) if groups is None else groups.dropped_tokens(batch.req_pool_indices)
-    return Run(torch.stack(all_tokens, dim=1), all_logits, dropped)
+    result = Run(torch.stack(all_tokens, dim=1), all_logits, dropped)
+    cache = getattr(groups, "pools", None)
+    if cache is not None:
+        model_runner = runner.torch_runner
+        result.pool_sizes = [model_runner.token_to_kv_pool_allocator.size, *(a.size for a in cache.allocators)]
+        result.held = [cache.lengths[:, req.kv.req_pool_idx].tolist() for req in reqs]
+        _release(model_runner, reqs, batch)
+        result.free_after_release = cache.available()
+        result.leaks = cache.leaks()
+    return result
 
 
-def _load(model_dir: str, method: str):
+def _release(model_runner, reqs: list, batch) -> None:
+    """Free every request's slots and row as the scheduler frees a finished request (its KV slots to the
+    allocator, then its request-pool row)."""
+    pool = model_runner.req_to_token_pool
+    for req, length in zip(reqs, batch.seq_lens_cpu.tolist(), strict=True):
+        row = req.kv.req_pool_idx
+        model_runner.token_to_kv_pool_allocator.free(pool.req_to_token[row, :length].to(torch.int64))
+        pool.free(req)
+
+
+def _load(model_dir: str, method: str, pools: str):
     """SGLang's model runner (as ``one_batch`` builds it) for the model in ``model_dir`` under ``--kv-compress
     method``, with our model classes registered over SGLang's."""
     from sglang.benchmark import one_batch
     from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
     from sglang.srt.models.registry import ModelRegistry, import_model_classes
+    from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import PortArgs, ServerArgs
 
-    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings
+    from lightkv_adapters.sglang import plugin
+    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE
 
+    plugin.register()
+    HookRegistry.apply_hooks()
     ModelRegistry.models.update(import_model_classes("lightkv_adapters.sglang.models"))
     _load_llava_vision_towers_at(getattr(torch, DTYPE))
     server_args = ServerArgs(
@@ -121,7 +153,7 @@ def _load(model_dir: str, method: str):
         max_total_tokens=4096,
         load_format="safetensors",
     )
-    setattr(server_args, SETTINGS_ATTRIBUTE, KVCompressSettings(method=method))
+    setattr(server_args, SETTINGS_ATTRIBUTE, plugin.kv_compress_settings(method, kv_compress_pool_ratios=pools))
     server_args.resolve_once()
     port_args = PortArgs.init_new(server_args)
     ranks = one_batch.SpawnRanks(world_rank=one_batch.spawn_world_rank(server_args, tp_rank=0, pp_rank=0), gpu_id=0)

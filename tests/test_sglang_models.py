@@ -170,15 +170,34 @@ def _transformers(model, inputs: dict, method: str):
     return out.sequences[:, inputs["input_ids"].shape[1] :], out.logits
 
 
-@pytest.mark.parametrize("method", ["none", "lightkv", "fastv"])
-def test_sglang_matches_transformers(saved, method):
+@pytest.mark.parametrize(
+    ("method", "pools"), [("none", "auto"), ("lightkv", "auto"), ("fastv", "auto"), ("lightkv", "off")]
+)
+def test_sglang_matches_transformers(saved, method, pools):
+    """Layer-group pools (``auto``, the default) and the single pool (``off``, compute only) both give the
+    Transformers adapter's tokens, so they give the same tokens as each other."""
     model, directory, inputs, requests = saved
     expected_tokens, expected_logits = _transformers(model, inputs, method)
-    run = run_in_child(directory, method, requests, STEPS)
+    run = run_in_child(directory, method, requests, STEPS, pools)
     assert torch.equal(run.tokens, expected_tokens)
     for step, (got, want) in enumerate(zip(run.logits, expected_logits, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     if method == "none":
         assert run.dropped == [0, 0, 0]
-    else:  # both image requests lost vision tokens in the last group; the text-only one kept all
-        assert run.dropped[0] > 0 and run.dropped[1] > 0 and run.dropped[2] == 0
+        return
+    # both image requests lost vision tokens in the last group; the text-only one kept all
+    assert run.dropped[0] > 0 and run.dropped[1] > 0 and run.dropped[2] == 0
+    if pools == "off":
+        assert run.pool_sizes == []
+        return
+    # one pool per layer group, later ones smaller; each request holds its survivors plus its decoded tokens in
+    # every later group (the text-only one all its tokens), and releasing them frees every slot
+    sizes = run.pool_sizes
+    assert len(sizes) >= 2 and all(later < earlier for earlier, later in zip(sizes, sizes[1:], strict=False))
+    prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()  # every image token, as SGLang pads them
+    last = [held[-1] for held in run.held]
+    assert last == [n - d + STEPS - 1 for n, d in zip(prompt_lengths, run.dropped, strict=True)]
+    assert run.held[2] == [run.held[2][0]] * len(run.held[2])
+    assert all(list(held) == sorted(held, reverse=True) for held in run.held)
+    assert run.free_after_release == sizes[1:]
+    assert run.leaks == []

@@ -56,7 +56,15 @@ MODELS_PACKAGE_ENV = "SGLANG_EXTERNAL_MODEL_PACKAGE"
 #: The module defining SGLang's ``ModelRegistry``.
 REGISTRY_MODULE = "sglang.srt.models.registry"
 #: Keyword arguments (``Engine``) and ``argparse`` destinations of the ``--kv-compress*`` flags.
-KV_COMPRESS_KWARGS = ("kv_compress", "kv_compress_layers", "kv_compress_windows", "kv_compress_ratios")
+KV_COMPRESS_KWARGS = (
+    "kv_compress",
+    "kv_compress_layers",
+    "kv_compress_windows",
+    "kv_compress_ratios",
+    "kv_compress_pool_ratios",
+)
+#: Words ``--kv-compress-pool-ratios`` takes besides a list of ratios.
+POOL_RATIO_WORDS = ("auto", "off")
 #: Attention backends that run a prefill whose vision tokens shrink between layers.
 ATTENTION_BACKENDS = ("triton", "torch_native")
 
@@ -72,6 +80,8 @@ def register() -> None:
     _registered = True
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.AFTER)
+    for target, hook, kind in POOL_HOOKS:
+        HookRegistry.register(target, hook, kind)
     route_models()
 
 
@@ -150,6 +160,22 @@ def add_kv_compress_args(parser: argparse.ArgumentParser) -> None:
         help="LightKV: comma-separated fraction of each window's tokens merged per stage, e.g. 0.5,0.5,0.5; "
         "FastV: the one fraction of vision tokens dropped, e.g. 0.5. Default: the released values.",
     )
+    group.add_argument(
+        "--kv-compress-pool-ratios",
+        type=_pool_ratios_arg,
+        default=None,
+        help="Each layer group between two compressed layers gets its own KV pool, so compression frees memory: "
+        "comma-separated slots of each group after the first per slot of the first, e.g. 0.52,0.28,0.16; "
+        "'auto' (default): derived from the schedule for vision-dominated prompts; 'off': one pool for all "
+        "layers (compression then saves compute, not memory).",
+    )
+
+
+def _pool_ratios_arg(text: str) -> str | tuple:
+    """``argparse`` type of ``--kv-compress-pool-ratios``: ``auto``, ``off`` or a list of ratios."""
+    if text.strip().lower() in POOL_RATIO_WORDS:
+        return text.strip().lower()
+    return _cli_list(float, "--kv-compress-pool-ratios")(text)
 
 
 def _cli_list(kind: type, flag: str) -> Callable[[str], tuple]:
@@ -184,9 +210,11 @@ def kv_compress_settings(
     kv_compress_layers: str | Iterable[int] | int | None = None,
     kv_compress_windows: str | Iterable[int] | int | None = None,
     kv_compress_ratios: str | Iterable[float] | float | None = None,
+    kv_compress_pool_ratios: str | Iterable[float] | float | None = None,
 ) -> KVCompressSettings:
     """The settings the ``--kv-compress*`` flags (or ``Engine`` keyword arguments of the same names) ask for.
-    Lists are comma-separated strings, sequences or single numbers.
+    Lists are comma-separated strings, sequences or single numbers; ``kv_compress_pool_ratios`` also takes
+    ``"auto"`` (the default) or ``"off"``.
 
     Raises:
         ValueError naming the flag whose value is wrong.
@@ -196,6 +224,10 @@ def kv_compress_settings(
         _as_tuple(kv_compress_layers, int, "--kv-compress-layers"),
         _as_tuple(kv_compress_windows, int, "--kv-compress-windows"),
         _as_tuple(kv_compress_ratios, float, "--kv-compress-ratios"),
+        grouped_pools=not (isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() == "off"),
+        pool_ratios=None
+        if isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() in POOL_RATIO_WORDS
+        else _as_tuple(kv_compress_pool_ratios, float, "--kv-compress-pool-ratios"),
     )
 
 
@@ -408,3 +440,90 @@ def _compression_requested() -> bool:
         return settings_of(get_server_args()).enabled
     except ValueError:
         return False
+
+
+# --- layer-group pools -----------------------------------------------------------------------------------------
+
+
+def _pools_hook(model_runner: object, *args: object, **kwargs: object) -> None:
+    """Before ``ModelRunner._init_post_memory_pool_components``: replace the single KV pool the runner just
+    allocated by layer-group pools of the same memory (under ``--kv-compress`` with grouped pools)."""
+    settings = settings_of(model_runner.server_args)
+    if settings.enabled and settings.grouped_pools:
+        from lightkv_adapters.sglang.pools import install_pools
+
+        install_pools(model_runner, settings.pool_ratios)
+
+
+def _prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> None:
+    """Before ``ScheduleBatch.prepare_for_extend``: tell the layer-group pools which requests the rows it is
+    about to allocate belong to (their plans size each group's slots)."""
+    from lightkv_adapters.sglang.pools import LayerGroupCache
+
+    cache = getattr(batch.req_to_token_pool, "_aux_cache", None)
+    if isinstance(cache, LayerGroupCache):
+        cache.expect(batch.reqs)
+
+
+def _admission_hook(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
+    """Around ``PrefillAdder.add_one_req``: with layer-group pools a request is admitted only if every group has
+    room for its planned prompt tokens and its decode budget, beyond the decode budget of the running requests
+    and what this pass already admitted. A request that could never fit one group is aborted with the reason."""
+    from lightkv_adapters.sglang.pools import admits, group_demand
+
+    groups = getattr(adder.token_to_kv_pool_allocator, "groups", None)
+    if groups is None:
+        return original(adder, req, *args, **kwargs)
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, AddReqResult
+
+    reserved = getattr(adder, "_lightkv_reserved", None)
+    if reserved is None:
+        running = adder.running_batch.reqs if adder.running_batch is not None else []
+        decode = int(sum(adder._get_running_request_total_token_offset(r) for r in running))
+        reserved = adder._lightkv_reserved = [decode] * len(groups.allocators)
+    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    demand = group_demand(groups, req, max_new)
+    sizes = [allocator.size for allocator in groups.allocators]
+    too_big = [g + 1 for g, (need, size) in enumerate(zip(demand, sizes, strict=True)) if need > size]
+    if too_big and req.finished_reason is None:
+        req.set_finish_with_abort(
+            f"lightkv: the request needs {demand} KV slots in layer groups 1.. but groups {too_big} hold only "
+            f"{sizes}; raise --kv-compress-pool-ratios for them"
+        )
+        demand = group_demand(groups, req, 0)
+    if not admits(groups, demand, reserved):
+        return AddReqResult.NO_TOKEN
+    admitted = len(adder.can_run_list)
+    result = original(adder, req, *args, **kwargs)
+    if len(adder.can_run_list) > admitted:
+        reserved[:] = [held + need for held, need in zip(reserved, demand, strict=True)]
+    return result
+
+
+def _pool_check_hook(result: tuple, checker: object, *args: object, **kwargs: object) -> tuple:
+    """After ``SchedulerInvariantChecker._check_all_pools``: the layer-group pools' own conservation check
+    (every slot free or held by exactly one row) joins the scheduler's leak report."""
+    cache = getattr(checker.req_to_token_pool, "_aux_cache", None)
+    leaks = getattr(cache, "leaks", None)
+    if leaks is None:
+        return result
+    problems = leaks()
+    has_leak, messages = result
+    return has_leak or bool(problems), [*messages, *problems]
+
+
+#: ``(target, hook, kind)`` of the layer-group pools; each hook does nothing unless the pools are installed.
+POOL_HOOKS = (
+    (
+        "sglang.srt.model_executor.model_runner.ModelRunner._init_post_memory_pool_components",
+        _pools_hook,
+        HookType.BEFORE,
+    ),
+    ("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", _prefill_requests_hook, HookType.BEFORE),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _admission_hook, HookType.AROUND),
+    (
+        "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools",
+        _pool_check_hook,
+        HookType.AFTER,
+    ),
+)

@@ -35,12 +35,19 @@ class KVCompressSettings:
         windows: LightKV windows per image side, one per layer; ``None`` takes the preset's.
         ratios: fraction of each window's tokens merged per stage (LightKV), or the one fraction of vision
             tokens dropped (FastV); ``None`` takes the released values.
+        grouped_pools: give each layer group between two reduce layers its own, smaller KV pool
+            (:mod:`lightkv_adapters.sglang.pools`), so compression frees memory; ``False`` keeps SGLang's single
+            pool (compression then saves compute only).
+        pool_ratios: slots of each layer group after the first per slot of group 0; ``None`` derives them from
+            the schedule for vision-dominated prompts (:func:`lightkv_adapters.sglang.pools.default_pool_ratios`).
     """
 
     method: str = "none"
     layers: tuple[int, ...] | None = None
     windows: tuple[int, ...] | None = None
     ratios: tuple[float, ...] | None = None
+    grouped_pools: bool = True
+    pool_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in KV_COMPRESS_METHODS:
@@ -50,6 +57,12 @@ class KVCompressSettings:
             for name, value in (("layers", self.layers), ("windows", self.windows), ("ratios", self.ratios))
             if value is not None
         }
+        if self.pool_ratios is not None:
+            given["pool-ratios"] = self.pool_ratios
+            if not self.grouped_pools:
+                raise ValueError("--kv-compress-pool-ratios gives either ratios or 'off', not both")
+            if any(not 0.0 < ratio <= 1.0 for ratio in self.pool_ratios):
+                raise ValueError(f"--kv-compress-pool-ratios must lie in (0, 1], got {self.pool_ratios}")
         if self.method == "none" and given:
             raise ValueError(f"--kv-compress-{'/'.join(given)} need --kv-compress lightkv or fastv")
         if self.method == "fastv":
@@ -58,8 +71,9 @@ class KVCompressSettings:
             for name in ("layers", "ratios"):
                 if name in given and len(given[name]) != 1:
                     raise ValueError(f"FastV prunes once: --kv-compress-{name} takes one value, got {given[name]}")
-        if self.method == "lightkv" and len(given) > 1:
-            lengths = {name: len(value) for name, value in given.items()}
+        stage_lists = {name: value for name, value in given.items() if name != "pool-ratios"}
+        if self.method == "lightkv" and len(stage_lists) > 1:
+            lengths = {name: len(value) for name, value in stage_lists.items()}
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"--kv-compress-layers/-windows/-ratios need one value per stage, got {lengths}")
 

@@ -58,7 +58,13 @@ class _LastGroupLogits(nn.Module):
         return self.inner(input_ids, hidden_states, lm_head, forward_batch, *args, **kwargs)
 
 
-def install(owner: nn.Module, text_attribute: str, logits_owner: nn.Module, preset: str) -> LayerGroups | None:
+def install(
+    owner: nn.Module,
+    text_attribute: str,
+    logits_owner: nn.Module,
+    preset: str,
+    spans_of: Callable[[object, int], list],
+) -> LayerGroups | None:
     """Install the server's method on ``owner.<text_attribute>`` (SGLang's ``Qwen2Model``/``LlamaModel``).
 
     Args:
@@ -66,6 +72,8 @@ def install(owner: nn.Module, text_attribute: str, logits_owner: nn.Module, pres
         text_attribute: the text model's attribute name on ``owner``.
         logits_owner: the module whose ``logits_processor`` turns the text model's output into logits.
         preset: the family's released schedule (a key of :data:`lightkv_core.config.PRESETS`).
+        spans_of: ``spans_of(mm_inputs, seq_len)`` lists one request's vision spans (prompt token indices) from its
+            SGLang multimodal inputs.
 
     Returns:
         The text model's :class:`LayerGroups`, or ``None`` under ``--kv-compress none`` (the model is stock).
@@ -76,24 +84,19 @@ def install(owner: nn.Module, text_attribute: str, logits_owner: nn.Module, pres
         return None
     stock = type(text_model)
     text_model.__class__ = type(f"LightKV{stock.__name__}", (_GroupedTextModel, stock), {})
-    groups = LayerGroups(text_model, method)
+    groups = LayerGroups(text_model, method, spans_of)
     text_model.lightkv_groups = groups
     logits_owner.logits_processor = _LastGroupLogits(logits_owner.logits_processor, groups)
     return groups
 
 
-def capture_spans(
-    groups: LayerGroups | None, forward_batch: object, spans_of: Callable[[object, int], list]
-) -> None:
-    """Record each request's vision spans before SGLang's multimodal embedding clears ``mm_inputs``.
-
-    ``spans_of(mm_inputs, seq_len)`` lists one request's spans (prompt token indices); requests without
-    multimodal inputs get none.
-    """
+def capture_spans(groups: LayerGroups | None, forward_batch: object) -> None:
+    """Record each request's vision spans (``groups.spans_of``) before SGLang's multimodal embedding clears
+    ``mm_inputs``; requests without multimodal inputs get none."""
     if groups is None or not forward_batch.forward_mode.is_extend():
         return
     mm_inputs = forward_batch.mm_inputs or [None] * forward_batch.batch_size
     groups.spans = [
-        [] if inputs is None else spans_of(inputs, int(length))
+        [] if inputs is None else groups.spans_of(inputs, int(length))
         for inputs, length in zip(mm_inputs, forward_batch.extend_seq_lens_cpu, strict=True)
     ]

@@ -22,8 +22,9 @@ the group's table while the group runs (:func:`_use_table`). Logits are taken fr
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
@@ -31,6 +32,10 @@ from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
 from lightkv_core.methods import PrefillReduction
+from lightkv_core.plan import LengthPlan
+
+if TYPE_CHECKING:
+    from lightkv_adapters.sglang.pools import LayerGroupCache
 
 
 class _GroupTable:
@@ -65,9 +70,18 @@ class LayerGroups:
     Args:
         text_model: SGLang's ``Qwen2Model`` / ``LlamaModel`` (``layers``, ``embed_tokens``, ``norm``).
         method: the in-prefill reduction (LightKV or FastV) of this server.
+        spans_of: ``spans_of(mm_inputs, seq_len)``: one request's vision spans (prompt token indices) from its
+            SGLang multimodal inputs.
+
+    With layer-group pools (:attr:`pools` set by :func:`lightkv_adapters.sglang.pools.install_pools`), group
+    ``g``'s table and slots are the pools' own: its survivors write into the slots the request's plan reserved
+    in that group (what the plan over-reserved is given back), and each decoded token into its own slot there.
+    Without them, every group indexes the single pool's slots as described above.
     """
 
-    def __init__(self, text_model: nn.Module, method: PrefillReduction) -> None:
+    def __init__(
+        self, text_model: nn.Module, method: PrefillReduction, spans_of: Callable[[object, int], list]
+    ) -> None:
         num_layers = len(text_model.layers)
         if method.position_mode != "original":
             raise ValueError("SGLang decoding continues at the stock positions: the method must keep original ones")
@@ -76,6 +90,8 @@ class LayerGroups:
                 f"reduce layers {method.reduce_layers} must lie in 0..{num_layers - 2} of a {num_layers}-layer model"
             )
         self.method = method
+        self.spans_of = spans_of
+        self.pools: LayerGroupCache | None = None
         self.reduce_layers = tuple(method.reduce_layers)
         self.spans: list[list] | None = None
         self.final_batch: object | None = None
@@ -100,22 +116,31 @@ class LayerGroups:
 
     # ---- group tables -------------------------------------------------------------------------------
 
+    def plan_request(self, req: object, seq_len: int) -> LengthPlan:
+        """Tokens a request (SGLang's ``Req``) of ``seq_len`` prompt tokens will hold in each layer group."""
+        inputs = req.multimodal_inputs
+        spans = [] if inputs is None else self.spans_of(inputs, seq_len)
+        return self.method.plan_lengths(spans, seq_len)
+
     def _ensure_tables(self, pool: object) -> None:
         table = pool.req_to_token
-        if self._tables and self._tables[0].shape == table.shape and self._tables[0].device == table.device:
+        if self._dropped is not None and self._dropped.shape[1] == table.shape[0]:
             return
         groups = len(self.reduce_layers)
-        self._tables = [torch.zeros_like(table) for _ in range(groups)]
+        self._tables = self.pools.tables if self.pools is not None else [torch.zeros_like(table) for _ in range(groups)]
         self._dropped = torch.zeros(groups, table.shape[0], dtype=torch.int64, device=table.device)
 
     def _reset_rows(self, forward_batch: object, pool: object) -> None:
-        """Every request of an extend batch starts with the stock rows in every group (nothing dropped)."""
+        """Every request of an extend batch starts with the stock rows in every group (nothing dropped); with
+        layer-group pools the rows already hold the slots of the request's plan."""
         self._ensure_tables(pool)
-        width = int(forward_batch.seq_lens.max())
         rows = forward_batch.req_pool_indices
+        self._dropped[:, rows] = 0
+        if self.pools is not None:
+            return
+        width = int(forward_batch.seq_lens.max())
         for table in self._tables:
             table[rows, :width] = pool.req_to_token[rows, :width]
-        self._dropped[:, rows] = 0
 
     def dropped_tokens(self, rows: torch.Tensor) -> list[int]:
         """Prompt tokens each request (by request-pool row) no longer holds after the last reduction."""
@@ -143,7 +168,8 @@ class LayerGroups:
         prefill = None
         if mode.is_extend():
             self._reset_rows(forward_batch, pool)
-            if spans is not None and any(spans):
+            if spans is not None and any(spans) or self.pools is not None:
+                spans = spans if spans is not None else [[] for _ in range(forward_batch.batch_size)]
                 prefill = self._start_prefill(forward_batch, spans, positions)
         elif not mode.is_decode():
             raise NotImplementedError(f"lightkv layer groups do not support forward mode {mode!r}")
@@ -209,6 +235,11 @@ class LayerGroups:
         full = output if residual is None else output + residual
         residual_batch.clear(view)
         q, k, scaling = self._captured.pop(index)
+        if not any(prefill.spans):  # only with layer-group pools: the group's own slots, nothing reduced
+            stock = prefill.stock_index()
+            new_view = self._prefill_view(group, forward_batch, prefill, stock, pool)
+            residual_batch.start(new_view)
+            return full, new_view, prefill.positions[..., stock]
         head_dim = q.shape[-1]
         if scaling != head_dim**-0.5:
             q = q * (scaling * head_dim**0.5)
@@ -229,9 +260,7 @@ class LayerGroups:
         kept = result.kept_padded.to(full.device)
         alive = kept >= 0
         new_lengths = alive.sum(dim=1).tolist()
-        prefill.origin = [
-            origin[(kept[b][alive[b]] - (width - lengths[b]))] for b, origin in enumerate(prefill.origin)
-        ]
+        prefill.origin = [origin[(kept[b][alive[b]] - (width - lengths[b]))] for b, origin in enumerate(prefill.origin)]
         prefill.lengths = new_lengths
         prefill.spans = [_shift(s, -(kept.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
         merged = result.hidden.to(full.dtype)[alive]
@@ -250,8 +279,12 @@ class LayerGroups:
         origin_slots = []
         for b, origin in enumerate(prefill.origin):
             row = int(rows[b])
-            slots = pool.req_to_token[row, origin]
-            table[row, : len(origin)] = slots
+            if self.pools is not None:
+                self.pools.trim(group + 1, row, len(origin))
+                slots = table[row, : len(origin)]
+            else:
+                slots = pool.req_to_token[row, origin]
+                table[row, : len(origin)] = slots
             origin_slots.append(slots)
         self._dropped[group, rows] = forward_batch.seq_lens.to(torch.int64) - lengths.to(torch.int64)
         view = copy.copy(forward_batch)
@@ -276,8 +309,14 @@ class LayerGroups:
 
     def _decode_view(self, group: int, view: object, forward_batch: object) -> object:
         rows = forward_batch.req_pool_indices
-        seq_lens = forward_batch.seq_lens - self._dropped[group, rows].to(forward_batch.seq_lens.dtype)
         table = self._tables[group]
+        if self.pools is not None:
+            held = self.pools.lengths[group, rows.cpu()].to(forward_batch.seq_lens.device)
+            seq_lens = held.to(forward_batch.seq_lens.dtype)
+            new_view = self._carry(view, forward_batch, group, seq_lens)
+            new_view.out_cache_loc = table[rows, held - 1].to(forward_batch.out_cache_loc.dtype)
+            return new_view
+        seq_lens = forward_batch.seq_lens - self._dropped[group, rows].to(forward_batch.seq_lens.dtype)
         table[rows, seq_lens.to(torch.int64) - 1] = forward_batch.out_cache_loc.to(table.dtype)
         return self._carry(view, forward_batch, group, seq_lens)
 

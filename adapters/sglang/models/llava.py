@@ -31,7 +31,7 @@ class _Llava:
     """Mixed into both classes: installs the method on ``language_model.model`` and records spans."""
 
     def _install_lightkv(self) -> None:
-        self.lightkv_groups = install(self.language_model, "model", self.language_model, PRESET)
+        self.lightkv_groups = install(self.language_model, "model", self.language_model, PRESET, self._image_spans)
 
     def _image_spans(self, mm_inputs: object, seq_len: int) -> list[VisionSpan]:
         """One request's vision spans from SGLang's ``image_offsets`` / ``image_pad_len``.
@@ -71,7 +71,7 @@ class _Llava:
         return [_square(start, side), grid_with_row_newlines(rows, cols, start + side * side)]
 
     def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
-        capture_spans(self.lightkv_groups, forward_batch, self._image_spans)
+        capture_spans(self.lightkv_groups, forward_batch)
         return super().forward(input_ids, positions, forward_batch, *args, **kwargs)
 
 

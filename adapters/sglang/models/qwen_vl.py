@@ -59,11 +59,11 @@ class _QwenVL:
     """Mixed into both classes: installs the method on ``self.model`` and records spans per forward."""
 
     def _install_lightkv(self) -> None:
-        self.lightkv_groups = install(self, "model", self, PRESET)
+        merge = self.config.vision_config.spatial_merge_size
+        self.lightkv_groups = install(self, "model", self, PRESET, lambda inputs, n: qwen_vl_spans(inputs, n, merge))
 
     def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
-        merge = self.config.vision_config.spatial_merge_size
-        capture_spans(self.lightkv_groups, forward_batch, lambda inputs, n: qwen_vl_spans(inputs, n, merge))
+        capture_spans(self.lightkv_groups, forward_batch)
         return super().forward(input_ids, positions, forward_batch, *args, **kwargs)
 
 
