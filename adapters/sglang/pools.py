@@ -34,9 +34,9 @@ from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
 from lightkv_core.spans import VisionSpan
 
-#: The prompt default pool ratios are derived from: LLaVA-NeXT's five 24x24 grids and 100 text tokens
-#: (vision-dominated, 2,880 vision tokens).
-DEFAULT_RATIO_IMAGES, DEFAULT_RATIO_GRID, DEFAULT_RATIO_TEXT = 5, 24, 100
+#: The request default pool ratios are derived from: LLaVA-NeXT's five 24x24 grids and 100 text tokens
+#: (vision-dominated, 2,880 vision tokens), and the slots it keeps for its decoded tokens (one per group each).
+DEFAULT_RATIO_IMAGES, DEFAULT_RATIO_GRID, DEFAULT_RATIO_TEXT, DEFAULT_RATIO_DECODE = 5, 24, 100, 128
 
 
 def layer_groups(reduce_layers: Sequence[int], num_layers: int) -> list[list[int]]:
@@ -46,8 +46,9 @@ def layer_groups(reduce_layers: Sequence[int], num_layers: int) -> list[list[int
 
 
 def default_pool_ratios(method: PrefillReduction) -> tuple[float, ...]:
-    """Tokens of group ``g >= 1`` per token of group 0 for a vision-dominated prompt (LLaVA-NeXT-like: five
-    24x24 images and 100 text tokens), from the method's plan (its upper bound where the plan is inexact)."""
+    """Slots of group ``g >= 1`` per slot of group 0 that a vision-dominated request holds: LLaVA-NeXT-like (five
+    24x24 images and 100 text tokens) from the method's plan (its upper bound where the plan is inexact), plus 128
+    decoded tokens, which take a slot in every group (so the later groups' share is more than the prompt's)."""
     grid = DEFAULT_RATIO_GRID * DEFAULT_RATIO_GRID
     spans = [
         VisionSpan(i * grid, (i + 1) * grid, DEFAULT_RATIO_GRID, DEFAULT_RATIO_GRID)
@@ -55,7 +56,8 @@ def default_pool_ratios(method: PrefillReduction) -> tuple[float, ...]:
     ]
     seq_len = DEFAULT_RATIO_IMAGES * grid + DEFAULT_RATIO_TEXT
     plan = method.plan_lengths(spans, seq_len)
-    return tuple(length / seq_len for length in plan.lengths[1:])
+    held = [length + DEFAULT_RATIO_DECODE for length in plan.lengths]
+    return tuple(length / held[0] for length in held[1:])
 
 
 def check_pool_ratios(ratios: Sequence[float], groups: int) -> None:
