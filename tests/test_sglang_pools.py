@@ -643,16 +643,26 @@ def test_admission_without_pools_is_sglang_alone() -> None:
 
 
 def test_admission_aborts_a_request_no_group_can_ever_hold() -> None:
-    """A decode budget past a group's whole pool can never be served: the request is aborted with a message
-    naming the flag that fixes it, and admitted with no decode budget (SGLang then finishes it)."""
+    """A prompt past a group's whole pool can never be served: the request is aborted with a message naming the
+    flag that fixes it and not admitted in this pass (SGLang's abort stub is admitted at the next one)."""
+    _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
+    adder = FakeAdder(allocator)
+    req = HookReq.of(1200, 0)  # prompt demand: 601 exceeds 500, 301 exceeds 250
+    assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    (message,) = req.abort_messages
+    assert "[601, 301]" in message and "groups [1, 2]" in message and "[500, 250]" in message
+    assert "--kv-compress-pool-ratios" in message
+    assert adder._lightkv_reserved == [0, 0]
+
+
+def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
+    """A prompt that fits with a decode budget past a group's whole pool is admitted, its demand clipped."""
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(200, 300)  # demand: 100 + 301 fits 500, 50 + 301 exceeds 250
     assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
-    (message,) = req.abort_messages
-    assert "[401, 351]" in message and "groups [2]" in message and "[500, 250]" in message
-    assert "--kv-compress-pool-ratios" in message
-    assert adder._lightkv_reserved == [101, 51]
+    assert req.abort_messages == []
+    assert adder._lightkv_reserved == [401, 250]
 
 
 def test_pool_check_hook_reports_the_groups_leaks() -> None:

@@ -468,7 +468,8 @@ def _prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> No
 def _admission_hook(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
     """Around ``PrefillAdder.add_one_req``: with layer-group pools a request is admitted only if every group has
     room for its planned prompt tokens and its decode budget, beyond the decode budget of the running requests
-    and what this pass already admitted. A request that could never fit one group is aborted with the reason."""
+    and what this pass already admitted (a decode budget past a group's whole pool counts as that pool). A request
+    whose prompt could never fit one group is aborted with the reason."""
     from lightkv_adapters.sglang.pools import admits, group_demand
 
     groups = getattr(adder.token_to_kv_pool_allocator, "groups", None)
@@ -481,16 +482,23 @@ def _admission_hook(original: Callable, adder: object, req: object, *args: objec
         running = adder.running_batch.reqs if adder.running_batch is not None else []
         decode = int(sum(adder._get_running_request_total_token_offset(r) for r in running))
         reserved = adder._lightkv_reserved = [decode] * len(groups.allocators)
-    max_new = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
-    demand = group_demand(groups, req, max_new)
+    aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
+    max_new = (
+        0 if aborting else min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    )
+    prompt = group_demand(groups, req, 0)
     sizes = [allocator.size for allocator in groups.allocators]
-    too_big = [g + 1 for g, (need, size) in enumerate(zip(demand, sizes, strict=True)) if need > size]
-    if too_big and req.finished_reason is None:
+    too_big = [g + 1 for g, (need, size) in enumerate(zip(prompt, sizes, strict=True)) if need > size]
+    if too_big and not aborting:
+        # SGLang's own aborts replace the prompt by a stub at the next pass, which this hook then admits.
         req.set_finish_with_abort(
-            f"lightkv: the request needs {demand} KV slots in layer groups 1.. but groups {too_big} hold only "
+            f"lightkv: the prompt needs {prompt} KV slots in layer groups 1.. but groups {too_big} hold only "
             f"{sizes}; raise --kv-compress-pool-ratios for them"
         )
-        demand = group_demand(groups, req, 0)
+        return AddReqResult.CONTINUE
+    # A decode budget past a group's whole pool is clipped to it, as SGLang clips generation to the empty pool;
+    # decoding past the free slots then retracts (the decode-capacity check asks every group).
+    demand = [min(need, size) for need, size in zip(group_demand(groups, req, max_new), sizes, strict=True)]
     if not admits(groups, demand, reserved):
         return AddReqResult.NO_TOKEN
     admitted = len(adder.can_run_list)
