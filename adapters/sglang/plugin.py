@@ -498,7 +498,7 @@ def _admission_hook(original: Callable, adder: object, req: object, *args: objec
         return AddReqResult.CONTINUE
     # A decode budget past a group's whole pool is clipped to it, as SGLang clips generation to the empty pool;
     # decoding past the free slots then retracts (the decode-capacity check asks every group).
-    demand = [min(need, size) for need, size in zip(group_demand(groups, req, max_new), sizes, strict=True)]
+    demand = [min(need + max_new, size) for need, size in zip(prompt, sizes, strict=True)]
     if not admits(groups, demand, reserved):
         return AddReqResult.NO_TOKEN
     admitted = len(adder.can_run_list)
