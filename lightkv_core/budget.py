@@ -48,6 +48,33 @@ class KVFootprint:
         return self.bytes_per_token_layer * sum(per_layer_tokens)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The 7B-class member of a model family, as the accounting and the kernel shapes need it (its depth is
+    ``config.PRESET_DEPTHS``).
+
+    Attributes:
+        kv: the KV footprint per token per layer.
+        heads: query heads (``heads % kv.kv_heads == 0``).
+        hidden_size: width of the hidden states.
+        grid: ``(rows, cols)`` vision tokens of one image.
+        images: images in a typical prompt (LLaVA-NeXT's any-resolution crops count as images).
+    """
+
+    kv: KVFootprint
+    heads: int
+    hidden_size: int
+    grid: tuple[int, int]
+    images: int
+
+
+MODEL_SHAPES = {
+    "llava-1.5": ModelShape(KVFootprint(32, 128, 2), 32, 4096, (24, 24), 1),
+    "llava-next": ModelShape(KVFootprint(32, 128, 2), 32, 4096, (24, 24), 5),
+    "qwen2.5-vl": ModelShape(KVFootprint(4, 128, 2), 28, 3584, (36, 36), 1),
+}
+
+
 def vision_retention(per_layer_vision: Sequence[int], original_vision: int) -> float:
     """Vision tokens held in the KV, summed over layers, over ``original_vision x layers``."""
     if original_vision <= 0 or not per_layer_vision:

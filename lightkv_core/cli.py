@@ -5,30 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-from lightkv_core.budget import EFFECTS, KVFootprint, human_bytes, layer_kv_lengths, vision_retention
+from lightkv_core import autotune
+from lightkv_core.budget import EFFECTS, MODEL_SHAPES, human_bytes, layer_kv_lengths, vision_retention
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.stage import lightkv_stage
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the accounting needs to know about a model family (7B-class members); its depth is
-    ``PRESET_DEPTHS``."""
-
-    kv: KVFootprint
-    grid: tuple[int, int]
-    images: int
-
-
-MODEL_SHAPES = {
-    "llava-1.5": ModelShape(KVFootprint(32, 128, 2), (24, 24), 1),
-    "llava-next": ModelShape(KVFootprint(32, 128, 2), (24, 24), 5),
-    "qwen2.5-vl": ModelShape(KVFootprint(4, 128, 2), (36, 36), 1),
-}
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -155,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("presets", help="list the released schedules")
     pre.set_defaults(func=presets)
+
+    tune = commands.add_parser(
+        "autotune", help="tune the Triton kernels' launch configs on this GPU (per-device cache read at launch)"
+    )
+    autotune.add_arguments(tune)
+    tune.set_defaults(func=autotune.run)
 
     # The reference adapter ships in the same distribution; it is imported only when these commands run.
     from lightkv_adapters.reference import calibrate, demo, quality

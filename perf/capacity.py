@@ -70,7 +70,7 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
     layer_groups,
     pool_sizes,
 )
-from lightkv_core.cli import MODEL_SHAPES  # noqa: E402
+from lightkv_core.budget import MODEL_SHAPES  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig, parse_values  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402

@@ -6,8 +6,9 @@ A row with no sources is copied bit for bit; a row ``b`` with sources ``M(b)`` b
 
     x'_b = (w_b x_b + sum_{a in M(b)} w_a x_a) / max(w_b + sum_{a in M(b)} w_a, 1e-8)
 
-accumulated in float32 and cast back to ``x``'s dtype. The Triton kernel runs one program per
-(output row, feature block); the fallback holds float32 copies of the merged rows only.
+accumulated in float32 and cast back to ``x``'s dtype. The Triton kernel runs one program per (output
+row, block of ``BLOCK_D`` features; tile sizes from :mod:`lightkv_core.kernels.tuning`); the fallback holds
+float32 copies of the merged rows only.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from lightkv_core.kernels._backend import (
     check_rows,
     check_same_device,
     choose_backend,
-    next_power_of_2,
 )
+from lightkv_core.kernels.tuning import dtype_name, launch_config
 
 EPS = 1e-8
 
@@ -115,11 +116,24 @@ def merge_compact(
     _check(x, weights, out_rows, src_offsets, src_rows)
     if choose_backend(backend, x.device, "merge_compact") == "torch":
         return _merge_torch(x, weights, out_rows, src_offsets, src_rows)
+    return _merge_triton(x, weights, out_rows, src_offsets, src_rows)
+
+
+def _merge_triton(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    out_rows: torch.Tensor,
+    src_offsets: torch.Tensor,
+    src_rows: torch.Tensor,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Launch with ``config``, by default the tuned or default one."""
     out = torch.empty(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
     if out_rows.numel() == 0:
         return out
-    block_d = min(1024, max(16, next_power_of_2(x.shape[1])))
-    _merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], block_d))](
+    if config is None:
+        config = launch_config("merge_compact", x.device, D=x.shape[1], dtype=dtype_name(x.dtype))
+    _merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], config["BLOCK_D"]))](
         x,
         weights.contiguous(),
         out_rows.long().contiguous(),
@@ -131,7 +145,7 @@ def merge_compact(
         x.stride(1),
         out.stride(0),
         out.stride(1),
-        BLOCK_D=block_d,
+        **config,
     )
     return out
 

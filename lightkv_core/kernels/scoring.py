@@ -6,9 +6,13 @@ positions ``i`` of the sample, with no causal mask, and every row then sums its 
     Z[h, t] = logsumexp_i( s * q[h, i] . k[g(h), t] )
     a[i]    = sum_h sum_t exp( s * q[h, i] . k[g(h), t] - Z[h, t] )
 
-The Triton kernel streams in two passes (column log-sum-exp, then row sums) and never materialises
-the ``S x S`` (or even ``S x T``) matrix: beyond its inputs it holds ``Z`` of ``B * H * T`` floats.
-The fallback does the same two passes in query chunks, holding ``H x chunk x T`` floats at a time.
+The Triton kernels stream in two passes and never materialise the ``S x S`` (or even ``S x T``) matrix.
+Pass 1 splits the queries into chunks of ``SPLIT_S`` and writes one partial log-sum-exp per chunk
+(``B * H * ceil(S / SPLIT_S) * T`` floats), so a short prompt with few heads still fills the GPU; pass 2
+combines the partials into ``Z`` and sums the rows, each program taking ``HEADS_PER_PROGRAM`` heads and
+writing its partial row sums (``B * ceil(H / HEADS_PER_PROGRAM) * S`` floats), added up afterwards. Tile sizes
+come from :mod:`lightkv_core.kernels.tuning` (``lightkv autotune``). The fallback does the same two passes in
+query chunks, holding ``H x chunk x T`` floats at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightkv_core.kernels._backend import (
     dot_mode,
     next_power_of_2,
 )
+from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
 if TRITON_AVAILABLE:
     import triton
@@ -65,6 +70,7 @@ if TRITON_AVAILABLE:
         GROUP,
         HEAD_DIM,
         T,
+        NUM_SPLITS,
         scale,
         sqb,
         sqh,
@@ -76,12 +82,15 @@ if TRITON_AVAILABLE:
         skd,
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        SPLIT_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_MODE: tl.constexpr,
     ):
-        """Pass 1: Z[b, h, t] for one (sample, head) and one tile of guide tokens."""
+        """Pass 1: the log-sum-exp of one chunk of ``SPLIT_S`` queries, for one (sample, head) and one tile of
+        guide tokens (``-inf`` where the chunk holds no real query)."""
         pid_bh = tl.program_id(0)
         pid_t = tl.program_id(1)
+        split = tl.program_id(2)
         b = pid_bh // H
         h = pid_bh % H
         kv_head = h // GROUP
@@ -95,9 +104,10 @@ if TRITON_AVAILABLE:
         )
         running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_T], tl.float32)
-        for s_start in range(0, S, BLOCK_S):
+        s_stop = tl.minimum(S, (split + 1) * SPLIT_S)
+        for s_start in range(split * SPLIT_S, s_stop, BLOCK_S):
             s_offs = s_start + tl.arange(0, BLOCK_S)
-            s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < S, other=0) != 0
+            s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < s_stop, other=0) != 0
             q_tile = _load_query_tile(q_ptr + b * sqb + h * sqh, s_offs, s_valid, d_offs, d_valid, sqs, sqd)
             logits = dot_f32(q_tile, k_tile, DOT_MODE)
             logits = tl.where(s_valid[:, None], logits * scale, float("-inf"))
@@ -108,7 +118,20 @@ if TRITON_AVAILABLE:
             )
             running_max = new_max
         lse = running_max + tl.log(running_sum)
-        tl.store(lse_ptr + (b * H + h) * T + t_offs, lse, mask=t_valid)
+        tl.store(lse_ptr + ((b * H + h) * NUM_SPLITS + split) * T + t_offs, lse, mask=t_valid)
+
+    @triton.jit
+    def _combined_lse(lse_head_ptr, t_offs, t_valid, T, NUM_SPLITS):
+        """``Z`` of one head for a tile of guide tokens from its ``NUM_SPLITS`` partials (``+inf`` where unused)."""
+        top = tl.full(t_offs.shape, float("-inf"), tl.float32)
+        for split in range(0, NUM_SPLITS):
+            top = tl.maximum(top, tl.load(lse_head_ptr + split * T + t_offs, mask=t_valid, other=float("-inf")))
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros(t_offs.shape, tl.float32)
+        for split in range(0, NUM_SPLITS):
+            part = tl.load(lse_head_ptr + split * T + t_offs, mask=t_valid, other=float("-inf"))
+            total += tl.exp(part - safe_top)
+        return tl.where(t_valid, safe_top + tl.log(total), float("inf"))
 
     @triton.jit
     def _row_sum_kernel(
@@ -124,6 +147,7 @@ if TRITON_AVAILABLE:
         GROUP,
         HEAD_DIM,
         T,
+        NUM_SPLITS,
         scale,
         sqb,
         sqh,
@@ -135,19 +159,22 @@ if TRITON_AVAILABLE:
         skd,
         BLOCK_S: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        HEADS_PER_PROGRAM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_MODE: tl.constexpr,
     ):
-        """Pass 2: a[b, i] for one tile of query rows, summed over heads and guide tokens."""
+        """Pass 2: the part of a[b, i] from ``HEADS_PER_PROGRAM`` heads, for one tile of query rows, summed over
+        those heads and all guide tokens."""
         b = tl.program_id(0)
         pid_s = tl.program_id(1)
+        head_block = tl.program_id(2)
         count = tl.load(count_ptr + b)
         s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         s_valid = tl.load(mask_ptr + b * S + s_offs, mask=s_offs < S, other=0) != 0
         d_offs = tl.arange(0, BLOCK_D)
         d_valid = d_offs < HEAD_DIM
         total = tl.zeros([BLOCK_S], tl.float32)
-        for h in range(0, H):
+        for h in range(head_block * HEADS_PER_PROGRAM, tl.minimum(H, (head_block + 1) * HEADS_PER_PROGRAM)):
             kv_head = h // GROUP
             q_tile = _load_query_tile(q_ptr + b * sqb + h * sqh, s_offs, s_valid, d_offs, d_valid, sqs, sqd)
             for t_start in range(0, count, BLOCK_T):
@@ -156,11 +183,11 @@ if TRITON_AVAILABLE:
                 k_tile = _load_guide_keys(
                     k_ptr + b * skb + kv_head * skh, guide_ptr + b * T, t_offs, t_valid, d_offs, d_valid, sks, skd
                 )
-                lse = tl.load(lse_ptr + (b * H + h) * T + t_offs, mask=t_valid, other=float("inf"))
+                lse = _combined_lse(lse_ptr + (b * H + h) * NUM_SPLITS * T, t_offs, t_valid, T, NUM_SPLITS)
                 logits = dot_f32(q_tile, k_tile, DOT_MODE)
                 total += tl.sum(tl.exp(logits * scale - lse[None, :]), axis=1)
         total = tl.where(s_valid, total, 0.0)
-        tl.store(out_ptr + b * S + s_offs, total, mask=s_offs < S)
+        tl.store(out_ptr + (b * tl.num_programs(2) + head_block) * S + s_offs, total, mask=s_offs < S)
 
 
 def _check(
@@ -237,31 +264,45 @@ def _scores_triton(
     guide_count: torch.Tensor,
     query_mask: torch.Tensor,
     scale: float,
+    configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
+    """Launch both passes with ``configs`` (pass 1, pass 2), by default the tuned or default ones."""
     batch, heads, seq, head_dim = q.shape
     width = max(1, guide_index.shape[1])
+    if configs is None:
+        dims = {"S": bucket(seq), "T": bucket(width), "H": heads, "d": head_dim, "dtype": dtype_name(q.dtype)}
+        configs = (
+            launch_config("scoring.column_lse", q.device, **dims),
+            launch_config("scoring.row_sum", q.device, **dims),
+        )
+    lse_config, sum_config = (dict(config) for config in configs)
     guides = torch.zeros(batch, width, dtype=torch.int32, device=q.device)
     guides[:, : guide_index.shape[1]] = guide_index.to(torch.int32)
     counts = guide_count.to(torch.int32).contiguous()
     mask = query_mask.to(torch.int8).contiguous()
-    lse = torch.empty(batch, heads, width, dtype=torch.float32, device=q.device)
-    out = torch.empty(batch, seq, dtype=torch.float32, device=q.device)
-    block_d = max(16, next_power_of_2(head_dim))
-    block_s, block_t = 64, 32
+    num_splits = triton.cdiv(seq, lse_config["SPLIT_S"])
+    head_blocks = triton.cdiv(heads, sum_config["HEADS_PER_PROGRAM"])
+    lse = torch.empty(batch, heads, num_splits, width, dtype=torch.float32, device=q.device)
+    parts = torch.empty(batch, head_blocks, seq, dtype=torch.float32, device=q.device)
     common = (
         seq,
         heads,
         heads // k.shape[1],
         head_dim,
         width,
+        num_splits,
         scale,
         *q.stride(),
         *k.stride(),
     )
-    meta = dict(BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype))
-    _column_lse_kernel[(batch * heads, triton.cdiv(width, block_t))](q, k, guides, counts, mask, lse, *common, **meta)
-    _row_sum_kernel[(batch, triton.cdiv(seq, block_s))](q, k, guides, counts, mask, lse, out, *common, **meta)
-    return out
+    fixed = dict(BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype))
+    _column_lse_kernel[(batch * heads, triton.cdiv(width, lse_config["BLOCK_T"]), num_splits)](
+        q, k, guides, counts, mask, lse, *common, **lse_config, **fixed
+    )
+    _row_sum_kernel[(batch, triton.cdiv(seq, sum_config["BLOCK_S"]), head_blocks)](
+        q, k, guides, counts, mask, lse, parts, *common, **sum_config, **fixed
+    )
+    return parts[:, 0] if head_blocks == 1 else parts.sum(dim=1)
 
 
 def _scores_torch(

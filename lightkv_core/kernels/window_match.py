@@ -8,7 +8,8 @@ window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B toke
 
 ``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
 ``sim[a]`` the maximum. The Triton kernel runs one program per (window, tile of A tokens) and streams
-the window's B tokens in tiles, so it holds ``BLOCK_A x BLOCK_B`` similarities at a time. The
+the window's B tokens in tiles, so it holds ``BLOCK_A x BLOCK_B`` similarities at a time (tile sizes from
+:mod:`lightkv_core.kernels.tuning`). The
 fallback loops over windows and holds at most ``max_chunk_elements`` similarities. It computes the
 cosines in float64 and rounds them to float32: a float32 BLAS matmul gives identical rows results that
 differ by an ulp depending on their position, which would break the lowest-position tie rule.
@@ -27,8 +28,8 @@ from lightkv_core.kernels._backend import (
     check_same_device,
     choose_backend,
     dot_mode,
-    next_power_of_2,
 )
+from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
 EPS = 1e-8
 
@@ -149,17 +150,27 @@ def window_best_match(
 
 
 def _match_triton(
-    x: torch.Tensor, a_rows: torch.Tensor, a_offsets: torch.Tensor, b_rows: torch.Tensor, b_offsets: torch.Tensor
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    a_offsets: torch.Tensor,
+    b_rows: torch.Tensor,
+    b_offsets: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch with ``config``, by default the tuned or default one for the largest window."""
     num_a = a_rows.numel()
     best = torch.empty(num_a, dtype=torch.long, device=x.device)
     sim = torch.empty(num_a, dtype=torch.float32, device=x.device)
     if num_a == 0:
         return best, sim
-    block_a, block_b = 32, 32
-    block_d = min(128, max(16, next_power_of_2(x.shape[1])))
     a_offsets = a_offsets.long()
     counts = a_offsets[1:] - a_offsets[:-1]
+    if config is None:
+        largest = int((b_offsets[1:] - b_offsets[:-1]).max())
+        config = launch_config(
+            "window_match", x.device, window=bucket(largest), D=x.shape[1], dtype=dtype_name(x.dtype)
+        )
+    block_a = config["BLOCK_A"]
     tiles_per_window = (counts + block_a - 1) // block_a
     tile_window = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), tiles_per_window)
     first_tile = torch.cumsum(tiles_per_window, 0) - tiles_per_window
@@ -178,9 +189,7 @@ def _match_triton(
         x.shape[1],
         x.stride(0),
         x.stride(1),
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
-        BLOCK_D=block_d,
+        **config,
         DOT_MODE=dot_mode(x.dtype),
     )
     return best, sim

@@ -1,0 +1,218 @@
+"""Launch configurations of the Triton kernels: defaults, the space ``lightkv autotune`` searches, and the
+per-device cache of tuned configurations the kernels read at launch.
+
+A *config* is a dict of a kernel's tile sizes (its ``tl.constexpr`` block parameters) plus ``num_warps`` and
+``num_stages``. Each kernel has one :class:`TunableKernel` entry in :data:`KERNELS` with its default config and,
+per parameter, the values autotuning may choose. Tuned configs are looked up by a *shape key*: the dimensions
+that decide the best tiling, with token counts rounded up to a power of two, so one tuned entry serves nearby
+shapes (e.g. every prompt of 2,049..4,096 tokens).
+
+The cache is one JSON file per device, ``<cache dir>/<device slug>.json``, where the cache dir is
+``$LIGHTKV_CACHE_DIR`` or ``~/.cache/lightkv``::
+
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
+     "kernels": {"scoring.column_lse": {"S=4096,T=128,H=32,d=128,dtype=float16":
+                                        {"config": {...}, "time_s": ..., "default_time_s": ...}}}}
+
+A shape with no entry launches with the default config. A cache file that cannot be read, or an entry whose
+config is not in the kernel's space, is an error that names the file (rerun ``lightkv autotune`` or delete it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CACHE_FORMAT = 1
+LAUNCH_PARAMS = ("num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class TunableKernel:
+    """One Triton kernel's launch parameters.
+
+    Attributes:
+        name: ``"<module>.<kernel>"``, e.g. ``"scoring.column_lse"``.
+        default: the config used when the cache has no entry for a shape.
+        space: every value autotuning may pick, per parameter (the default's values included).
+        key_dims: the dimensions of the shape key, in order.
+    """
+
+    name: str
+    default: dict[str, int]
+    space: dict[str, tuple[int, ...]]
+    key_dims: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if set(self.default) != set(self.space):
+            raise ValueError(f"{self.name}: default and space must name the same parameters")
+        for param, value in self.default.items():
+            if value not in self.space[param]:
+                raise ValueError(f"{self.name}: default {param}={value} is not in its space {self.space[param]}")
+
+    def candidates(self) -> list[dict[str, int]]:
+        """Every config of the space (the cartesian product of the parameter values)."""
+        params = list(self.space)
+        return [dict(zip(params, values, strict=True)) for values in itertools.product(*self.space.values())]
+
+    def check(self, config: dict, where: str) -> dict[str, int]:
+        """``config`` if it names exactly this kernel's parameters with values from its space; else ValueError."""
+        if not isinstance(config, dict) or set(config) != set(self.space):
+            got = sorted(config) if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{where}: {self.name} config must set {sorted(self.space)}, got {got}")
+        for param, value in config.items():
+            if value not in self.space[param]:
+                raise ValueError(f"{where}: {self.name} {param}={value!r} is not one of {self.space[param]}")
+        return dict(config)
+
+    def key(self, **dims: int | str) -> str:
+        """The shape key, e.g. ``"S=4096,T=128,H=32,d=128,dtype=float16"``."""
+        if set(dims) != set(self.key_dims):
+            raise ValueError(f"{self.name}: shape key needs {self.key_dims}, got {sorted(dims)}")
+        return ",".join(f"{dim}={dims[dim]}" for dim in self.key_dims)
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (at least 16): the token-count dimensions of shape keys."""
+    return max(16, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_WARPS = (4, 8)
+_STAGES = (2, 3)
+
+KERNELS: dict[str, TunableKernel] = {
+    kernel.name: kernel
+    for kernel in (
+        TunableKernel(
+            "scoring.column_lse",
+            default={"BLOCK_S": 64, "BLOCK_T": 32, "SPLIT_S": 512, "num_warps": 4, "num_stages": 2},
+            space={
+                "BLOCK_S": (32, 64, 128),
+                "BLOCK_T": (16, 32, 64, 128),
+                "SPLIT_S": (256, 512, 1024, 2048),
+                "num_warps": _WARPS,
+                "num_stages": _STAGES,
+            },
+            key_dims=("S", "T", "H", "d", "dtype"),
+        ),
+        TunableKernel(
+            "scoring.row_sum",
+            default={"BLOCK_S": 64, "BLOCK_T": 32, "HEADS_PER_PROGRAM": 8, "num_warps": 4, "num_stages": 2},
+            space={
+                "BLOCK_S": (16, 32, 64, 128),
+                "BLOCK_T": (16, 32, 64, 128),
+                "HEADS_PER_PROGRAM": (1, 2, 4, 8, 16),
+                "num_warps": _WARPS,
+                "num_stages": _STAGES,
+            },
+            key_dims=("S", "T", "H", "d", "dtype"),
+        ),
+        TunableKernel(
+            "window_match",
+            default={"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+            space={
+                "BLOCK_A": (16, 32, 64),
+                "BLOCK_B": (16, 32, 64),
+                "BLOCK_D": (32, 64, 128, 256),
+                "num_warps": _WARPS,
+                "num_stages": _STAGES,
+            },
+            key_dims=("window", "D", "dtype"),
+        ),
+        TunableKernel(
+            "merge_compact",
+            default={"BLOCK_D": 1024, "num_warps": 4, "num_stages": 1},
+            space={"BLOCK_D": (128, 256, 512, 1024, 2048), "num_warps": (1, 2, 4, 8), "num_stages": (1,)},
+            key_dims=("D", "dtype"),
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """``$LIGHTKV_CACHE_DIR`` if set, else ``~/.cache/lightkv``."""
+    configured = os.environ.get("LIGHTKV_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lightkv"
+
+
+def device_name(device: torch.device) -> str:
+    """The name a device's configs are stored under: the CUDA device name, or ``"cpu"`` (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def cache_path(name: str) -> Path:
+    """The cache file of the device called ``name``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+    return cache_dir() / f"{slug}.json"
+
+
+_loaded: dict[Path, tuple[int, dict]] = {}
+_REDO = "delete it or rerun lightkv autotune"
+
+
+def read_cache(path: Path) -> dict:
+    """The parsed, checked cache file at ``path`` (``{}`` if there is none); re-read when the file changes."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    cached = _loaded.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"lightkv tuning cache {path} cannot be read ({error}); {_REDO}") from None
+    if not isinstance(content, dict) or content.get("format") != CACHE_FORMAT:
+        raise ValueError(f"lightkv tuning cache {path} is not format {CACHE_FORMAT}; {_REDO}")
+    kernels = content.get("kernels", {})
+    if not isinstance(kernels, dict):
+        raise ValueError(f"lightkv tuning cache {path}: 'kernels' must be an object")
+    for kernel_name, entries in kernels.items():
+        if kernel_name not in KERNELS:
+            raise ValueError(f"lightkv tuning cache {path}: unknown kernel {kernel_name!r} (known: {sorted(KERNELS)})")
+        if not isinstance(entries, dict):
+            raise ValueError(f"lightkv tuning cache {path}: {kernel_name} must map shape keys to entries")
+        for key, entry in entries.items():
+            if not isinstance(entry, dict) or "config" not in entry:
+                raise ValueError(f"lightkv tuning cache {path}: {kernel_name} [{key}] has no config")
+            KERNELS[kernel_name].check(entry["config"], f"lightkv tuning cache {path} [{key}]")
+    _loaded[path] = (stamp, content)
+    return content
+
+
+def launch_config(kernel: str, device: torch.device, **dims: int | str) -> dict[str, int]:
+    """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else the default."""
+    spec = KERNELS[kernel]
+    key = spec.key(**dims)
+    entry = read_cache(cache_path(device_name(device))).get("kernels", {}).get(kernel, {}).get(key)
+    return dict(entry["config"]) if entry else dict(spec.default)
+
+
+def store_configs(name: str, triton_version: str, tuned: dict[str, dict[str, dict]]) -> Path:
+    """Merge ``tuned`` (kernel -> shape key -> entry with a ``config``) into the cache file of device ``name``."""
+    path = cache_path(name)
+    content = read_cache(path) or {"format": CACHE_FORMAT, "device": name, "kernels": {}}
+    content = json.loads(json.dumps(content))  # a private copy to update
+    content["triton"] = triton_version
+    for kernel, entries in tuned.items():
+        for key, entry in entries.items():
+            KERNELS[kernel].check(entry["config"], f"tuned {kernel} [{key}]")
+        content["kernels"].setdefault(kernel, {}).update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    temporary.replace(path)
+    return path

@@ -1,0 +1,219 @@
+"""Launch configs (lightkv_core.kernels.tuning) and `lightkv autotune` (lightkv_core.autotune), on CPU.
+
+The kernels run under the Triton interpreter; what can be checked without a GPU is that every config computes
+the same result, that tuned configs reach the kernels through the cache, and that the command refuses to tune
+without a GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightkv_core import autotune
+from lightkv_core.cli import main
+from lightkv_core.kernels import scoring
+from lightkv_core.kernels.scoring import _scores_torch, _scores_triton
+from lightkv_core.kernels.tuning import KERNELS, bucket, cache_path, launch_config, read_cache, store_configs
+from lightkv_core.plan import plan_lengths
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTKV_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_every_default_lies_in_its_space_and_candidates_start_with_it():
+    for name, spec in KERNELS.items():
+        assert spec.check(spec.default, name) == spec.default
+        configs = spec.candidates()
+        assert spec.default in configs
+        assert len(configs) == math.prod(len(values) for values in spec.space.values())
+
+
+def test_candidates_prune_tiles_larger_than_the_shape_and_cap_the_count():
+    key = KERNELS["scoring.column_lse"].key(S=512, T=32, H=32, d=128, dtype="float16")
+    configs = autotune.candidates("scoring.column_lse", key)
+    assert configs[0] == KERNELS["scoring.column_lse"].default
+    assert all(c["BLOCK_T"] <= 32 and c["SPLIT_S"] <= 512 for c in configs)
+    assert {c["BLOCK_T"] for c in configs} == {16, 32}
+    capped = autotune.candidates("scoring.column_lse", key, max_configs=5)
+    assert len(capped) == 5 and capped[0] == KERNELS["scoring.column_lse"].default
+    assert capped == autotune.candidates("scoring.column_lse", key, max_configs=5)  # seeded
+
+
+def test_bucket_rounds_up_to_a_power_of_two():
+    assert [bucket(n) for n in (1, 16, 17, 576, 2880, 4096)] == [16, 16, 32, 1024, 4096, 4096]
+
+
+@pytest.mark.parametrize(
+    ("split", "heads_per_program", "masked_prefix"),
+    [(256, 1, 0), (256, 4, 0), (512, 16, 0), (256, 4, 300)],
+)
+def test_scoring_with_query_chunks_and_head_blocks_matches_the_fallback(split, heads_per_program, masked_prefix):
+    """Several query chunks (S > SPLIT_S), uneven head blocks, and a chunk with no real query at all."""
+    generator = torch.Generator().manual_seed(split + heads_per_program)
+    heads, seq = 6, 600
+    q = torch.randn(1, heads, seq, 32, generator=generator)
+    k = torch.randn(1, 3, seq, 32, generator=generator)
+    guide_index = torch.arange(seq - 40, seq)[None]
+    guide_count = torch.tensor([40])
+    mask = torch.ones(1, seq, dtype=torch.bool)
+    mask[0, :masked_prefix] = False
+    column = {**KERNELS["scoring.column_lse"].default, "SPLIT_S": split, "BLOCK_S": 64, "BLOCK_T": 16}
+    rows = {**KERNELS["scoring.row_sum"].default, "HEADS_PER_PROGRAM": heads_per_program, "BLOCK_S": 32}
+    got = _scores_triton(q, k, guide_index, guide_count, mask, 0.2, (column, rows))
+    expected = _scores_torch(q, k, guide_index, guide_count, mask, 0.2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert bool((got[0, :masked_prefix] == 0).all())
+
+
+def test_cache_round_trip_and_lookup(cache_dir):
+    spec = KERNELS["merge_compact"]
+    key = spec.key(D=64, dtype="float32")
+    tuned = {**spec.default, "BLOCK_D": 128, "num_warps": 2}
+    path = store_configs("cpu", "test", {"merge_compact": {key: {"config": tuned, "time_s": 1.0}}})
+    assert path == cache_path("cpu") and path.parent == cache_dir
+    assert launch_config("merge_compact", torch.device("cpu"), D=64, dtype="float32") == tuned
+    assert launch_config("merge_compact", torch.device("cpu"), D=128, dtype="float32") == spec.default
+    # a second store keeps the first entry
+    other = spec.key(D=128, dtype="float32")
+    store_configs("cpu", "test", {"merge_compact": {other: {"config": dict(spec.default)}}})
+    assert set(read_cache(path)["kernels"]["merge_compact"]) == {key, other}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot be read"),
+        (json.dumps({"format": 99, "kernels": {}}), "is not format"),
+        (json.dumps({"format": 1, "kernels": {"nope": {}}}), "unknown kernel"),
+        (json.dumps({"format": 1, "kernels": {"merge_compact": {"D=64,dtype=float32": {}}}}), "has no config"),
+        (
+            json.dumps(
+                {
+                    "format": 1,
+                    "kernels": {
+                        "merge_compact": {
+                            "D=64,dtype=float32": {"config": {"BLOCK_D": 100, "num_warps": 4, "num_stages": 1}}
+                        }
+                    },
+                }
+            ),
+            "BLOCK_D=100 is not one of",
+        ),
+    ],
+)
+def test_a_bad_cache_file_is_an_error_naming_it(cache_dir, content, message):
+    cache_path("cpu").write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        launch_config("merge_compact", torch.device("cpu"), D=64, dtype="float32")
+    assert str(cache_path("cpu")) in str(error.value)
+
+
+def test_the_scoring_kernels_launch_with_the_cached_config(cache_dir, monkeypatch):
+    """A tuned SPLIT_S / HEADS_PER_PROGRAM for the shape's key changes the launch grids."""
+    heads, seq, count = 4, 300, 20
+    dims = {"S": bucket(seq), "T": bucket(count), "H": heads, "d": 32, "dtype": "float32"}
+    column = {**KERNELS["scoring.column_lse"].default, "SPLIT_S": 256}
+    rows = {**KERNELS["scoring.row_sum"].default, "HEADS_PER_PROGRAM": 1}
+    store_configs(
+        "cpu",
+        "test",
+        {
+            "scoring.column_lse": {KERNELS["scoring.column_lse"].key(**dims): {"config": column}},
+            "scoring.row_sum": {KERNELS["scoring.row_sum"].key(**dims): {"config": rows}},
+        },
+    )
+    grids = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return self.kernel[grid]
+
+    monkeypatch.setattr(scoring, "_column_lse_kernel", Spy("column", scoring._column_lse_kernel))
+    monkeypatch.setattr(scoring, "_row_sum_kernel", Spy("rows", scoring._row_sum_kernel))
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, seq, 32, generator=generator)
+    guide_index = torch.arange(count)[None]
+    out = scoring.cross_attention_scores(
+        q, q, guide_index, torch.tensor([count]), torch.ones(1, seq, dtype=torch.bool), backend="triton"
+    )
+    assert grids["column"][2] == 2  # ceil(300 / 256) query chunks
+    assert grids["rows"][2] == heads  # one head per program
+    expected = _scores_torch(q, q, guide_index, torch.tensor([count]), torch.ones(1, seq, dtype=torch.bool), 32**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preset_shapes_follow_the_schedule():
+    shapes = autotune.preset_shapes("llava-1.5", text_tokens=60)
+    assert [s.window for s in shapes] == [4, 2, 1]
+    assert shapes[0].seq == 576 + 60 and shapes[0].heads == 32 and shapes[0].hidden == 4096
+    planned = plan_lengths(list(shapes[0].spans), autotune.PRESETS["llava-1.5"], shapes[0].seq)
+    assert planned.exact and [s.seq for s in shapes] == list(planned.lengths[:3])
+    assert [sum(span.length for span in s.spans) for s in shapes] == [576, 288, 144]
+
+
+def test_parse_shape_rescales_images_and_rejects_bad_text():
+    base = autotune.preset_shapes("llava-1.5")[0]
+    shape = autotune.parse_shape("S=2980,T=100", base)
+    assert len(shape.spans) == 5 and shape.seq == 2980 and shape.guide_tokens == 100
+    assert autotune.parse_shape("H=8,Hk=2", base).kv_heads == 2
+    for bad in ("S=0", "X=3", "S=abc", "", "H=6,Hk=4"):
+        with pytest.raises(ValueError):
+            autotune.parse_shape(bad, base)
+
+
+def test_merge_structure_is_a_valid_stage_merge():
+    shape = autotune.preset_shapes("llava-1.5")[0]
+    plan = autotune._plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
+    out_rows, src_offsets, src_rows = autotune._merge_structure(plan, shape.seq)
+    assert out_rows.numel() + src_rows.numel() == shape.seq
+    assert src_rows.numel() == int(plan.merges_per_window.sum()) == 288
+    assert sorted(torch.cat([out_rows, src_rows]).tolist()) == list(range(shape.seq))
+    assert int(src_offsets[-1]) == src_rows.numel()
+
+
+def test_dry_run_reports_a_tiling_that_disagrees_with_the_fallback(monkeypatch):
+    real = autotune._merge_triton
+
+    def broken(x, weights, out_rows, src_offsets, src_rows, config=None):
+        out = real(x, weights, out_rows, src_offsets, src_rows, config)
+        return out + 1 if config["BLOCK_D"] == 256 else out
+
+    monkeypatch.setattr(autotune, "_merge_triton", broken)
+    shapes = autotune.preset_shapes("llava-1.5")[:1]
+    (result,) = autotune.dry_run(["merge_compact"], shapes, lambda message: None)
+    assert result.tried == len(KERNELS["merge_compact"].space["BLOCK_D"])
+    assert list(result.rejected) == ["BLOCK_D=256 num_warps=4 num_stages=1"]
+    assert "AssertionError" in result.rejected["BLOCK_D=256 num_warps=4 num_stages=1"]
+
+
+def test_autotune_without_a_gpu_refuses_plainly(capsys):
+    assert not torch.cuda.is_available()
+    assert main(["autotune"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was tuned" in err and "--dry-run" in err
+
+
+def test_autotune_dry_run_checks_tilings_and_cache_files(cache_dir, capsys):
+    assert main(["autotune", "--dry-run", "--preset", "llava-1.5", "--kernels", "merge_compact"]) == 0
+    out = capsys.readouterr().out
+    assert "merge_compact" in out and "every tiling matches" in out
+    cache_path("gpu-x").write_text("{broken")
+    assert main(["autotune", "--dry-run", "--preset", "llava-1.5", "--kernels", "merge_compact"]) == 1
+    assert "cannot be read" in capsys.readouterr().out
+
+
+def test_autotune_rejects_unknown_kernels(capsys):
+    assert main(["autotune", "--dry-run", "--kernels", "nope"]) == 2
+    assert "unknown kernel" in capsys.readouterr().err
