@@ -11,8 +11,9 @@ Pass 1 splits the queries into chunks of ``SPLIT_S`` and writes one partial log-
 (``B * H * ceil(S / SPLIT_S) * T`` floats), so a short prompt with few heads still fills the GPU; pass 2
 combines the partials into ``Z`` and sums the rows, each program taking ``HEADS_PER_PROGRAM`` heads and
 writing its partial row sums (``B * ceil(H / HEADS_PER_PROGRAM) * S`` floats), added up afterwards. Tile sizes
-come from :mod:`lightkv_core.kernels.tuning` (``lightkv autotune``). The fallback does the same two passes in
-query chunks, holding ``H x chunk x T`` floats at a time.
+come from :mod:`lightkv_core.kernels.tuning` (``lightkv autotune``). The fallback computes the
+``H x S x T`` logits once when they fit in its chunk budget, and otherwise the same two passes over query chunks,
+holding ``H x chunk x T`` floats at a time.
 """
 
 from __future__ import annotations
@@ -314,23 +315,33 @@ def _scores_torch(
     scale: float,
     max_chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
-    """Fallback: the same two passes, chunked over queries (at most ``max_chunk_elements`` logits live)."""
+    """Fallback: the ``(H, S, T)`` logits of a sample at once when they fit in ``max_chunk_elements`` floats,
+    else the same two passes as the kernels over chunks of queries (padding rows masked, never gathered)."""
     batch, heads, seq, _ = q.shape
     group = heads // k.shape[1]
     out = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)
     for b in range(batch):
         count = int(guide_count[b])
-        rows = query_mask[b].nonzero().squeeze(1)
-        if count == 0 or rows.numel() == 0:
+        real = query_mask[b]
+        if count == 0 or not bool(real.any()):
             continue
-        keys = k[b][:, guide_index[b, :count]].float().repeat_interleave(group, dim=0)  # (H, T, d)
+        keys = k[b][:, guide_index[b, :count]].float().repeat_interleave(group, dim=0).transpose(1, 2)  # (H, d, T)
+
+        def logits(start: int, stop: int, keys: torch.Tensor = keys, b: int = b, real: torch.Tensor = real):
+            """``(H, stop - start, T)`` scaled logits of queries ``start..stop``, ``-inf`` on padding rows."""
+            part = torch.matmul(q[b, :, start:stop].float(), keys).mul_(scale)
+            return part.masked_fill_(~real[None, start:stop, None], float("-inf"))
+
         chunk = max(1, max_chunk_elements // (heads * count))
-        lse = torch.full((heads, count), float("-inf"), device=q.device)
-        for start in range(0, rows.numel(), chunk):
-            logits = torch.matmul(q[b][:, rows[start : start + chunk]].float(), keys.transpose(1, 2)) * scale
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        for start in range(0, rows.numel(), chunk):
-            part = rows[start : start + chunk]
-            logits = torch.matmul(q[b][:, part].float(), keys.transpose(1, 2)) * scale
-            out[b, part] = torch.exp(logits - lse[:, None, :]).sum(dim=(0, 2))
+        if seq <= chunk:
+            part = logits(0, seq)
+            lse = torch.logsumexp(part, dim=1, keepdim=True)
+            out[b] = part.sub_(lse).exp_().sum(dim=(0, 2))
+            continue
+        lse = torch.full((heads, 1, count), float("-inf"), device=q.device)
+        for start in range(0, seq, chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(logits(start, min(seq, start + chunk)), dim=1, keepdim=True))
+        for start in range(0, seq, chunk):
+            stop = min(seq, start + chunk)
+            out[b, start:stop] = logits(start, stop).sub_(lse).exp_().sum(dim=(0, 2))
     return out
