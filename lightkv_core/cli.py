@@ -113,6 +113,38 @@ def presets(_: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("scoring", "kernels", "prefill")
+
+
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    """``lightkv bench {scoring,kernels,prefill,all}``: the benchmarks of ``perf/`` (package ``lightkv_perf``)."""
+    import importlib
+
+    bench = commands.add_parser("bench", help="benchmarks: scoring kernel, grouping/merge kernels, end-to-end prefill")
+    which = bench.add_subparsers(dest="benchmark", required=True)
+    modules = {name: importlib.import_module(f"lightkv_perf.{name}") for name in BENCHMARKS}
+    for name, module in modules.items():
+        sub = which.add_parser(name, help=module.__doc__.splitlines()[0])
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    every = which.add_parser("all", help="the three benchmarks in turn, with their default shapes")
+    every.add_argument("--quick", action="store_true", help="each benchmark's quick mode (the README's CPU run)")
+    every.add_argument("--out", help="folder for the JSON and PNG results (default perf/results)")
+
+    def run_all(args: argparse.Namespace) -> int:
+        for name, module in modules.items():
+            print(f"\n=== lightkv bench {name}{' --quick' if args.quick else ''} ===", flush=True)
+            parser = argparse.ArgumentParser(prog=f"lightkv bench {name}")
+            module.add_arguments(parser)
+            options = ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
+            status = module.run(parser.parse_args(options))
+            if status:
+                return status
+        return 0
+
+    every.set_defaults(func=run_all)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightkv", description="LightKV vision-token KV compression.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="quality benchmark: accuracy vs vision-token retention per method")
     quality.add_arguments(ev)
     ev.set_defaults(func=quality.run)
+
+    add_bench(commands)
 
     cal = commands.add_parser("calibrate", help="PrefixKV: per-layer budget fractions from calibration prompts")
     calibrate.add_arguments(cal)

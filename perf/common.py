@@ -7,14 +7,16 @@ their ratios are reported, absolute times come from a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -113,7 +115,10 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with (
+        _quiet_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof,
+    ):
         fn()
     live = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
@@ -123,6 +128,21 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
             live -= size
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs a line on every start and stop (Python
+    exceptions still propagate, after stderr is restored)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def write_json(result: dict, path: Path) -> Path:

@@ -269,7 +269,7 @@ class Decoder(nn.Module):
         if decoding:
             return self._decode(inputs_embeds, cache, last_logits_only), None
 
-        started = time.perf_counter()
+        started = _clock(inputs_embeds)
         real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
         if attention_mask is not None:
             real = attention_mask.to(inputs_embeds.device, torch.bool)
@@ -305,14 +305,14 @@ class Decoder(nn.Module):
                 vision_tokens.append(is_vision.sum(dim=1).cpu())
                 if evicting:
                     # COMPRESSION HOOK: a post-prefill method keeps a few statistics of every layer's attention
-                    tick = time.perf_counter()
+                    tick = _clock(hidden)
                     observations.append(reduction.observe(index, q, k, per_sample, attention_mask=real))
-                    reduce_seconds += time.perf_counter() - tick
+                    reduce_seconds += _clock(hidden) - tick
             if index in reduce_layers:
                 # COMPRESSION HOOK: layer `index` has cached its full KV (index -1: the input embeddings, no
                 # q/k); the method shortens the hidden states and the later layers see (and cache) only the
                 # survivors, with their own positions and mask.
-                tick = time.perf_counter()
+                tick = _clock(hidden)
                 result = reduction.reduce(
                     index,
                     hidden,
@@ -323,7 +323,7 @@ class Decoder(nn.Module):
                     attention_mask=real,
                     padding_side="left",
                 )
-                reduce_seconds += time.perf_counter() - tick
+                reduce_seconds += _clock(hidden) - tick
                 hidden, position_ids, per_sample = result.hidden, result.positions, result.spans
                 real = left_padded_mask(result.lengths, hidden.shape[1])
                 is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
@@ -331,7 +331,7 @@ class Decoder(nn.Module):
                 cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         if evicting:
             # COMPRESSION HOOK: the prefill is done; every layer's cache is compacted (lengths may differ)
-            tick = time.perf_counter()
+            tick = _clock(hidden)
             layers = cache.layers
             evictions = reduction.evict(
                 observations,
@@ -345,7 +345,7 @@ class Decoder(nn.Module):
                 layers[index] = LayerCache(evicted.keys, evicted.values, alive, layers[index].next_position)
                 vision_held = torch.gather(is_vision, 1, evicted.slots[:, 0].to(real.device).clamp(min=0)) & alive
                 kv_tokens[index], vision_tokens[index] = alive.sum(dim=1).cpu(), vision_held.sum(dim=1).cpu()
-            reduce_seconds += time.perf_counter() - tick
+            reduce_seconds += _clock(hidden) - tick
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(self.model.norm(hidden)).float()
@@ -357,7 +357,7 @@ class Decoder(nn.Module):
             original_tokens=original_tokens,
             original_vision_tokens=original_vision,
             reduce_seconds=reduce_seconds,
-            prefill_seconds=time.perf_counter() - started,
+            prefill_seconds=_clock(logits) - started,
             bytes_per_token_layer=2 * self.config.num_kv_heads * self.config.head_dim * hidden.element_size(),
         )
         return logits, stats
@@ -433,6 +433,13 @@ class Decoder(nn.Module):
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits, _ = self(embeds, attention_mask=mask, spans=spans, last_logits_only=True)
         return torch.stack(tokens, dim=1), stats
+
+
+def _clock(tensor: torch.Tensor) -> float:
+    """``time.perf_counter()`` once the work queued on ``tensor``'s device is done (CUDA runs asynchronously)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter()
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):

@@ -325,18 +325,20 @@ def _scores_torch(
         real = query_mask[b]
         if count == 0 or not bool(real.any()):
             continue
-        keys = k[b][:, guide_index[b, :count]].float().repeat_interleave(group, dim=0).transpose(1, 2)  # (H, d, T)
+        keys = k[b][:, guide_index[b, :count]].float().repeat_interleave(group, dim=0).transpose(1, 2) * scale
+        padded = not bool(real.all())
 
-        def logits(start: int, stop: int, keys: torch.Tensor = keys, b: int = b, real: torch.Tensor = real):
-            """``(H, stop - start, T)`` scaled logits of queries ``start..stop``, ``-inf`` on padding rows."""
-            part = torch.matmul(q[b, :, start:stop].float(), keys).mul_(scale)
-            return part.masked_fill_(~real[None, start:stop, None], float("-inf"))
+        def logits(start: int, stop: int, keys: torch.Tensor = keys, b: int = b, padded: bool = padded):
+            """``(H, stop - start, T)`` scaled logits (``keys`` carry the scale) of queries ``start..stop``,
+            ``-inf`` on padding rows."""
+            part = torch.matmul(q[b, :, start:stop].float(), keys)
+            if padded:
+                part.masked_fill_(~query_mask[b, None, start:stop, None], float("-inf"))
+            return part
 
         chunk = max(1, max_chunk_elements // (heads * count))
         if seq <= chunk:
-            part = logits(0, seq)
-            lse = torch.logsumexp(part, dim=1, keepdim=True)
-            out[b] = part.sub_(lse).exp_().sum(dim=(0, 2))
+            out[b] = torch.softmax(logits(0, seq), dim=1).sum(dim=(0, 2))
             continue
         lse = torch.full((heads, 1, count), float("-inf"), device=q.device)
         for start in range(0, seq, chunk):
