@@ -118,7 +118,8 @@ if TRITON_AVAILABLE:
                 tl.exp(logits - safe_max[None, :]), axis=0
             )
             running_max = new_max
-        lse = running_max + tl.log(running_sum)
+        seen = running_sum > 0.0
+        lse = tl.where(seen, running_max + tl.log(tl.where(seen, running_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + ((b * H + h) * NUM_SPLITS + split) * T + t_offs, lse, mask=t_valid)
 
     @triton.jit
@@ -132,7 +133,9 @@ if TRITON_AVAILABLE:
         for split in range(0, NUM_SPLITS):
             part = tl.load(lse_head_ptr + split * T + t_offs, mask=t_valid, other=float("-inf"))
             total += tl.exp(part - safe_top)
-        return tl.where(t_valid, safe_top + tl.log(total), float("inf"))
+        seen = total > 0.0
+        lse = tl.where(seen, safe_top + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        return tl.where(t_valid, lse, float("inf"))
 
     @triton.jit
     def _row_sum_kernel(
