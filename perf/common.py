@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# perf/results in a source checkout (where the results are committed); ./lightkv-results for an installed package
+RESULTS = (
+    Path(__file__).parent / "results" if (Path(__file__).parent / "README.md").exists() else Path("lightkv-results")
+)
 
 
 def device() -> torch.device:
