@@ -28,15 +28,18 @@ from tqdm import tqdm
 from lightkv_core.budget import MODEL_SHAPES
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels._backend import interpreting
+from lightkv_core.kernels.attention_stats import _statistics_torch, _statistics_triton
 from lightkv_core.kernels.merge_compact import _merge_torch, _merge_triton
 from lightkv_core.kernels.scoring import _scores_torch, _scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
+    TILED_DIMS,
     bucket,
     cache_dir,
     device_name,
     dtype_name,
+    fit_tiles,
     read_cache,
     store_configs,
 )
@@ -205,20 +208,22 @@ def kernel_problems(
             "d": shape.head_dim,
             "dtype": dtype_name(dtype),
         }
-        defaults = KERNELS["scoring.column_lse"].default, KERNELS["scoring.row_sum"].default
+        defaults = (
+            fit_tiles(KERNELS["scoring.column_lse"].default, dims),
+            fit_tiles(KERNELS["scoring.row_sum"].default, dims),
+        )
 
         def scoring_check(output: object) -> None:
             torch.testing.assert_close(output, expected, rtol=2e-3, atol=1e-3 * shape.guide_tokens)
 
+        inputs = (q, k, guide_index, guide_count, query_mask, scale)
         for index, name in enumerate(("scoring.column_lse", "scoring.row_sum")):
             if name in kernels:
+                launch = partial(_launch_pass, _scores_triton, inputs, defaults, index)
+                yield KernelProblem(name, KERNELS[name].key(**dims), launch, scoring_check)
 
-                def scoring_launch(config: dict[str, int], index: int = index) -> torch.Tensor:
-                    configs = (config, defaults[1]) if index == 0 else (defaults[0], config)
-                    return _scores_triton(q, k, guide_index, guide_count, query_mask, scale, configs)
-
-                yield KernelProblem(name, KERNELS[name].key(**dims), scoring_launch, scoring_check)
-
+    if any(name.startswith("attention_stats.") for name in kernels):
+        yield from _attention_problems(kernels, shape, randn, device, dtype)
     if "window_match" not in kernels and "merge_compact" not in kernels:
         return
     plan = _plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
@@ -259,6 +264,54 @@ def kernel_problems(
         )
 
 
+def _attention_problems(
+    kernels: list[str],
+    shape: StageShape,
+    randn: Callable[..., torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[KernelProblem]:
+    """The dropping baselines' statistics over the whole prompt (causal, every key reported), for the query sets
+    they use: the last token (FastV, AirCache), the text tokens (LOOK-M, AirCache's window) and every token
+    (PrefixKV)."""
+    q, k = randn(1, shape.heads, shape.seq, shape.head_dim), randn(1, shape.kv_heads, shape.seq, shape.head_dim)
+    key_index = torch.arange(shape.seq, device=device)[None]
+    key_mask = torch.ones(1, shape.seq, dtype=torch.bool, device=device)
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    query_sets = (torch.tensor([shape.seq - 1]), _guides(shape), torch.arange(shape.seq))
+    for rows in query_sets:
+        query_index = rows[None].to(device)
+        expected = _statistics_torch(q, k, query_index, key_index, key_mask, True, scale)
+        common = {"Q": bucket(rows.numel()), "H": shape.heads, "d": shape.head_dim, "dtype": dtype_name(dtype)}
+        dims = {"row_lse": {**common, "S": bucket(shape.seq)}, "column_sum": {**common, "C": bucket(shape.seq)}}
+        defaults = (
+            fit_tiles(KERNELS["attention_stats.row_lse"].default, dims["row_lse"]),
+            fit_tiles(KERNELS["attention_stats.column_sum"].default, dims["column_sum"]),
+        )
+
+        tolerance = {"rtol": 2e-3, "atol": 1e-4 * max(1.0, float(expected.max()))}
+        check = partial(torch.testing.assert_close, expected=expected, **tolerance)
+        inputs = (q, k, query_index, key_index, key_mask, True, scale)
+        for index, part in enumerate(("row_lse", "column_sum")):
+            name = f"attention_stats.{part}"
+            if name in kernels:
+                launch = partial(_launch_pass, _statistics_triton, inputs, defaults, index)
+                yield KernelProblem(name, KERNELS[name].key(**dims[part]), launch, check)
+
+
+def _launch_pass(
+    launcher: Callable[..., object],
+    inputs: tuple,
+    defaults: tuple[dict[str, int], dict[str, int]],
+    index: int,
+    config: dict[str, int],
+) -> object:
+    """``launcher(*inputs, configs)`` of a two-pass op with ``config`` for pass ``index`` and the other pass at
+    its default."""
+    configs = (config, defaults[1]) if index == 0 else (defaults[0], config)
+    return launcher(*inputs, configs)
+
+
 def _merge_structure(plan, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A stage's merge: in every window its first ``r`` A tokens merge into B tokens of the same window (round
     robin); the sequence is compacted around them. Returns ``(out_rows, src_offsets, src_rows)``."""
@@ -285,30 +338,25 @@ def _merge_structure(plan, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def candidates(kernel: str, key: str, max_configs: int | None = None) -> list[dict[str, int]]:
-    """The configs worth timing for a shape key: tiles no larger than the (bucketed) dimension they tile, the
-    default always first; at most ``max_configs`` (a seeded sample of the rest beyond the default)."""
+    """The configs worth timing for a shape key: the default as it launches untuned (tiles clamped to the shape)
+    first, then every config whose tiles, query chunk and head block are no larger than the (bucketed) dimension
+    they split; at most ``max_configs`` (a seeded sample of the rest)."""
     spec = KERNELS[kernel]
     dims = dict(item.split("=") for item in key.split(","))
-    limits = {
-        "BLOCK_T": dims.get("T"),
-        "SPLIT_S": dims.get("S"),
-        "HEADS_PER_PROGRAM": dims.get("H"),
-        "BLOCK_A": dims.get("window"),
-        "BLOCK_B": dims.get("window"),
-        "BLOCK_D": dims.get("D"),
-    }
+    limits = {**TILED_DIMS, "SPLIT_S": "S", "HEADS_PER_PROGRAM": "H"}
+    default = fit_tiles(spec.default, dims)
     kept = []
     for config in spec.candidates():
         fits = all(
-            value <= int(limits[param]) or value == min(spec.space[param])
+            value <= bucket(int(dims[limits[param]])) or value == min(spec.space[param])
             for param, value in config.items()
-            if limits.get(param) is not None
+            if limits.get(param) in dims
         )
-        if fits and config != spec.default:
+        if fits and config != default:
             kept.append(config)
     if max_configs is not None and len(kept) > max_configs - 1:
         kept = random.Random(f"{kernel}/{key}").sample(kept, max(0, max_configs - 1))
-    return [dict(spec.default), *kept]
+    return [default, *kept]
 
 
 def distinct_tilings(kernel: str) -> list[dict[str, int]]:
@@ -361,19 +409,18 @@ class TunedKernel:
 
 
 def tune(
-    kernels: list[str],
-    shapes: list[StageShape],
+    jobs: list[tuple[list[str], StageShape]],
     device: torch.device,
     dtype: torch.dtype,
     max_configs: int | None,
     progress: Callable[[str], None],
 ) -> list[TunedKernel]:
-    """Time every candidate config of ``kernels`` on every shape (CUDA); a config that fails to compile or
+    """Time every candidate config of each job's kernels on its shape (CUDA); a config that fails to compile or
     launch, or whose output differs from the fallback's, is rejected with the reason."""
     from triton.testing import do_bench
 
     results: dict[tuple[str, str], TunedKernel] = {}
-    for shape in shapes:
+    for kernels, shape in jobs:
         for problem in kernel_problems(kernels, shape, device, dtype):
             if (problem.kernel, problem.key) in results:
                 continue  # an earlier stage had the same bucketed shape
@@ -397,12 +444,12 @@ def tune(
     return list(results.values())
 
 
-def dry_run(kernels: list[str], shapes: list[StageShape], progress: Callable[[str], None]) -> list[TunedKernel]:
-    """Under the Triton interpreter: every distinct tiling of ``kernels`` on a small version of each shape
+def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], None]) -> list[TunedKernel]:
+    """Under the Triton interpreter: every distinct tiling of each job's kernels on a small version of its shape
     (float32, so the comparison with the fallback is tight). Returns one entry per kernel and small shape with
     the tilings that failed in ``rejected`` (times are 0: nothing is timed)."""
     results: dict[tuple[str, str], TunedKernel] = {}
-    for shape in shapes:
+    for kernels, shape in jobs:
         small = small_shape(shape)
         for problem in kernel_problems(kernels, small, torch.device("cpu"), torch.float32):
             if (problem.kernel, problem.key) in results:
@@ -492,6 +539,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     base = preset_shapes(args.preset, args.text_tokens)
     shapes = [parse_shape(text, base[0]) for text in args.shape] if args.shape else base
+    # The dropping baselines' statistics run on the whole prompt: with a preset, on the first stage's shape only.
+    stage_kernels = [name for name in kernels if not name.startswith("attention_stats.")]
+    prompt_kernels = [name for name in kernels if name.startswith("attention_stats.")]
+    jobs = [(stage_kernels, shape) for shape in shapes if stage_kernels]
+    jobs += [(prompt_kernels, shape) for shape in (shapes if args.shape else shapes[:1]) if prompt_kernels]
     print(f"lightkv autotune: {len(kernels)} kernel(s) over {len(shapes)} shape(s):")
     for shape in shapes:
         print(f"  {shape.label}: {shape.describe()}")
@@ -502,11 +554,11 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         if args.dry_run:
-            results = dry_run(kernels, shapes, progress)
+            results = dry_run(jobs, progress)
         else:
             device = torch.device("cuda", torch.cuda.current_device())
             dtype = getattr(torch, args.dtype)
-            results = tune(kernels, shapes, device, dtype, args.max_configs, progress)
+            results = tune(jobs, device, dtype, args.max_configs, progress)
     return _report_dry_run(results) if args.dry_run else _report_tuning(results, device)
 
 
@@ -525,26 +577,26 @@ def _report_tuning(results: list[TunedKernel], device: torch.device) -> int:
             "stage": result.label,
         }
     path = store_configs(name, triton.__version__, entries)
-    header = f"{'kernel':<19} {'shape key':<40} {'chosen config':<58} {'default':>9} {'tuned':>9} {'speedup':>7}"
+    header = f"{'kernel':<26} {'shape key':<42} {'chosen config':<58} {'default':>9} {'tuned':>9} {'speedup':>7}"
     print(f"\n{header}\n{'-' * len(header)}")
     for result in results:
         print(
-            f"{result.kernel:<19} {result.key:<40} {_config_text(result.config):<58} "
+            f"{result.kernel:<26} {result.key:<42} {_config_text(result.config):<58} "
             f"{result.default_time_s * 1e6:>7.1f}us {result.time_s * 1e6:>7.1f}us {result.speedup:>6.2f}x"
         )
         if result.rejected:
             config, reason = next(iter(result.rejected.items()))
-            print(f"{'':<19} {len(result.rejected)} of {result.tried} configs rejected, e.g. {config}: {reason}")
+            print(f"{'':<26} {len(result.rejected)} of {result.tried} configs rejected, e.g. {config}: {reason}")
     print(f"\n{name}: wrote {path}; the kernels read it at launch (times are of the whole op, median of do_bench).")
     return 0
 
 
 def _report_dry_run(results: list[TunedKernel]) -> int:
-    header = f"{'kernel':<19} {'shape key (small, float32)':<44} {'tilings':>7} {'failed':>6}"
+    header = f"{'kernel':<26} {'shape key (small, float32)':<44} {'tilings':>7} {'failed':>6}"
     print(f"\n{header}\n{'-' * len(header)}")
     failed = 0
     for result in results:
-        print(f"{result.kernel:<19} {result.key:<44} {result.tried:>7} {len(result.rejected):>6}")
+        print(f"{result.kernel:<26} {result.key:<44} {result.tried:>7} {len(result.rejected):>6}")
         for config, reason in result.rejected.items():
             print(f"    {config}: {reason}")
         failed += len(result.rejected)

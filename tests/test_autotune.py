@@ -6,6 +6,7 @@ without a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from lightkv_core.kernels import scoring
 from lightkv_core.kernels.scoring import _scores_torch, _scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
+    LAUNCH_PARAMS,
     bucket,
     cache_path,
     device_name,
@@ -62,6 +64,24 @@ def test_candidates_prune_tiles_larger_than_the_shape_and_cap_the_count():
     assert capped == autotune.candidates("scoring.column_lse", key, max_configs=5)  # seeded
 
 
+def test_untuned_defaults_are_the_tiles_the_kernels_used_before_tuning():
+    """min(cap, max(16, next_pow2(n))) per tile, as the launch wrappers chose them before the cache existed."""
+
+    def old(n: int, cap: int) -> int:
+        return min(cap, max(16, 1 << max(0, (n - 1).bit_length())))
+
+    for n in (1, 5, 16, 40, 64, 100, 4096):
+        rows = launch_config("attention_stats.row_lse", torch.device("cpu"), Q=bucket(n), S=4096, H=8, d=64, dtype="f")
+        columns = launch_config(
+            "attention_stats.column_sum", torch.device("cpu"), Q=16, C=bucket(n), H=8, d=64, dtype="f"
+        )
+        assert rows["BLOCK_Q"] == old(n, 64) and rows["BLOCK_K"] == 64
+        assert columns["BLOCK_C"] == old(n, 64)
+        assert launch_config("merge_compact", torch.device("cpu"), D=n, dtype="f")["BLOCK_D"] == old(n, 1024)
+        match = launch_config("window_match", torch.device("cpu"), window=32, D=n, dtype="f")
+        assert match["BLOCK_D"] == old(n, 128)
+
+
 def test_bucket_rounds_up_to_a_power_of_two():
     assert [bucket(n) for n in (1, 16, 17, 576, 2880, 4096)] == [16, 16, 32, 1024, 4096, 4096]
 
@@ -98,7 +118,9 @@ def test_cache_round_trip_and_lookup(cache_dir):
     path = store_configs("cpu", "test", {"merge_compact": {key: {"config": tuned, "time_s": 1.0}}})
     assert path == cache_path("cpu") and path.parent == cache_dir
     assert launch_config("merge_compact", torch.device("cpu"), D=64, dtype="float32") == tuned
-    assert launch_config("merge_compact", torch.device("cpu"), D=128, dtype="float32") == spec.default
+    assert launch_config("merge_compact", torch.device("cpu"), D=4096, dtype="float32") == spec.default
+    # without an entry the default's tile is clamped to the dimension it tiles
+    assert launch_config("merge_compact", torch.device("cpu"), D=100, dtype="float32")["BLOCK_D"] == 128
     # a second store keeps the first entry
     other = spec.key(D=128, dtype="float32")
     store_configs("cpu", "test", {"merge_compact": {other: {"config": dict(spec.default)}}})
@@ -202,6 +224,22 @@ def test_merge_structure_is_a_valid_stage_merge():
 
 
 @needs_interpreter
+def test_dry_run_checks_the_attention_statistics_tilings(monkeypatch):
+    """Two values per tile (the full spaces run in `lightkv autotune --dry-run`, about a minute)."""
+    kernels = ["attention_stats.row_lse", "attention_stats.column_sum"]
+    for name in kernels:
+        spec = KERNELS[name]
+        smaller = {p: (v if p in LAUNCH_PARAMS else (min(v), spec.default[p])) for p, v in spec.space.items()}
+        monkeypatch.setitem(KERNELS, name, dataclasses.replace(spec, space=smaller))
+    shapes = autotune.preset_shapes("llava-1.5")[:1]
+    results = autotune.dry_run([(kernels, shapes[0])], lambda message: None)
+    # three query sets (last token, text tokens, every token) on the small stage of 277 tokens
+    assert sorted(r.key.split(",")[0] for r in results if r.kernel == kernels[0]) == ["Q=16", "Q=32", "Q=512"]
+    assert len(results) == 6 and all(not r.rejected for r in results)
+    assert all(r.tried == len(autotune.distinct_tilings(r.kernel)) == 4 for r in results)
+
+
+@needs_interpreter
 def test_dry_run_reports_a_tiling_that_disagrees_with_the_fallback(monkeypatch):
     real = autotune._merge_triton
 
@@ -211,10 +249,10 @@ def test_dry_run_reports_a_tiling_that_disagrees_with_the_fallback(monkeypatch):
 
     monkeypatch.setattr(autotune, "_merge_triton", broken)
     shapes = autotune.preset_shapes("llava-1.5")[:1]
-    (result,) = autotune.dry_run(["merge_compact"], shapes, lambda message: None)
+    (result,) = autotune.dry_run([(["merge_compact"], shapes[0])], lambda message: None)
     assert result.tried == len(KERNELS["merge_compact"].space["BLOCK_D"])
-    assert list(result.rejected) == ["BLOCK_D=256 num_warps=4 num_stages=1"]
-    assert "AssertionError" in result.rejected["BLOCK_D=256 num_warps=4 num_stages=1"]
+    assert list(result.rejected) == ["BLOCK_D=256 num_warps=4 num_stages=3"]
+    assert "AssertionError" in result.rejected["BLOCK_D=256 num_warps=4 num_stages=3"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and not INTERPRETING, reason="this machine can tune")

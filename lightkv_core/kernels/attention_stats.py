@@ -30,6 +30,7 @@ from lightkv_core.kernels._backend import (
     dot_mode,
     next_power_of_2,
 )
+from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
 HEAD_MODES = ("per_head", "mean")
 
@@ -78,7 +79,6 @@ if TRITON_AVAILABLE:
         CAUSAL: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_MODE: tl.constexpr,
     ):
@@ -149,7 +149,6 @@ if TRITON_AVAILABLE:
         skd,
         CAUSAL: tl.constexpr,
         BLOCK_Q: tl.constexpr,
-        BLOCK_K: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_MODE: tl.constexpr,
@@ -283,17 +282,23 @@ def _statistics_triton(
     key_mask: torch.Tensor,
     causal: bool,
     scale: float,
+    configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
+    """Launch both passes with ``configs`` (pass 1, pass 2), by default the tuned or default ones."""
     batch, n_heads, seq, head_dim = q.shape
     n_query, n_key = query_index.shape[1], key_index.shape[1]
+    if configs is None:
+        shape = {"Q": bucket(n_query), "H": n_heads, "d": head_dim, "dtype": dtype_name(q.dtype)}
+        configs = (
+            launch_config("attention_stats.row_lse", q.device, S=bucket(seq), **shape),
+            launch_config("attention_stats.column_sum", q.device, C=bucket(n_key), **shape),
+        )
+    lse_config, sum_config = configs
     rows = query_index.to(torch.int32).contiguous()
     cols = key_index.to(torch.int32).contiguous()
     mask = key_mask.to(torch.int8).contiguous()
     lse = torch.empty(batch, n_heads, n_query, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, n_heads, n_key, dtype=torch.float32, device=q.device)
-    block_q = min(64, max(16, next_power_of_2(n_query)))
-    block_c = min(64, max(16, next_power_of_2(n_key)))
-    block_d = max(16, next_power_of_2(head_dim))
     common = (
         seq,
         n_heads,
@@ -305,12 +310,12 @@ def _statistics_triton(
         *q.stride(),
         *k.stride(),
     )
-    meta = dict(
-        CAUSAL=causal, BLOCK_Q=block_q, BLOCK_K=64, BLOCK_C=block_c, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype)
+    fixed = dict(CAUSAL=causal, BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype))
+    _row_lse_kernel[(batch * n_heads, triton.cdiv(n_query, lse_config["BLOCK_Q"]))](
+        q, k, rows, mask, lse, *common, **lse_config, **fixed
     )
-    _row_lse_kernel[(batch * n_heads, triton.cdiv(n_query, block_q))](q, k, rows, mask, lse, *common, **meta)
-    _column_sum_kernel[(batch * n_heads, triton.cdiv(n_key, block_c))](
-        q, k, rows, cols, mask, lse, out, *common, **meta
+    _column_sum_kernel[(batch * n_heads, triton.cdiv(n_key, sum_config["BLOCK_C"]))](
+        q, k, rows, cols, mask, lse, out, *common, **sum_config, **fixed
     )
     return out
 

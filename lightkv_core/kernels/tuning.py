@@ -87,6 +87,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# The defaults launch as the kernels did before they were tunable (Triton's default 4 warps and 3 stages).
 _WARPS = (4, 8)
 _STAGES = (2, 3)
 
@@ -95,7 +96,7 @@ KERNELS: dict[str, TunableKernel] = {
     for kernel in (
         TunableKernel(
             "scoring.column_lse",
-            default={"BLOCK_S": 64, "BLOCK_T": 32, "SPLIT_S": 512, "num_warps": 4, "num_stages": 2},
+            default={"BLOCK_S": 64, "BLOCK_T": 32, "SPLIT_S": 512, "num_warps": 4, "num_stages": 3},
             space={
                 "BLOCK_S": (32, 64, 128),
                 "BLOCK_T": (16, 32, 64, 128),
@@ -107,7 +108,7 @@ KERNELS: dict[str, TunableKernel] = {
         ),
         TunableKernel(
             "scoring.row_sum",
-            default={"BLOCK_S": 64, "BLOCK_T": 32, "HEADS_PER_PROGRAM": 8, "num_warps": 4, "num_stages": 2},
+            default={"BLOCK_S": 64, "BLOCK_T": 32, "HEADS_PER_PROGRAM": 8, "num_warps": 4, "num_stages": 3},
             space={
                 "BLOCK_S": (16, 32, 64, 128),
                 "BLOCK_T": (16, 32, 64, 128),
@@ -119,7 +120,7 @@ KERNELS: dict[str, TunableKernel] = {
         ),
         TunableKernel(
             "window_match",
-            default={"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 2},
+            default={"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
             space={
                 "BLOCK_A": (16, 32, 64),
                 "BLOCK_B": (16, 32, 64),
@@ -131,9 +132,26 @@ KERNELS: dict[str, TunableKernel] = {
         ),
         TunableKernel(
             "merge_compact",
-            default={"BLOCK_D": 1024, "num_warps": 4, "num_stages": 1},
-            space={"BLOCK_D": (128, 256, 512, 1024, 2048), "num_warps": (1, 2, 4, 8), "num_stages": (1,)},
+            default={"BLOCK_D": 1024, "num_warps": 4, "num_stages": 3},
+            space={"BLOCK_D": (16, 32, 64, 128, 256, 512, 1024, 2048), "num_warps": (1, 2, 4, 8), "num_stages": (1, 3)},
             key_dims=("D", "dtype"),
+        ),
+        TunableKernel(
+            "attention_stats.row_lse",
+            default={"BLOCK_Q": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+            space={"BLOCK_Q": (16, 32, 64, 128), "BLOCK_K": (32, 64, 128), "num_warps": _WARPS, "num_stages": _STAGES},
+            key_dims=("Q", "S", "H", "d", "dtype"),
+        ),
+        TunableKernel(
+            "attention_stats.column_sum",
+            default={"BLOCK_Q": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
+            space={
+                "BLOCK_Q": (16, 32, 64, 128),
+                "BLOCK_C": (16, 32, 64, 128),
+                "num_warps": _WARPS,
+                "num_stages": _STAGES,
+            },
+            key_dims=("Q", "C", "H", "d", "dtype"),
         ),
     )
 }
@@ -194,11 +212,33 @@ def read_cache(path: Path) -> dict:
 
 
 def launch_config(kernel: str, device: torch.device, **dims: int | str) -> dict[str, int]:
-    """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else the default."""
+    """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else the default with
+    every tile clamped to the dimension it tiles (:func:`fit_tiles`)."""
     spec = KERNELS[kernel]
     key = spec.key(**dims)
     entry = read_cache(cache_path(device_name(device))).get("kernels", {}).get(kernel, {}).get(key)
-    return dict(entry["config"]) if entry else dict(spec.default)
+    return dict(entry["config"]) if entry else fit_tiles(spec.default, dims)
+
+
+# The shape-key dimension each tile parameter tiles: a tile larger than that dimension (rounded up to a power of
+# two) would only mask lanes, so defaults are clamped to it and autotuning does not try larger ones.
+TILED_DIMS = {
+    "BLOCK_T": "T",
+    "BLOCK_A": "window",
+    "BLOCK_B": "window",
+    "BLOCK_D": "D",
+    "BLOCK_Q": "Q",
+    "BLOCK_C": "C",
+}
+
+
+def fit_tiles(config: dict[str, int], dims: dict[str, int | str]) -> dict[str, int]:
+    """``config`` with each tile no larger than the bucketed dimension it tiles (where the key has it)."""
+    fitted = dict(config)
+    for param, dim in TILED_DIMS.items():
+        if param in fitted and dim in dims:
+            fitted[param] = min(fitted[param], bucket(int(dims[dim])))
+    return fitted
 
 
 def store_configs(name: str, triton_version: str, tuned: dict[str, dict[str, dict]]) -> Path:
