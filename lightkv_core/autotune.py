@@ -132,8 +132,9 @@ def preset_shapes(preset: str, text_tokens: int = 100, seq: int | None = None) -
 
 
 def parse_shape(text: str, base: StageShape) -> StageShape:
-    """``base`` with fields overridden by ``text``, e.g. ``"S=2880,T=128"`` (``S`` rescales the images as in
-    :func:`preset_shapes`; also ``H``, ``Hk``, ``d``, ``D``, ``W``)."""
+    """``base`` with fields overridden by ``text``, e.g. ``"S=2880,T=128"`` (also ``H``, ``Hk``, ``d``, ``D``,
+    ``W``). ``S`` keeps as many of the base's images as fit beside ``T`` text tokens (at least one); the last ``T``
+    text tokens guide."""
     fields = {"S": "seq", "T": "guide_tokens", "H": "heads", "Hk": "kv_heads", "d": "head_dim", "D": "hidden"}
     fields["W"] = "window"
     changes: dict[str, int] = {}
@@ -147,15 +148,17 @@ def parse_shape(text: str, base: StageShape) -> StageShape:
     if not changes:
         raise ValueError(f"shape {text!r} sets nothing")
     shape = replace(base, **changes, label=f"{base.label} [{text}]")
+    first = shape.spans[0]
+    size = first.rows * first.cols
     if "seq" in changes:
-        first = shape.spans[0]
-        vision = max(first.rows * first.cols, shape.seq - shape.guide_tokens)
-        images = max(1, vision // (first.rows * first.cols))
-        spans, position = [], first.start
-        for _ in range(images):
-            spans.append(VisionSpan(position, position + first.rows * first.cols, first.rows, first.cols))
-            position += first.rows * first.cols
-        shape = replace(shape, spans=tuple(spans), seq=max(shape.seq, position + shape.guide_tokens - first.start))
+        images = max(1, (shape.seq - shape.guide_tokens) // size)
+        spans = tuple(
+            VisionSpan(first.start + i * size, first.start + (i + 1) * size, first.rows, first.cols)
+            for i in range(images)
+        )
+        shape = replace(shape, spans=spans)
+    # room for the guide tokens around the images (the sequence grows if S cannot hold one image and T)
+    shape = replace(shape, seq=max(shape.seq, sum(span.length for span in shape.spans) + shape.guide_tokens))
     if shape.heads % shape.kv_heads:
         raise ValueError(f"shape {text!r}: {shape.heads} query heads are not a multiple of {shape.kv_heads} KV heads")
     return shape
@@ -178,11 +181,14 @@ class KernelProblem:
 
 
 def _guides(shape: StageShape) -> torch.Tensor:
-    """Sequence positions of the text tokens (everything outside the vision spans)."""
+    """Sequence positions of the last ``guide_tokens`` text tokens (positions outside the vision spans)."""
     is_text = torch.ones(shape.seq, dtype=torch.bool)
     for span in shape.spans:
         is_text[span.start : span.end] = False
-    return is_text.nonzero().squeeze(1)
+    text = is_text.nonzero().squeeze(1)
+    if text.numel() < shape.guide_tokens:
+        raise ValueError(f"{shape.label}: {text.numel()} text tokens cannot hold {shape.guide_tokens} guide tokens")
+    return text[text.numel() - shape.guide_tokens :]
 
 
 def kernel_problems(

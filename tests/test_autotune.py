@@ -208,6 +208,12 @@ def test_parse_shape_rescales_images_and_rejects_bad_text():
     shape = autotune.parse_shape("S=2980,T=100", base)
     assert len(shape.spans) == 5 and shape.seq == 2980 and shape.guide_tokens == 100
     assert autotune.parse_shape("H=8,Hk=2", base).kv_heads == 2
+    # the guides are exactly T text tokens, whatever S leaves around the images
+    for text, images, seq in (("S=2880,T=128", 4, 2880), ("T=300", 1, 876), ("S=100,T=32", 1, 608)):
+        shape = autotune.parse_shape(text, base)
+        assert (len(shape.spans), shape.seq) == (images, seq)
+        guides = autotune._guides(shape)
+        assert guides.numel() == shape.guide_tokens and guides.max() < shape.seq
     for bad in ("S=0", "X=3", "S=abc", "", "H=6,Hk=4"):
         with pytest.raises(ValueError):
             autotune.parse_shape(bad, base)
