@@ -45,7 +45,7 @@ from lightkv_core.kernels.tuning import (
 )
 from lightkv_core.kernels.window_match import _match_torch, _match_triton
 from lightkv_core.spans import VisionSpan
-from lightkv_core.stage import _plan_windows, lightkv_stage
+from lightkv_core.stage import _choose_merges, _plan_windows, lightkv_stage, merge_lists
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,8 @@ def kernel_problems(
         )
     if "merge_compact" in kernels:
         weights = torch.rand(shape.seq, generator=generator).to(device)
-        out_rows, src_offsets, src_rows = _merge_structure(plan, shape.seq)
-        out_rows, src_offsets, src_rows = out_rows.to(device), src_offsets.to(device), src_rows.to(device)
+        merged_into = _choose_merges(x[None], plan, weights[None], "torch", 1, shape.seq)
+        out_rows, src_offsets, src_rows = (t.to(device) for t in merge_lists(merged_into < 0, merged_into, "left"))
         expected_merge = _merge_torch(x, weights, out_rows, src_offsets, src_rows)
 
         def merge_check(output: object) -> None:
@@ -316,27 +316,6 @@ def _launch_pass(
     its default."""
     configs = (config, defaults[1]) if index == 0 else (defaults[0], config)
     return launcher(*inputs, configs)
-
-
-def _merge_structure(plan, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A stage's merge: in every window its first ``r`` A tokens merge into B tokens of the same window (round
-    robin); the sequence is compacted around them. Returns ``(out_rows, src_offsets, src_rows)``."""
-    merged_into = torch.full((seq,), -1, dtype=torch.long)
-    a_bounds, b_bounds = plan.a_offsets.tolist(), plan.b_offsets.tolist()
-    for window, r in enumerate(plan.merges_per_window.tolist()):
-        a0, b0, b1 = a_bounds[window], b_bounds[window], b_bounds[window + 1]
-        for j in range(min(r, a_bounds[window + 1] - a0)):
-            merged_into[plan.a_rows[a0 + j]] = plan.b_rows[b0 + j % (b1 - b0)]
-    out_rows = (merged_into < 0).nonzero().squeeze(1)
-    position = torch.full((seq,), -1, dtype=torch.long)
-    position[out_rows] = torch.arange(out_rows.numel())
-    sources = (merged_into >= 0).nonzero().squeeze(1)
-    order = torch.argsort(position[merged_into[sources]], stable=True)
-    sources = sources[order]
-    counts = torch.bincount(position[merged_into[sources]], minlength=out_rows.numel())
-    src_offsets = torch.zeros(out_rows.numel() + 1, dtype=torch.long)
-    src_offsets[1:] = torch.cumsum(counts, 0)
-    return out_rows, src_offsets, sources
 
 
 # ----------------------------------------------------------------------------------------------

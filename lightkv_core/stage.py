@@ -496,21 +496,7 @@ def _compact(
     batch, seq, dim = hidden.shape
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max()) if batch else 0
-    slot_of = torch.cumsum(keep, dim=1) - 1
-    if padding_side == "left":
-        slot_of = slot_of + (out_len - lengths)[:, None]
-    flat_slot = slot_of + torch.arange(batch)[:, None] * out_len
-    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long)
-    out_rows[flat_slot[keep]] = torch.arange(batch * seq).view(batch, seq)[keep]
-
-    merged_mask = merged_into >= 0
-    sources = (torch.arange(batch)[:, None] * seq + torch.arange(seq)[None, :])[merged_mask]
-    targets = (torch.arange(batch)[:, None] * seq + merged_into.clamp(min=0))[merged_mask]
-    receiver = flat_slot.view(-1)[targets]
-    order = torch.argsort(receiver * (batch * seq) + sources)
-    sources, receiver = sources[order], receiver[order]
-    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long)
-    src_offsets[1:] = torch.cumsum(torch.bincount(receiver, minlength=batch * out_len), 0)
+    out_rows, src_offsets, sources = merge_lists(keep, merged_into, padding_side)
 
     device = hidden.device
     if weights is None:
@@ -541,6 +527,42 @@ def _compact(
         merged_into=merged_into.to(device),
         scores=scores,
     )
+
+
+def merge_lists(
+    keep: torch.Tensor, merged_into: torch.Tensor, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arguments of :func:`~lightkv_core.kernels.merge_compact` for a stage's choice (CPU tensors).
+
+    Args:
+        keep: ``(B, S)`` bool, the tokens that stay (each sample's survivors go to a row of ``max(keep.sum(1))``
+            slots, padded on ``padding_side``).
+        merged_into: ``(B, S)`` int64, the B token every merged token joins, ``-1`` for the others.
+        padding_side: ``"left"`` or ``"right"``.
+
+    Returns:
+        ``out_rows`` ``(B * L,)`` flat input row of every output slot (``-1``: padding), and the CSR
+        ``src_offsets`` ``(B * L + 1,)`` / ``src_rows`` of the flat rows merged into each slot.
+    """
+    batch, seq = keep.shape
+    lengths = keep.sum(dim=1)
+    out_len = int(lengths.max()) if batch else 0
+    slot_of = torch.cumsum(keep, dim=1) - 1
+    if padding_side == "left":
+        slot_of = slot_of + (out_len - lengths)[:, None]
+    flat_slot = slot_of + torch.arange(batch)[:, None] * out_len
+    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long)
+    out_rows[flat_slot[keep]] = torch.arange(batch * seq).view(batch, seq)[keep]
+
+    merged_mask = merged_into >= 0
+    sources = (torch.arange(batch)[:, None] * seq + torch.arange(seq)[None, :])[merged_mask]
+    targets = (torch.arange(batch)[:, None] * seq + merged_into.clamp(min=0))[merged_mask]
+    receiver = flat_slot.view(-1)[targets]
+    order = torch.argsort(receiver * (batch * seq) + sources)
+    sources, receiver = sources[order], receiver[order]
+    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long)
+    src_offsets[1:] = torch.cumsum(torch.bincount(receiver, minlength=batch * out_len), 0)
+    return out_rows, src_offsets, sources
 
 
 def _new_positions(

@@ -219,10 +219,12 @@ def test_parse_shape_rescales_images_and_rejects_bad_text():
             autotune.parse_shape(bad, base)
 
 
-def test_merge_structure_is_a_valid_stage_merge():
+def test_merge_problem_is_a_valid_stage_merge():
     shape = autotune.preset_shapes("llava-1.5")[0]
     plan = autotune._plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
-    out_rows, src_offsets, src_rows = autotune._merge_structure(plan, shape.seq)
+    x, weights = torch.randn(1, shape.seq, 64), torch.rand(1, shape.seq)
+    merged_into = autotune._choose_merges(x, plan, weights, "torch", 1, shape.seq)
+    out_rows, src_offsets, src_rows = autotune.merge_lists(merged_into < 0, merged_into, "left")
     assert out_rows.numel() + src_rows.numel() == shape.seq
     assert src_rows.numel() == int(plan.merges_per_window.sum()) == 288
     assert sorted(torch.cat([out_rows, src_rows]).tolist()) == list(range(shape.seq))
