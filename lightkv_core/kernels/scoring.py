@@ -126,15 +126,15 @@ if TRITON_AVAILABLE:
     def _combined_lse(lse_head_ptr, t_offs, t_valid, T, NUM_SPLITS):
         """``Z`` of one head for a tile of guide tokens from its ``NUM_SPLITS`` partials (``+inf`` where unused)."""
         top = tl.full(t_offs.shape, float("-inf"), tl.float32)
-        for split in range(0, NUM_SPLITS):
-            top = tl.maximum(top, tl.load(lse_head_ptr + split * T + t_offs, mask=t_valid, other=float("-inf")))
-        safe_top = tl.where(top == float("-inf"), 0.0, top)
         total = tl.zeros(t_offs.shape, tl.float32)
         for split in range(0, NUM_SPLITS):
             part = tl.load(lse_head_ptr + split * T + t_offs, mask=t_valid, other=float("-inf"))
-            total += tl.exp(part - safe_top)
+            new_top = tl.maximum(top, part)
+            safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+            total = total * tl.exp(top - safe_top) + tl.exp(part - safe_top)
+            top = new_top
         seen = total > 0.0
-        lse = tl.where(seen, safe_top + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        lse = tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
         return tl.where(t_valid, lse, float("inf"))
 
     @triton.jit
@@ -279,7 +279,7 @@ def _scores_triton(
             launch_config("scoring.column_lse", q.device, **dims),
             launch_config("scoring.row_sum", q.device, **dims),
         )
-    lse_config, sum_config = (dict(config) for config in configs)
+    lse_config, sum_config = configs
     guides = torch.zeros(batch, width, dtype=torch.int32, device=q.device)
     guides[:, : guide_index.shape[1]] = guide_index.to(torch.int32)
     counts = guide_count.to(torch.int32).contiguous()
