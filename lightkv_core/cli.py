@@ -113,16 +113,13 @@ def presets(_: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("scoring", "kernels", "prefill")
-
-
 def add_bench(commands: argparse._SubParsersAction) -> None:
     """``lightkv bench {scoring,kernels,prefill,all}``: the benchmarks of ``perf/`` (package ``lightkv_perf``)."""
-    import importlib
+    from lightkv_perf import kernels, prefill, scoring
 
     bench = commands.add_parser("bench", help="benchmarks: scoring kernel, grouping/merge kernels, end-to-end prefill")
     which = bench.add_subparsers(dest="benchmark", required=True)
-    modules = {name: importlib.import_module(f"lightkv_perf.{name}") for name in BENCHMARKS}
+    modules = {"scoring": scoring, "kernels": kernels, "prefill": prefill}
     for name, module in modules.items():
         sub = which.add_parser(name, help=module.__doc__.splitlines()[0])
         module.add_arguments(sub)

@@ -31,7 +31,6 @@ Writes ``perf/results/kernels-<device>.json`` and ``.png``. On a CPU only the ra
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from unittest import mock
 
 import torch
 
+from lightkv_core import stage as stage_module
 from lightkv_core.config import PRESETS
 from lightkv_core.kernels import merge_compact, window_best_match
 from lightkv_core.kernels._backend import TRITON_AVAILABLE, interpreting
@@ -145,7 +145,6 @@ def build_cases(
     previous stage's output hidden states and spans. ``backend`` is the stage's (the recorded inputs do not depend
     on it).
     """
-    stage_module = importlib.import_module("lightkv_core.stage")
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, prompt.tokens, hidden, generator=generator).to(dev, dtype)
     spans = prompt.spans()
