@@ -419,7 +419,7 @@ def tune(
                     torch.cuda.synchronize(device)
                     times[index] = do_bench(partial(problem.launch, config), warmup=10, rep=50) / 1e3
                 except Exception as error:  # any compile/launch/check failure rejects the config
-                    rejected[_config_text(config)] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    rejected[_config_text(config)] = _reason(error)
             if 0 not in times:
                 raise RuntimeError(f"{problem.kernel} [{problem.key}]: the default config failed: {rejected}")
             best = min(times, key=times.__getitem__)
@@ -446,7 +446,7 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
                 try:
                     problem.check(problem.launch(config))
                 except Exception as error:  # report every failing tiling, not just the first
-                    rejected[_config_text(config)] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    rejected[_config_text(config)] = _reason(error)
             results[(problem.kernel, problem.key)] = TunedKernel(
                 problem.kernel,
                 problem.key,
@@ -462,6 +462,12 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
 
 def _config_text(config: dict[str, int]) -> str:
     return " ".join(f"{param}={value}" for param, value in config.items())
+
+
+def _reason(error: Exception) -> str:
+    """Why a config was rejected: the error's type and the first line of its message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
