@@ -275,7 +275,7 @@ class _Adapter:
     def _before_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = self.multimodal_signature.bind_partial(*args, **kwargs).arguments
         input_ids = inputs.get("input_ids")
-        cache = inputs.get("past_key_values")
+        cache = _cache_argument(inputs)
         if input_ids is None:
             pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
             self.inputs = _Inputs(None, pixels or bool(inputs.get("mm_encoder_outputs")))
@@ -394,7 +394,7 @@ class _Adapter:
     def _start(self, run: _Run, hidden: torch.Tensor, kwargs: dict) -> None:
         """Decide at layer 0 whether this forward is a prefill, a decode step on a compressed cache, or
         untouched."""
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         if cache is not None and (
             not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers)
         ):
@@ -491,6 +491,17 @@ class _Adapter:
             return (result.hidden, *output[1:]) if isinstance(output, tuple) else result.hidden
 
         return hook
+
+
+def _cache_argument(arguments: dict) -> Cache | None:
+    """The KV cache a forward was given: ``cache`` since transformers 5.24, ``past_key_values`` before (and still
+    accepted, with a deprecation warning, by 5.24's forwards), directly or inside a bound ``**kwargs``."""
+    extra = arguments.get("kwargs") or {}
+    for name in ("cache", "past_key_values"):
+        for source in (arguments, extra):
+            if source.get(name) is not None:
+                return source[name]
+    return None
 
 
 def _identity_columns(real: torch.Tensor) -> torch.Tensor:
