@@ -287,3 +287,55 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     got = window_best_match(**args, backend="auto")
     want = window_best_match(**args, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def copies_across_tile_boundaries(dtype: torch.dtype):
+    """Two windows with the same 70 B vectors (the second starting mid-array) and 40 A tokens each.
+
+    Each A token is a noisy copy of one of three targets; each target sits at several B positions on both
+    sides of the 16/32/64-token tile boundaries, so its lowest copy is the unique right answer.
+    Returns the inputs and the expected ``best`` (positions in ``b_rows``).
+    """
+    gen = torch.Generator().manual_seed(7)
+    dim, num_a, num_b = 48, 40, 70
+    copies = {15: 0, 16: 0, 17: 0, 31: 1, 32: 1, 47: 1, 63: 2, 64: 2, 65: 2}
+    targets = torch.randn(3, dim, generator=gen)
+    b_vectors = torch.randn(num_b, dim, generator=gen)
+    for position, target in copies.items():
+        b_vectors[position] = targets[target]
+    a_target = torch.arange(num_a) % 3
+    a_target[20:] = a_target[:20]
+    a_vectors = targets[a_target] + 0.05 * torch.randn(num_a, dim, generator=gen)
+    a_vectors[20:] = a_vectors[:20]  # identical A rows in another A tile of the same window
+    first_copy = {target: min(p for p, t in copies.items() if t == target) for target in range(3)}
+    rows = []
+    for _ in range(2):
+        rows += [a_vectors, b_vectors]
+    x = torch.cat([torch.randn(5, dim, generator=gen), *rows]).to(dtype)
+    window_rows = num_a + num_b
+    a_rows = torch.cat([torch.arange(num_a) + 5 + w * window_rows for w in range(2)])
+    b_rows = torch.cat([torch.arange(num_b) + 5 + num_a + w * window_rows for w in range(2)])
+    # The second window's B tokens begin at position 70 of b_rows: its tiles fall elsewhere in the array.
+    expected = torch.tensor([first_copy[int(t)] for t in a_target])
+    expected = torch.cat([expected, expected + num_b])
+    offsets = torch.tensor([0, num_a, 2 * num_a])
+    return (x, a_rows, offsets, b_rows, torch.tensor([0, num_b, 2 * num_b])), expected
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("tiles", [(16, 16, 8), (16, 32, 16), (32, 64, 32), (16, 16, 64)], ids=str)
+def test_copies_on_both_sides_of_a_tile_boundary_tie_to_the_lowest(backend, device, dtype, tiles):
+    """The tie rule may not depend on where a tile boundary falls: every launch config of the Triton kernel
+    and every A-chunking of the fallback give the lowest copy, the same best and sim for identical A rows
+    (in another tile or window), and for both windows the same answer relative to the window."""
+    inputs, expected = copies_across_tile_boundaries(dtype)
+    inputs = tuple(t.to(device) for t in inputs)
+    block_a, block_b, block_d = tiles
+    if backend == "triton":
+        config = {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
+        best, sim = match_mod._match_triton(*inputs, config=config)
+    else:
+        best, sim = match_mod._match_torch(*inputs, max_chunk_elements=block_a * 70)
+    assert best.cpu().tolist() == expected.tolist()
+    sim = sim.cpu()
+    assert torch.equal(sim[:20], sim[20:40]) and torch.equal(sim[:40], sim[40:])
