@@ -120,11 +120,12 @@ KERNELS: dict[str, TunableKernel] = {
         ),
         TunableKernel(
             "window_match",
-            default={"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
+            # The kernel holds a BLOCK_A x BLOCK_D x BLOCK_B block of products (no tl.dot, see window_match).
+            default={"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
             space={
-                "BLOCK_A": (16, 32, 64),
+                "BLOCK_A": (16, 32),
                 "BLOCK_B": (16, 32, 64),
-                "BLOCK_D": (32, 64, 128, 256),
+                "BLOCK_D": (8, 16, 32, 64),
                 "num_warps": _WARPS,
                 "num_stages": _STAGES,
             },

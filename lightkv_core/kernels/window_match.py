@@ -7,12 +7,21 @@ window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B toke
     c(a, b) = x_a . x_b / (|x_a| |x_b| + 1e-8)
 
 ``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
-``sim[a]`` the maximum. The Triton kernel runs one program per (window, tile of A tokens) and streams
-the window's B tokens in tiles, so it holds ``BLOCK_A x BLOCK_B`` similarities at a time (tile sizes from
-:mod:`lightkv_core.kernels.tuning`). The
-fallback loops over windows and holds at most ``max_chunk_elements`` similarities. It computes the
-cosines in float64 and rounds them to float32: a float32 BLAS matmul gives identical rows results that
-differ by an ulp depending on their position, which would break the lowest-position tie rule.
+``sim[a]`` the maximum.
+
+The tie rule needs exactly equal vectors to get exactly equal similarities wherever they sit, so both
+backends compute a similarity as a function of the two vectors alone, never of their positions:
+
+* The Triton kernel runs one program per (window, tile of A tokens) and streams the window's B tokens in
+  tiles (tile sizes from :mod:`lightkv_core.kernels.tuning`). It forms the dot products from elementwise
+  float32 products summed over ``BLOCK_D`` slices (``tl.sum`` reduces every (a, b) pair with the same
+  tree) and adds the slices in order, instead of ``tl.dot``: a matrix multiply may round a column
+  differently by its place in the tile (BLAS under the interpreter does), and then a copy of a vector
+  after a tile boundary could beat the same vector before it. Windows hold a few hundred tokens at
+  most, so the products are a negligible share of a prefill with or without tensor cores.
+* The fallback computes the cosines of the window's *distinct* A and B vectors (one float64 matmul per
+  window, rounded to float32) and hands every copy of a vector the column or row of its first
+  occurrence, so copies tie exactly and ``max`` picks the lowest position.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ from lightkv_core.kernels._backend import (
     check_rows,
     check_same_device,
     choose_backend,
-    dot_mode,
 )
 from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
@@ -36,8 +44,6 @@ EPS = 1e-8
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
-
-    from lightkv_core.kernels._backend import dot_f32
 
     @triton.jit
     def _window_match_kernel(
@@ -56,7 +62,6 @@ if TRITON_AVAILABLE:
         BLOCK_A: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        DOT_MODE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         window = tl.load(tile_window_ptr + tile)
@@ -81,17 +86,15 @@ if TRITON_AVAILABLE:
                     x_ptr + a_rows[:, None] * sxn + d_offs[None, :] * sxd,
                     mask=a_valid[:, None] & d_valid[None, :],
                     other=0.0,
-                )
+                ).to(tl.float32)
                 xb = tl.load(
                     x_ptr + b_rows[None, :] * sxn + d_offs[:, None] * sxd,
                     mask=d_valid[:, None] & b_valid[None, :],
                     other=0.0,
-                )
-                dots += dot_f32(xa, xb, DOT_MODE)
-                xa32 = xa.to(tl.float32)
-                xb32 = xb.to(tl.float32)
-                a_sq += tl.sum(xa32 * xa32, axis=1)
-                b_sq += tl.sum(xb32 * xb32, axis=0)
+                ).to(tl.float32)
+                dots += tl.sum(xa[:, :, None] * xb[None, :, :], axis=1)
+                a_sq += tl.sum(xa * xa, axis=1)
+                b_sq += tl.sum(xb * xb, axis=0)
             sims = dots / (tl.sqrt(a_sq)[:, None] * tl.sqrt(b_sq)[None, :] + 1e-8)
             sims = tl.where(b_valid[None, :], sims, float("-inf"))
             tile_best, tile_arg = tl.max(sims, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -190,7 +193,6 @@ def _match_triton(
         x.stride(0),
         x.stride(1),
         **config,
-        DOT_MODE=dot_mode(x.dtype),
     )
     return best, sim
 
@@ -203,7 +205,8 @@ def _match_torch(
     b_offsets: torch.Tensor,
     max_chunk_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fallback: one float64 matmul per window (chunked over A tokens), rounded to float32."""
+    """Fallback: per window, one float64 matmul of its distinct A and B vectors (chunked over A), rounded
+    to float32; every copy of a vector reads the result of its distinct vector."""
     best = torch.full((a_rows.numel(),), -1, dtype=torch.long, device=x.device)
     sim = torch.full((a_rows.numel(),), float("-inf"), dtype=torch.float32, device=x.device)
     a_bounds = a_offsets.tolist()
@@ -212,14 +215,18 @@ def _match_torch(
         a0, a1, b0, b1 = a_bounds[window], a_bounds[window + 1], b_bounds[window], b_bounds[window + 1]
         if a0 == a1 or b0 == b1:
             continue
-        xb = x[b_rows[b0:b1]].double()
-        b_norm = xb.norm(dim=1)
+        xa, a_copy_of = torch.unique(x[a_rows[a0:a1]], dim=0, return_inverse=True)
+        xb, b_copy_of = torch.unique(x[b_rows[b0:b1]], dim=0, return_inverse=True)
+        xa, xb = xa.double(), xb.double()
+        a_norm, b_norm = xa.norm(dim=1), xb.norm(dim=1)
+        distinct_best = torch.empty(xa.shape[0], dtype=torch.long, device=x.device)
+        distinct_sim = torch.empty(xa.shape[0], dtype=torch.float32, device=x.device)
         chunk = max(1, max_chunk_elements // (b1 - b0))
-        for start in range(a0, a1, chunk):
-            stop = min(a1, start + chunk)
-            xa = x[a_rows[start:stop]].double()
-            sims = ((xa @ xb.T) / (xa.norm(dim=1)[:, None] * b_norm[None, :] + EPS)).float()
-            values, index = sims.max(dim=1)
-            best[start:stop] = index + b0
-            sim[start:stop] = values
+        for start in range(0, xa.shape[0], chunk):
+            stop = min(xa.shape[0], start + chunk)
+            sims = ((xa[start:stop] @ xb.T) / (a_norm[start:stop, None] * b_norm[None, :] + EPS)).float()
+            # (distinct A, every B position): copies hold equal values, so max takes the lowest position
+            distinct_sim[start:stop], distinct_best[start:stop] = sims[:, b_copy_of].max(dim=1)
+        best[a0:a1] = distinct_best[a_copy_of] + b0
+        sim[a0:a1] = distinct_sim[a_copy_of]
     return best, sim
