@@ -8,6 +8,7 @@ with a row-newline token per row; Qwen2-VL / Qwen2.5-VL: ``<vision_start>`` imag
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ def make_inputs(model: torch.nn.Module, kind: str, samples: list[Sample]) -> dic
     inputs = {name: torch.cat(values) for name, values in pixels.items()}
     inputs["input_ids"] = torch.tensor([[PAD] * (width - len(row)) + row for row in rows])
     inputs["attention_mask"] = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    if qwen:
+    if qwen and "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:  # since transformers 5.3
         inputs["mm_token_type_ids"] = torch.tensor([[0] * (width - len(row)) + row for row in types])
     if kind == "llava-next" and "pixel_values" in inputs:
         tiles = max(p.shape[1] for p in pixels["pixel_values"])

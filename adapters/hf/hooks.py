@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family, family_of
+from lightkv_adapters.hf.versions import warn_if_untested
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.methods import METHODS, CompressionMethod, KVEviction, LightKV, PrefillReduction, method_by_name
 from lightkv_core.spans import VisionSpan, vision_token_mask
@@ -60,7 +61,8 @@ def apply_lightkv(
             its depth.
         backend: kernels of a method given by name or as a schedule, ``"auto"``, ``"triton"`` or ``"torch"``.
 
-    After each prefill ``model.lightkv_stats`` holds a :class:`~lightkv_core.stats.PrefillStats`.
+    After each prefill ``model.lightkv_stats`` holds a :class:`~lightkv_core.stats.PrefillStats`. A transformers
+    release outside the tested range (:data:`~lightkv_adapters.hf.versions.TESTED_TRANSFORMERS`) gets a warning.
 
     Raises:
         NotImplementedError for an unsupported model class, text backbone or attention implementation;
@@ -69,6 +71,7 @@ def apply_lightkv(
     """
     if model in _ADAPTERS:
         raise RuntimeError("lightkv is already applied to this model; call remove_lightkv(model) first")
+    warn_if_untested()
     family = family_of(model)
     text_model = model.model.language_model
     method = _method_for(family, text_model.config.num_hidden_layers, config, backend)
@@ -204,6 +207,7 @@ class _Adapter:
         self.handles = [
             model.register_forward_pre_hook(self._before_model, with_kwargs=True),
             model.model.register_forward_pre_hook(self._before_multimodal, with_kwargs=True),
+            model.model.register_forward_hook(self._after_multimodal),
             text_model.register_forward_pre_hook(self._before_text, with_kwargs=True),
             text_model.register_forward_hook(self._after_text),
         ]
@@ -292,6 +296,11 @@ class _Adapter:
                     inputs[argument] = recorded
             spans = self.family.spans(self.model, inputs)
         self.inputs = _Inputs(spans, has_vision_tokens)
+
+    def _after_multimodal(self, module: nn.Module, args: tuple, output: object) -> None:
+        # grids recorded while this forward encoded its own images (transformers < 5.18 encodes inside forward)
+        # belong to it, not to the next prefill
+        self.recorded_grids.clear()
 
     def _before_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs, self.inputs = self.inputs, None
@@ -528,9 +537,12 @@ def _gather_prefill_inputs(originals: dict, columns: torch.Tensor) -> dict:
     alive = columns >= 0
     index = columns.clamp(min=0)
     cos, sin = originals["position_embeddings"]
+    # (B or 1, S, d), or (3, B, S, d) where Qwen2-VL applies its M-RoPE sections inside attention (transformers < 5.17)
     swapped = {
         "position_embeddings": tuple(
-            table.expand(batch, -1, -1).gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+            table.expand(*table.shape[:-3], batch, -1, -1).gather(
+                -2, index[..., None].expand(*table.shape[:-3], batch, length, table.shape[-1])
+            )
             for table in (cos, sin)
         )
     }
