@@ -408,6 +408,15 @@ def test_nothing_is_checked_without_compression():
     plugin.validate(ServerArgs(model_path="m", tp_size=4, attention_backend="flashinfer"), KVCompressSettings())
 
 
+def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
+    import sglang
+
+    monkeypatch.setattr(sglang, "__version__", "0.5.24")
+    with pytest.raises(ValueError, match=r"SGLang 0\.5\.24 is not a release this plugin is tested with \(0\.5\.23\)"):
+        plugin.validate(_server_args(attention_backend="triton"), LIGHTKV)
+    plugin.validate(_server_args(attention_backend="triton"), KVCompressSettings())
+
+
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as error:
         plugin.validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)

@@ -29,6 +29,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 import msgspec
+import sglang
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from lightkv_adapters.sglang.settings import (
@@ -67,6 +68,8 @@ KV_COMPRESS_KWARGS = (
 POOL_RATIO_WORDS = ("auto", "off")
 #: Attention backends that run a prefill whose vision tokens shrink between layers.
 ATTENTION_BACKENDS = ("triton", "torch_native")
+#: SGLang releases whose internals (scheduler, memory pools, model runner) the plugin is tested against.
+TESTED_SGLANG = ("0.5.23",)
 
 _registered = False
 
@@ -256,10 +259,11 @@ def attach_settings(server_args: ServerArgs, settings: KVCompressSettings) -> No
 
 
 def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
-    """Checks that SGLang will run a prefill that compression can shorten: one whole prompt per forward, on one
-    GPU, without CUDA graphs, overlap scheduling, prefix caching or speculative decoding, on an attention
-    backend that takes per-layer KV lengths. Reads the arguments as given (before SGLang resolves them): an
-    argument left to SGLang's automatic choice counts as incompatible where that choice can be.
+    """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
+    compression can shorten: one whole prompt per forward, on one GPU, without CUDA graphs, overlap scheduling,
+    prefix caching or speculative decoding, on an attention backend that takes per-layer KV lengths. Reads the
+    arguments as given (before SGLang resolves them): an argument left to SGLang's automatic choice counts as
+    incompatible where that choice can be.
 
     Raises:
         ValueError listing every problem with the flag (and ``Engine`` keyword) that fixes it.
@@ -275,7 +279,13 @@ def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
 
 
 def _problems(server_args: ServerArgs) -> Iterator[str]:
-    """What in ``server_args`` keeps compression from running, one sentence each."""
+    """What in ``server_args`` (or the installed SGLang) keeps compression from running, one sentence each."""
+    if sglang.__version__ not in TESTED_SGLANG:
+        yield (
+            f"SGLang {sglang.__version__} is not a release this plugin is tested with ({', '.join(TESTED_SGLANG)}); "
+            "the plugin patches SGLang's scheduler, memory pools and model runner, and on other internals it "
+            f"could keep a wrong KV layout without an error; install sglang=={TESTED_SGLANG[-1]}"
+        )
     if not server_args.disable_radix_cache:
         yield (
             "the radix (prefix) cache is on (the default), and one prompt's compressed KV cannot be another's "
