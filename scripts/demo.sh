@@ -3,5 +3,5 @@
 # with and without LightKV (answers, per-layer KV tokens, vision KV bytes, prefill time, accuracy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 exec .venv/bin/lightkv demo "$@"

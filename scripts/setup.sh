@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Creates .venv with lightkv installed in editable mode, plus the test tools (dev), transformers (hf,
-# for the Hugging Face parity tests) and matplotlib (perf, for the benchmark plots).
-# - If the Python that runs this already has torch (for example a CUDA build), the venv sees it
-#   (--system-site-packages) and torch is not reinstalled.
-# - Otherwise torch==2.13.0 is installed first; on the project's CPU machines this takes the local
+# Creates .venv with lightkv installed in editable mode, every version pinned by scripts/constraints.txt.
+#   scripts/setup.sh demo   the core only (torch, triton, numpy, safetensors, tqdm): what `lightkv demo` needs
+#   scripts/setup.sh test   (default) plus the test tools (dev), transformers (hf), matplotlib (perf) and SGLang
+# - If the Python that runs this already has a torch (for example a CUDA build), the venv sees it
+#   (--system-site-packages) and keeps it: torch, triton and torch's own requirements are then left out of
+#   the pins, so that torch's requirements decide them.
+# - Otherwise torch==2.13.0 (the pin) is installed first; on the project's CPU machines this takes the local
 #   CPU wheel instead of pulling several GB of CUDA packages.
-# - SGLang 0.5.23 without its CUDA dependencies (scripts/sglang-cpu.txt), for the SGLang adapter's CPU tests.
+# - SGLang is installed last and with --no-deps: its own pins (torch 2.14, CUDA kernel wheels, ...) would
+#   replace the CPU torch. scripts/sglang-cpu.txt lists the small packages its CPU path imports. Its declared
+#   requirements (a CUDA server's) are therefore unmet on purpose, and pip would list all of them as
+#   "dependency conflicts" whenever a later install touches one of them: the test set-up installs with
+#   --no-warn-conflicts. The pins themselves come from one resolved, green environment (scripts/refresh-pins.sh).
+# pip runs with -qq: only errors are printed (this machine's pip configuration names package folders that do
+# not exist, and pip warns about each on every install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE="${1:-test}"
+case "$MODE" in
+    demo | test) ;;
+    *) echo "usage: scripts/setup.sh [demo|test] (got '$MODE')" >&2; exit 2 ;;
+esac
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
@@ -16,12 +29,15 @@ if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m venv .venv
     fi
 fi
+PIP=(.venv/bin/python -m pip -qq)
+CONSTRAINTS=.venv/constraints.txt
+.venv/bin/python scripts/pins.py for-venv scripts/constraints.txt > "$CONSTRAINTS"
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+    "${PIP[@]}" install -c "$CONSTRAINTS" torch
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev,hf,perf]"
-# SGLang for the CPU tests of the SGLang adapter: without its CUDA dependencies (scripts/sglang-cpu.txt).
-# The constraint keeps the torch installed above.
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
-.venv/bin/python -m pip install --quiet --no-deps "sglang==0.5.23" "compressed-tensors==0.18.0"
-.venv/bin/python -m pip install --quiet -c .venv/torch-constraint.txt -r scripts/sglang-cpu.txt
+if [ "$MODE" = demo ]; then
+    "${PIP[@]}" install -c "$CONSTRAINTS" -e .
+    exit 0
+fi
+"${PIP[@]}" install --no-warn-conflicts -c "$CONSTRAINTS" -e ".[dev,hf,perf]" -r scripts/sglang-cpu.txt
+"${PIP[@]}" install -c "$CONSTRAINTS" --no-deps sglang compressed-tensors
