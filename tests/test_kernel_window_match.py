@@ -326,8 +326,8 @@ def copies_across_tile_boundaries(dtype: torch.dtype):
 @pytest.mark.parametrize("tiles", [(16, 16, 8), (16, 32, 16), (32, 64, 32), (16, 16, 64)], ids=str)
 def test_copies_on_both_sides_of_a_tile_boundary_tie_to_the_lowest(backend, device, dtype, tiles):
     """The tie rule may not depend on where a tile boundary falls: every launch config of the Triton kernel
-    and every A-chunking of the fallback give the lowest copy, the same best and sim for identical A rows
-    (in another tile or window), and for both windows the same answer relative to the window."""
+    and every A-chunking of the fallback give the lowest copy, the same best for identical A rows (in another
+    tile or window), and for both windows the same answer relative to the window."""
     inputs, expected = copies_across_tile_boundaries(dtype)
     inputs = tuple(t.to(device) for t in inputs)
     block_a, block_b, block_d = tiles
@@ -338,4 +338,8 @@ def test_copies_on_both_sides_of_a_tile_boundary_tie_to_the_lowest(backend, devi
         best, sim = match_mod._match_torch(*inputs, max_chunk_elements=block_a * 70)
     assert best.cpu().tolist() == expected.tolist()
     sim = sim.cpu()
-    assert torch.equal(sim[:20], sim[20:40]) and torch.equal(sim[:40], sim[40:])
+    # the kernel's similarity is a function of the two vectors; the fallback's float64 matmul, rounded to float32,
+    # may still differ by one float32 ulp (at most 2**-24 below 1) between copies of an A row at other positions
+    tolerance = 0.0 if backend == "triton" else 2.0**-24
+    torch.testing.assert_close(sim[:20], sim[20:40], rtol=0, atol=tolerance)
+    torch.testing.assert_close(sim[:40], sim[40:], rtol=0, atol=tolerance)

@@ -9,20 +9,21 @@ window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B toke
 ``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
 ``sim[a]`` the maximum.
 
-The tie rule needs exactly equal vectors to get exactly equal similarities wherever they sit, so both
-backends compute a similarity as a function of the two vectors alone, never of their positions:
+Exact copies of a B vector tie, so the lowest copy must win wherever the copies sit (on either side of a
+tile boundary, at any offset of the window in the batch):
 
 * The Triton kernel runs one program per (window, tile of A tokens) and streams the window's B tokens in
-  tiles (tile sizes from :mod:`lightkv_core.kernels.tuning`). It forms the dot products from elementwise
+  tiles (tile sizes from :mod:`lightkv_core.kernels.tuning`). A similarity is a function of the two vectors
+  alone, never of their positions: the kernel forms the dot products from elementwise
   float32 products summed over ``BLOCK_D`` slices (``tl.sum`` reduces every (a, b) pair with the same
   tree) and adds the slices in order, instead of ``tl.dot``: a matrix multiply may round a column
   differently by its place in the tile (BLAS under the interpreter does), and then a copy of a vector
   after a tile boundary could beat the same vector before it. The products are few beside a prefill's
   (LLaVA-NeXT's first stage, 2,880 vision tokens in 16 windows at D = 4,096: about 1 GFLOP, against
   about 40 TFLOP for a 7B model's prefill of that prompt), so tensor cores would not pay here.
-* The fallback computes the cosines of the window's *distinct* A and B vectors (one float64 matmul per
-  window, rounded to float32) and hands every copy of a vector the column or row of its first
-  occurrence, so copies tie exactly and ``max`` picks the lowest position.
+* The fallback computes the cosines with one float64 matmul per window, rounded to float32; a matmul
+  may also round a column by its position, so the best B token then moves to the lowest position in its
+  window that holds exactly the same vector.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def _match_torch(
     b_offsets: torch.Tensor,
     max_chunk_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fallback: per window, one float64 matmul of its distinct A and B vectors (chunked over A), rounded
-    to float32; every copy of a vector reads the result of its distinct vector."""
+    """Fallback: one float64 matmul per window (chunked over A tokens), rounded to float32; the best B token
+    then moves to the lowest copy of its vector (:func:`_lowest_copies`)."""
     best = torch.full((a_rows.numel(),), -1, dtype=torch.long, device=x.device)
     sim = torch.full((a_rows.numel(),), float("-inf"), dtype=torch.float32, device=x.device)
     a_bounds = a_offsets.tolist()
@@ -216,18 +217,31 @@ def _match_torch(
         a0, a1, b0, b1 = a_bounds[window], a_bounds[window + 1], b_bounds[window], b_bounds[window + 1]
         if a0 == a1 or b0 == b1:
             continue
-        xa, a_copy_of = torch.unique(x[a_rows[a0:a1]], dim=0, return_inverse=True)
-        xb, b_copy_of = torch.unique(x[b_rows[b0:b1]], dim=0, return_inverse=True)
-        xa, xb = xa.double(), xb.double()
-        a_norm, b_norm = xa.norm(dim=1), xb.norm(dim=1)
-        distinct_best = torch.empty(xa.shape[0], dtype=torch.long, device=x.device)
-        distinct_sim = torch.empty(xa.shape[0], dtype=torch.float32, device=x.device)
+        xb_given = x[b_rows[b0:b1]]
+        xb = xb_given.double()
+        b_norm = xb.norm(dim=1)
         chunk = max(1, max_chunk_elements // (b1 - b0))
-        for start in range(0, xa.shape[0], chunk):
-            stop = min(xa.shape[0], start + chunk)
-            sims = ((xa[start:stop] @ xb.T) / (a_norm[start:stop, None] * b_norm[None, :] + EPS)).float()
-            # (distinct A, every B position): copies hold equal values, so max takes the lowest position
-            distinct_sim[start:stop], distinct_best[start:stop] = sims[:, b_copy_of].max(dim=1)
-        best[a0:a1] = distinct_best[a_copy_of] + b0
-        sim[a0:a1] = distinct_sim[a_copy_of]
+        for start in range(a0, a1, chunk):
+            stop = min(a1, start + chunk)
+            xa = x[a_rows[start:stop]].double()
+            sims = ((xa @ xb.T) / (xa.norm(dim=1)[:, None] * b_norm[None, :] + EPS)).float()
+            values, index = sims.max(dim=1)
+            best[start:stop] = _lowest_copies(sims, values, index, xb_given) + b0
+            sim[start:stop] = values
     return best, sim
+
+
+#: How far below the maximum a cosine may lie and still be a copy of the best vector rounded elsewhere
+#: (a few float32 ulps at 1.0); such columns are only compared for equality, never chosen for their value.
+COPY_SLACK = 1e-6
+
+
+def _lowest_copies(sims: torch.Tensor, values: torch.Tensor, index: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """``index`` ``(A,)`` (argmax of ``sims`` ``(A, B)``, maxima ``values``) moved to the lowest column whose
+    B vector (row of ``xb``) equals the chosen one. A matmul may round a column differently by its position, so
+    an exact copy of the best vector can come out an ulp below it; the tie rule wants the lowest copy."""
+    rows, columns = torch.nonzero(sims >= values[:, None] - COPY_SLACK, as_tuple=True)
+    if rows.numel() == index.numel():  # no row has a candidate besides its maximum
+        return index
+    same = (xb[columns] == xb[index[rows]]).all(dim=1)
+    return index.scatter_reduce(0, rows[same], columns[same], "amin")
