@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -290,9 +291,12 @@ def hf_case(model: torch.nn.Module, size: Size, images: int, method: LightKV) ->
         "pixel_values": pixels.to(on, dtype),
     }
 
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns until 5.40)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def prefill(compressed: bool) -> Prefill:
         cache = DynamicCache(config=model.config.text_config)
-        run = lambda: model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)  # noqa: E731
+        run = lambda: model(**inputs, **{cache_name: cache}, use_cache=True, logits_to_keep=1)  # noqa: E731
         stats = None
         if compressed:
             with lightkv(model, method):
