@@ -7,7 +7,7 @@
     python scripts/pins.py without PKG FILE      FILE without PKG and the packages PKG requires (the
                                                  installed PKG's metadata): the pins for a venv that tries
                                                  another release of PKG (scripts/test-compat.sh)
-    python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every installed distribution but
+    python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every distribution installed in it but
                                                  lightkv and pip), after the header in HEADER_FILE, on stdout
 """
 
@@ -45,21 +45,29 @@ def drop(lines: list[str], names: set[str]) -> list[str]:
     return [line for line in lines if pinned_name(line) not in names]
 
 
+def own_distributions() -> dict[str, str]:
+    """Canonical name -> version (without a local label such as ``+cpu``) of every distribution installed in
+    this venv itself, not seen through --system-site-packages."""
+    own = Path(sysconfig.get_paths()["purelib"]).resolve()
+    return {
+        canonical(dist.metadata["Name"]): dist.version.split("+", 1)[0]
+        for dist in metadata.distributions()
+        if Path(dist.locate_file("")).resolve() == own
+    }
+
+
 def torch_is_own() -> bool:
-    """True if torch is installed in this venv (not a system torch seen through --system-site-packages)."""
+    """True unless torch is a system torch seen through --system-site-packages (no torch at all: the pins
+    install it)."""
     try:
-        location = Path(metadata.distribution("torch").locate_file("")).resolve()
+        metadata.distribution("torch")
     except metadata.PackageNotFoundError:
-        return True  # nothing to keep: torch is installed from the pins
-    return location == Path(sysconfig.get_paths()["purelib"]).resolve()
+        return True
+    return "torch" in own_distributions()
 
 
 def freeze(header: Path) -> list[str]:
-    pins = sorted(
-        f"{canonical(dist.metadata['Name'])}=={dist.version.split('+', 1)[0]}"
-        for dist in metadata.distributions()
-        if canonical(dist.metadata["Name"]) not in NOT_PINNED
-    )
+    pins = sorted(f"{name}=={version}" for name, version in own_distributions().items() if name not in NOT_PINNED)
     comments = [line for line in header.read_text().splitlines() if line.startswith("#")]
     return comments + pins
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -27,21 +25,11 @@ def pinned() -> dict[str, str]:
     return versions
 
 
-def installed_here() -> dict[str, str]:
-    """Distributions installed in this venv itself (not seen through --system-site-packages)."""
-    own = Path(sysconfig.get_paths()["purelib"]).resolve()
-    return {
-        pins.canonical(dist.metadata["Name"]): dist.version.split("+", 1)[0]
-        for dist in metadata.distributions()
-        if Path(dist.locate_file("")).resolve() == own
-    }
-
-
 def test_every_installed_package_is_pinned_at_its_installed_version():
     if sys.prefix == sys.base_prefix:
         pytest.skip("not running in the set-up's venv")
     versions = pinned()
-    installed = installed_here()
+    installed = pins.own_distributions()
     unpinned = sorted(set(installed) - set(versions) - pins.NOT_PINNED)
     assert not unpinned, f"installed but not pinned in constraints.txt (rerun scripts/refresh-pins.sh): {unpinned}"
     differ = {name: (installed[name], pin) for name, pin in versions.items() if installed.get(name, pin) != pin}
