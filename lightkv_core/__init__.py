@@ -2,6 +2,8 @@
 
 Public API:
     lightkv_stage        one compression stage on a layer's output (see :mod:`lightkv_core.stage`)
+    plan_stage, StagePlan
+                         a stage's checked inputs and the arguments of its kernels (for tuning and benchmarks)
     drop_tokens          keep only marked tokens (the compaction step of the dropping methods)
     StageResult          what a stage returns
     VisionSpan           an image's tokens in the sequence, with its grid
@@ -17,13 +19,15 @@ Public API:
                          every compression method by name (see :mod:`lightkv_core.methods`)
 """
 
+from lightkv_core.compaction import StageResult, drop_tokens
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.kernels import attention_statistics, cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.methods import METHODS, method_by_name
 from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.spans import VisionSpan
-from lightkv_core.stage import StageResult, drop_tokens, lightkv_stage, num_merged
+from lightkv_core.stage import StagePlan, lightkv_stage, plan_stage
 from lightkv_core.stats import PrefillStats
+from lightkv_core.windows import num_merged
 
 __all__ = [
     "METHODS",
@@ -32,6 +36,7 @@ __all__ = [
     "LengthPlan",
     "LightKVConfig",
     "PrefillStats",
+    "StagePlan",
     "StageResult",
     "VisionSpan",
     "attention_statistics",
@@ -42,5 +47,6 @@ __all__ = [
     "merge_compact",
     "num_merged",
     "plan_lengths",
+    "plan_stage",
     "window_best_match",
 ]

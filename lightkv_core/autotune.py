@@ -26,11 +26,12 @@ import torch
 from tqdm import tqdm
 
 from lightkv_core.budget import MODEL_SHAPES
+from lightkv_core.compaction import merge_lists
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.kernels._backend import interpreting
-from lightkv_core.kernels.attention_stats import _statistics_torch, _statistics_triton
-from lightkv_core.kernels.merge_compact import _merge_torch, _merge_triton
-from lightkv_core.kernels.scoring import _scores_torch, _scores_triton
+from lightkv_core.kernels.attention_stats import attention_statistics_torch, attention_statistics_triton
+from lightkv_core.kernels.launch import interpreting
+from lightkv_core.kernels.merge_compact import merge_compact_torch, merge_compact_triton
+from lightkv_core.kernels.scoring import cross_attention_scores_torch, cross_attention_scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
@@ -43,9 +44,10 @@ from lightkv_core.kernels.tuning import (
     read_cache,
     store_configs,
 )
-from lightkv_core.kernels.window_match import _match_torch, _match_triton
+from lightkv_core.kernels.window_match import window_best_match_torch, window_best_match_triton
 from lightkv_core.spans import VisionSpan
-from lightkv_core.stage import _choose_merges, _plan_windows, lightkv_stage, merge_lists
+from lightkv_core.stage import lightkv_stage
+from lightkv_core.windows import choose_merges, plan_windows
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def kernel_problems(
         guide_index, guide_count = guides[None].to(device), torch.tensor([guides.numel()], device=device)
         query_mask = torch.ones(1, shape.seq, dtype=torch.bool, device=device)
         scale = 1.0 / math.sqrt(shape.head_dim)
-        expected = _scores_torch(q, k, guide_index, guide_count, query_mask, scale)
+        expected = cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)
         dims = {
             "S": bucket(shape.seq),
             "T": bucket(guides.numel()),
@@ -225,20 +227,20 @@ def kernel_problems(
         inputs = (q, k, guide_index, guide_count, query_mask, scale)
         for index, name in enumerate(("scoring.column_lse", "scoring.row_sum")):
             if name in kernels:
-                launch = partial(_launch_pass, _scores_triton, inputs, defaults, index)
+                launch = partial(_launch_pass, cross_attention_scores_triton, inputs, defaults, index)
                 yield KernelProblem(name, KERNELS[name].key(**dims), launch, scoring_check)
 
     if any(name.startswith("attention_stats.") for name in kernels):
         yield from _attention_problems(kernels, shape, randn, device, dtype)
     if "window_match" not in kernels and "merge_compact" not in kernels:
         return
-    plan = _plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
+    plan = plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
     x = randn(shape.seq, shape.hidden)
     a_rows, b_rows = plan.a_rows.to(device), plan.b_rows.to(device)
     a_offsets, b_offsets = plan.a_offsets.to(device), plan.b_offsets.to(device)
     if "window_match" in kernels:
         largest = int((plan.b_offsets[1:] - plan.b_offsets[:-1]).max())
-        ref_best, ref_sim = _match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
+        ref_best, ref_sim = window_best_match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
         unit = torch.nn.functional.normalize(x.double(), dim=1)
 
         def match_check(output: object) -> None:
@@ -250,14 +252,15 @@ def kernel_problems(
         yield KernelProblem(
             "window_match",
             KERNELS["window_match"].key(window=bucket(largest), D=shape.hidden, dtype=dtype_name(dtype)),
-            lambda config: _match_triton(x, a_rows, a_offsets, b_rows, b_offsets, config),
+            lambda config: window_best_match_triton(x, a_rows, a_offsets, b_rows, b_offsets, config),
             match_check,
         )
     if "merge_compact" in kernels:
         weights = torch.rand(shape.seq, generator=generator).to(device)
-        merged_into = _choose_merges(x[None], plan, weights[None], "torch", 1, shape.seq)
+        best, sim = window_best_match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
+        merged_into = choose_merges(plan, best, sim, 1, shape.seq)
         out_rows, src_offsets, src_rows = (t.to(device) for t in merge_lists(merged_into < 0, merged_into, "left"))
-        expected_merge = _merge_torch(x, weights, out_rows, src_offsets, src_rows)
+        expected_merge = merge_compact_torch(x, weights, out_rows, src_offsets, src_rows)
 
         def merge_check(output: object) -> None:
             torch.testing.assert_close(output, expected_merge, rtol=1e-3, atol=1e-3)
@@ -265,7 +268,7 @@ def kernel_problems(
         yield KernelProblem(
             "merge_compact",
             KERNELS["merge_compact"].key(D=shape.hidden, dtype=dtype_name(dtype)),
-            lambda config: _merge_triton(x, weights, out_rows, src_offsets, src_rows, config),
+            lambda config: merge_compact_triton(x, weights, out_rows, src_offsets, src_rows, config),
             merge_check,
         )
 
@@ -287,7 +290,7 @@ def _attention_problems(
     query_sets = (torch.tensor([shape.seq - 1]), _guides(shape), torch.arange(shape.seq))
     for rows in query_sets:
         query_index = rows[None].to(device)
-        expected = _statistics_torch(q, k, query_index, key_index, key_mask, True, scale)
+        expected = attention_statistics_torch(q, k, query_index, key_index, key_mask, True, scale)
         common = {"Q": bucket(rows.numel()), "H": shape.heads, "d": shape.head_dim, "dtype": dtype_name(dtype)}
         dims = {"row_lse": {**common, "S": bucket(shape.seq)}, "column_sum": {**common, "C": bucket(shape.seq)}}
         defaults = (
@@ -301,7 +304,7 @@ def _attention_problems(
         for index, part in enumerate(("row_lse", "column_sum")):
             name = f"attention_stats.{part}"
             if name in kernels:
-                launch = partial(_launch_pass, _statistics_triton, inputs, defaults, index)
+                launch = partial(_launch_pass, attention_statistics_triton, inputs, defaults, index)
                 yield KernelProblem(name, KERNELS[name].key(**dims[part]), launch, check)
 
 

@@ -2,7 +2,7 @@
 
 A server's scheduler reserves KV memory per request before the prefill runs, so it needs the lengths
 that the scheduled reduction stages will produce from the request's vision spans alone (no hidden
-states). For LightKV (``../shared/spec/lightkv.md`` sections 2-5) this module predicts
+states). For LightKV (README, "Method") this module predicts
 :func:`~lightkv_core.stage.lightkv_stage` stage by stage:
 
 - ``layout="reference"``: windows depend only on each image's count of mergeable tokens (re-squared
@@ -20,15 +20,14 @@ states). For LightKV (``../shared/spec/lightkv.md`` sections 2-5) this module pr
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lightkv_core.config import LightKVConfig
-from lightkv_core.spans import VisionSpan, as_span, validate_spans
-from lightkv_core.stage import RATIO_EPS, band_of, num_merged
+from lightkv_core.spans import VisionSpan, check_sample_spans
+from lightkv_core.windows import RATIO_EPS, band_of, num_merged
 
 
 @dataclass(frozen=True)
@@ -66,33 +65,6 @@ class LengthPlan:
         return cls(lengths=lengths, exact=True, lower=lengths)
 
 
-def check_sample_spans(spans: Sequence, seq_len: int) -> list[VisionSpan]:
-    """One sample's vision spans as :class:`VisionSpan`, checked against a prompt of ``seq_len`` tokens.
-
-    Args:
-        spans: ``VisionSpan`` or ``(start, end[, rows, cols])`` tuples of one sample, sorted.
-        seq_len: the sample's prompt length in tokens (no padding).
-
-    Raises:
-        TypeError if ``seq_len`` is not an integer or ``spans`` is not one sample's list of spans;
-        ValueError naming the span and the problem (out of range, overlapping, grid mismatch, ...).
-    """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
-        raise TypeError(f"seq_len must be an integer, got {seq_len!r}")
-    if seq_len < 0:
-        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
-    if isinstance(spans, VisionSpan) or not isinstance(spans, (list, tuple)):
-        raise TypeError(f"spans must be a list of one sample's vision spans, got {type(spans).__name__}")
-    for index, span in enumerate(spans):
-        if not isinstance(span, (VisionSpan, list, tuple)):
-            raise TypeError(f"spans[{index}] is {type(span).__name__}: a single span goes in a list")
-        if isinstance(span, (list, tuple)) and any(isinstance(v, (VisionSpan, list, tuple)) for v in span):
-            raise TypeError(f"spans[{index}] is a list of spans: give one sample's spans, not a batch")
-    sample = [as_span(span) for span in spans]
-    validate_spans(sample, int(seq_len), 0, int(seq_len), 0)
-    return sample
-
-
 def plan_lengths(spans: Sequence, schedule: LightKVConfig, seq_len: int) -> LengthPlan:
     """Tokens one sample holds in each layer group under the LightKV ``schedule``, before its forward.
 
@@ -110,7 +82,7 @@ def plan_lengths(spans: Sequence, schedule: LightKVConfig, seq_len: int) -> Leng
         ``lower`` lower bounds.
 
     Raises:
-        TypeError / ValueError as :func:`check_sample_spans`, or if ``schedule`` is not a
+        TypeError / ValueError as :func:`~lightkv_core.spans.check_sample_spans`, or if ``schedule`` is not a
         :class:`~lightkv_core.config.LightKVConfig`.
     """
     if not isinstance(schedule, LightKVConfig):
@@ -243,11 +215,11 @@ def _bounded_stage(low: int, high: int, windows: int, ratio: float, threshold: i
     Below ``rho = 1/2``, ``f(m) = floor(rho m + eps)``; from it on, ``f(m) = floor(m / 2)``. Then
 
     - ``sum_w f(n_w) <= min(floor(rho n + windows * eps), floor(n / 2))`` (floor is superadditive; each
-      window adds its own ``eps`` slack), see :func:`_most_removed`;
+      window adds its own ``eps`` slack), see :func:`most_removed`;
     - below ``1/2``: ``sum_w f(n_w) > sum_w (rho n_w + eps - 1) >= f(n) - windows``, an integer, so
       ``sum_w f(n_w) >= f(n) - (windows - 1)``; from ``1/2`` on: ``sum_w floor(n_w / 2) = (n - o) / 2``
       with ``o`` odd windows, at most ``min(windows, n)`` and of the parity of ``n``; see
-      :func:`_least_removed`.
+      :func:`least_removed`.
 
     Both bounds on the removed count grow by 0 or 1 per token, so ``n - most`` and ``n - least`` are
     non-decreasing in ``n``: the fewest survivors come from the smallest ``n`` of each case (skip or
@@ -259,18 +231,18 @@ def _bounded_stage(low: int, high: int, windows: int, ratio: float, threshold: i
         highs.append(min(high, threshold - 1))
     if high >= threshold:
         smallest = max(low, threshold)
-        lows.append(smallest - _most_removed(ratio, smallest, windows))
-        highs.append(high - _least_removed(ratio, high, windows))
+        lows.append(smallest - most_removed(ratio, smallest, windows))
+        highs.append(high - least_removed(ratio, high, windows))
     return min(lows), max(highs)
 
 
-def _most_removed(ratio: float, tokens: int, windows: int) -> int:
+def most_removed(ratio: float, tokens: int, windows: int) -> int:
     """Most tokens ``tokens`` mergeable tokens spread over ``windows`` windows can lose (``num_merged`` when
     ``windows == 1``)."""
     return min(math.floor(ratio * tokens + windows * RATIO_EPS), tokens // 2)
 
 
-def _least_removed(ratio: float, tokens: int, windows: int) -> int:
+def least_removed(ratio: float, tokens: int, windows: int) -> int:
     """Fewest tokens ``tokens`` mergeable tokens spread over ``windows`` windows can lose."""
     if ratio >= 0.5:
         odd_windows = min(windows, tokens)

@@ -1,8 +1,10 @@
-"""Vision spans: where each image's tokens sit in the current sequence, and their grid."""
+"""Vision spans: where each image's tokens sit in the current sequence, and their grid; the one place
+spans, attention masks and position ids are checked."""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,15 +54,6 @@ class VisionSpan:
     def num_mergeable(self) -> int:
         """Number of tokens of the span that may merge."""
         return self.length if self.mergeable is None else int(self.mergeable.sum())
-
-
-def grid_with_row_newlines(rows: int, cols: int, start: int = 0) -> VisionSpan:
-    """A ``rows x cols`` image laid out row by row, each row followed by a structural newline token (never
-    merged), as LLaVA-NeXT lays out its unpadded high-resolution grid: ``rows * (cols + 1)`` tokens from
-    ``start``."""
-    raster = torch.arange(rows * cols).view(rows, cols)
-    coords = torch.cat([raster, torch.full((rows, 1), -1)], dim=1).flatten()
-    return VisionSpan(start, start + coords.numel(), rows, cols, coords, coords >= 0)
 
 
 def as_span(span: VisionSpan | Sequence[int]) -> VisionSpan:
@@ -138,3 +131,116 @@ def vision_token_mask(per_sample: Sequence[Sequence[VisionSpan]], seq: int, devi
         for span in spans:
             mask[b, span.start : span.end] = True
     return mask
+
+
+def _is_span(item: object) -> bool:
+    """A span is a VisionSpan or a flat tuple/list of numbers (validated by ``as_span``)."""
+    return isinstance(item, VisionSpan) or (
+        isinstance(item, (tuple, list)) and len(item) > 0 and all(isinstance(v, numbers.Number) for v in item)
+    )
+
+
+def normalise_spans(spans: Sequence, batch: int) -> tuple[bool, list[list[VisionSpan]]]:
+    """``(single, per_sample)``: whether spans came in single-sample form (a list of spans, ``batch == 1``), and
+    one list of :class:`VisionSpan` per sample. Does not check positions (see :func:`check_tokens`)."""
+    if not isinstance(spans, (list, tuple)):
+        raise TypeError(f"spans must be a list of spans (or a list of per-sample lists), got {type(spans).__name__}")
+    if len(spans) == 0 or _is_span(spans[0]):
+        if batch != 1:
+            raise ValueError(f"a batch of {batch} samples needs one list of spans per sample")
+        return True, [[as_span(s) for s in spans]]
+    if len(spans) != batch:
+        raise ValueError(f"spans has {len(spans)} per-sample lists for a batch of {batch}")
+    per_sample = []
+    for b, sample_spans in enumerate(spans):
+        if not isinstance(sample_spans, (list, tuple)):
+            raise TypeError(f"spans of sample {b} must be a list of spans, got {type(sample_spans).__name__}")
+        per_sample.append([as_span(s) for s in sample_spans])
+    return False, per_sample
+
+
+def check_sample_spans(spans: Sequence, seq_len: int) -> list[VisionSpan]:
+    """One sample's vision spans as :class:`VisionSpan`, checked against a prompt of ``seq_len`` tokens.
+
+    Args:
+        spans: ``VisionSpan`` or ``(start, end[, rows, cols])`` tuples of one sample, sorted.
+        seq_len: the sample's prompt length in tokens (no padding).
+
+    Raises:
+        TypeError if ``seq_len`` is not an integer or ``spans`` is not one sample's list of spans;
+        ValueError naming the span and the problem (out of range, overlapping, grid mismatch, ...).
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(f"seq_len must be an integer, got {seq_len!r}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    if isinstance(spans, VisionSpan) or not isinstance(spans, (list, tuple)):
+        raise TypeError(f"spans must be a list of one sample's vision spans, got {type(spans).__name__}")
+    for index, span in enumerate(spans):
+        if not isinstance(span, (VisionSpan, list, tuple)):
+            raise TypeError(f"spans[{index}] is {type(span).__name__}: a single span goes in a list")
+        if isinstance(span, (list, tuple)) and any(isinstance(v, (VisionSpan, list, tuple)) for v in span):
+            raise TypeError(f"spans[{index}] is a list of spans: give one sample's spans, not a batch")
+    sample = [as_span(span) for span in spans]
+    validate_spans(sample, int(seq_len), 0, int(seq_len), 0)
+    return sample
+
+
+def check_tokens(
+    spans: Sequence, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, hidden: torch.Tensor
+) -> tuple[bool, list[list[VisionSpan]], torch.Tensor, torch.Tensor]:
+    """A batch's spans, mask and position ids, each checked against ``hidden`` ``(B, S, D)``.
+
+    Args:
+        spans: as :func:`normalise_spans` takes them.
+        attention_mask: ``(B, S)`` bool/int real tokens, one contiguous run per sample; ``None``: all real.
+        position_ids: ``(B, S)`` or ``(3, B, S)`` integer position ids; ``None``: each real token's ordinal.
+
+    Returns:
+        ``(single, per_sample spans, real (B, S) bool on hidden's device, position ids (CPU int64))``.
+    """
+    batch, seq = hidden.shape[:2]
+    single, per_sample = normalise_spans(spans, batch)
+    real = _check_mask(attention_mask, batch, seq, hidden.device)
+    bounds = _real_bounds(real)
+    for b, sample_spans in enumerate(per_sample):
+        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
+    return single, per_sample, real, _check_position_ids(position_ids, real, batch, seq)
+
+
+def _check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be a ({batch}, {seq}) tensor")
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _real_bounds(real: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` of each sample's real tokens; they must be one contiguous run."""
+    bounds = []
+    for b, row in enumerate(real.cpu()):
+        index = row.nonzero().squeeze(1)
+        if index.numel() == 0:
+            bounds.append((0, 0))
+            continue
+        start, end = int(index[0]), int(index[-1]) + 1
+        if index.numel() != end - start:
+            raise ValueError(f"attention_mask of sample {b} is not one contiguous run of real tokens")
+        bounds.append((start, end))
+    return bounds
+
+
+def _check_position_ids(position_ids: torch.Tensor | None, real: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """``(B, S)`` or ``(3, B, S)`` int64 position ids on the CPU."""
+    if position_ids is None:
+        return (torch.cumsum(real.cpu().long(), dim=1) - 1).clamp(min=0)
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+        raise TypeError("position_ids must be an integer tensor")
+    if position_ids.dim() == 1 and batch == 1:
+        position_ids = position_ids[None]
+    if tuple(position_ids.shape) not in ((batch, seq), (3, batch, seq)):
+        raise ValueError(
+            f"position_ids must be ({batch}, {seq}) or (3, {batch}, {seq}), got {tuple(position_ids.shape)}"
+        )
+    return position_ids.cpu().long()

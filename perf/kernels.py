@@ -42,7 +42,7 @@ import torch
 from lightkv_core import stage as stage_module
 from lightkv_core.config import PRESETS
 from lightkv_core.kernels import merge_compact, window_best_match
-from lightkv_core.kernels._backend import TRITON_AVAILABLE, interpreting
+from lightkv_core.kernels.launch import TRITON_AVAILABLE, interpreting
 from lightkv_core.stage import lightkv_stage
 from lightkv_perf.common import (
     add_common_arguments,

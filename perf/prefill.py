@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.kernels._backend import BACKENDS, choose_backend
+from lightkv_core.kernels.launch import BACKENDS, choose_backend
 from lightkv_core.methods import LightKV
 from lightkv_core.stats import PrefillStats
 from lightkv_perf.common import add_common_arguments, device, device_tag, run_record, synchronize, write_json
@@ -205,7 +205,7 @@ def build_reference(size: Size, on: torch.device, dtype: torch.dtype) -> torch.n
 def reference_case(model: torch.nn.Module, size: Size, images: int, method: LightKV) -> Case:
     """The reference decoder prefilling input embeddings ``(1, S, D)``: token embeddings around ``images`` images of
     random vision embeddings; LightKV as its ``reduction``."""
-    from lightkv_adapters.reference.decoder import KVCache
+    from lightkv_adapters.reference.decoder import LayerwiseKVCache
 
     on, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, spans = prompt_ids(images, size.image_side)
@@ -216,7 +216,7 @@ def reference_case(model: torch.nn.Module, size: Size, images: int, method: Ligh
     embeds[0, TEXT_BEFORE : TEXT_BEFORE + vision_tokens] = vision.to(on, dtype)
 
     def prefill(compressed: bool) -> Prefill:
-        cache = KVCache.empty(model.config.num_layers)
+        cache = LayerwiseKVCache.empty(model.config.num_layers)
         reduction = method if compressed else None
         stats: list[PrefillStats] = []
         seconds = timed(

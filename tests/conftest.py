@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from lightkv_core.kernels._backend import TRITON_AVAILABLE  # noqa: E402
+from lightkv_core.kernels.launch import TRITON_AVAILABLE  # noqa: E402
 
 _COMMON_PROFILE = dict(
     deadline=None,

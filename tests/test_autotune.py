@@ -16,8 +16,9 @@ import torch
 
 from lightkv_core import autotune
 from lightkv_core.cli import main
+from lightkv_core.compaction import merge_lists
 from lightkv_core.kernels import scoring
-from lightkv_core.kernels.scoring import _scores_torch, _scores_triton
+from lightkv_core.kernels.scoring import cross_attention_scores_torch, cross_attention_scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
@@ -28,7 +29,9 @@ from lightkv_core.kernels.tuning import (
     read_cache,
     store_configs,
 )
+from lightkv_core.kernels.window_match import window_best_match_torch
 from lightkv_core.plan import plan_lengths
+from lightkv_core.windows import choose_merges, plan_windows
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # dry runs put CPU tensors through the Triton kernels, and `lightkv autotune --dry-run` re-executes the process
@@ -106,8 +109,8 @@ def test_scoring_with_query_chunks_and_head_blocks_matches_the_fallback(
     mask[0, :masked_prefix] = False
     column = {**KERNELS["scoring.column_lse"].default, "SPLIT_S": split, "BLOCK_S": 64, "BLOCK_T": 16}
     rows = {**KERNELS["scoring.row_sum"].default, "HEADS_PER_PROGRAM": heads_per_program, "BLOCK_S": 32}
-    got = _scores_triton(q, k, guide_index, guide_count, mask, 0.2, (column, rows))
-    expected = _scores_torch(q, k, guide_index, guide_count, mask, 0.2)
+    got = cross_attention_scores_triton(q, k, guide_index, guide_count, mask, 0.2, (column, rows))
+    expected = cross_attention_scores_torch(q, k, guide_index, guide_count, mask, 0.2)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert bool((got[0, :masked_prefix] == 0).all())
 
@@ -182,8 +185,8 @@ def test_the_scoring_kernels_launch_with_the_cached_config(cache_dir, monkeypatc
             grids[self.name] = grid
             return self.kernel[grid]
 
-    monkeypatch.setattr(scoring, "_column_lse_kernel", Spy("column", scoring._column_lse_kernel))
-    monkeypatch.setattr(scoring, "_row_sum_kernel", Spy("rows", scoring._row_sum_kernel))
+    monkeypatch.setattr(scoring, "column_lse_kernel", Spy("column", scoring.column_lse_kernel))
+    monkeypatch.setattr(scoring, "row_sum_kernel", Spy("rows", scoring.row_sum_kernel))
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, seq, 32, generator=generator).to(device)
     guide_index, guide_count = torch.arange(count, device=device)[None], torch.tensor([count], device=device)
@@ -191,7 +194,7 @@ def test_the_scoring_kernels_launch_with_the_cached_config(cache_dir, monkeypatc
     out = scoring.cross_attention_scores(q, q, guide_index, guide_count, mask, backend="triton")
     assert grids["column"][2] == 2  # ceil(300 / 256) query chunks
     assert grids["rows"][2] == heads  # one head per program
-    expected = _scores_torch(q, q, guide_index, guide_count, mask, 32**-0.5)
+    expected = cross_attention_scores_torch(q, q, guide_index, guide_count, mask, 32**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -222,10 +225,11 @@ def test_parse_shape_rescales_images_and_rejects_bad_text():
 
 def test_merge_problem_is_a_valid_stage_merge():
     shape = autotune.preset_shapes("llava-1.5")[0]
-    plan = autotune._plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
-    x, weights = torch.randn(1, shape.seq, 64), torch.rand(1, shape.seq)
-    merged_into = autotune._choose_merges(x, plan, weights, "torch", 1, shape.seq)
-    out_rows, src_offsets, src_rows = autotune.merge_lists(merged_into < 0, merged_into, "left")
+    plan = plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
+    x = torch.randn(shape.seq, 64)
+    best, sim = window_best_match_torch(x, plan.a_rows, plan.a_offsets, plan.b_rows, plan.b_offsets)
+    merged_into = choose_merges(plan, best, sim, 1, shape.seq)
+    out_rows, src_offsets, src_rows = merge_lists(merged_into < 0, merged_into, "left")
     assert out_rows.numel() + src_rows.numel() == shape.seq
     assert src_rows.numel() == int(plan.merges_per_window.sum()) == 288
     assert sorted(torch.cat([out_rows, src_rows]).tolist()) == list(range(shape.seq))
@@ -250,13 +254,13 @@ def test_dry_run_checks_the_attention_statistics_tilings(monkeypatch):
 
 @needs_interpreter
 def test_dry_run_reports_a_tiling_that_disagrees_with_the_fallback(monkeypatch):
-    real = autotune._merge_triton
+    real = autotune.merge_compact_triton
 
     def broken(x, weights, out_rows, src_offsets, src_rows, config=None):
         out = real(x, weights, out_rows, src_offsets, src_rows, config)
         return out + 1 if config["BLOCK_D"] == 256 else out
 
-    monkeypatch.setattr(autotune, "_merge_triton", broken)
+    monkeypatch.setattr(autotune, "merge_compact_triton", broken)
     shapes = autotune.preset_shapes("llava-1.5")[:1]
     (result,) = autotune.dry_run([(["merge_compact"], shapes[0])], lambda message: None)
     assert result.tried == len(KERNELS["merge_compact"].space["BLOCK_D"])

@@ -20,7 +20,7 @@ from lightkv_core.budget import layer_kv_lengths  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, PRESETS  # noqa: E402
 from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
-from lightkv_core.stage import band_of, num_merged  # noqa: E402
+from lightkv_core.windows import band_of, num_merged  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

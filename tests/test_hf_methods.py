@@ -12,7 +12,7 @@ from hf_models import IMAGE, KINDS, Image, Sample, build, make_inputs  # noqa: E
 from tolerances import assert_close_rounding, text_model_chain  # noqa: E402
 
 from lightkv_adapters.hf import apply_lightkv, lightkv, remove_lightkv  # noqa: E402
-from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, KVCache  # noqa: E402
+from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, LayerwiseKVCache  # noqa: E402
 from lightkv_core import VisionSpan  # noqa: E402
 from lightkv_core.methods import METHODS, AirCache, KVEviction, LookM, PrefixKV  # noqa: E402
 
@@ -138,7 +138,7 @@ def test_eviction_matches_the_reference_decoder(method: KVEviction) -> None:
     stats = model.lightkv_stats
     remove_lightkv(model)
 
-    cache = KVCache.empty(decoder.config.num_layers)
+    cache = LayerwiseKVCache.empty(decoder.config.num_layers)
     spans = image_spans(inputs["input_ids"], 12)
     mask = inputs["attention_mask"].bool()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import oracle_merge_compact
 
-from lightkv_core.kernels import _backend
+from lightkv_core.kernels import launch
 from lightkv_core.kernels.merge_compact import merge_compact
 
 # ``lightkv_core.kernels.merge_compact`` as an attribute is the function (re-exported), not the module.
@@ -258,7 +258,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     args = valid_args("cpu")
     with pytest.raises(RuntimeError, match="Triton backend cannot run"):
         merge_compact(**args, backend="triton")
-    if _backend.TRITON_AVAILABLE:
+    if launch.TRITON_AVAILABLE:
         # Under "auto" the Triton kernel must not be launched: make any launch fail loudly.
         class NoLaunch:
             def __getitem__(self, grid):

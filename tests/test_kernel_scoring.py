@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kernel_inputs import ALL_DTYPES, make_heads, to_np
 from oracle import oracle_cross_attention_scores
 
-from lightkv_core.kernels import _backend
+from lightkv_core.kernels import launch
 from lightkv_core.kernels import scoring as scoring_mod
 from lightkv_core.kernels.scoring import cross_attention_scores
 
@@ -135,7 +135,7 @@ def test_fallback_query_chunks_match_oracle(data, rows_per_chunk):
     q, k, guide, counts, mask = build(case, "cpu")
     scale = 1.0 / math.sqrt(case["head_dim"]) if case["scale"] is None else case["scale"]
     budget = case["heads"] * max(1, case["width"]) * rows_per_chunk
-    got = to_np(scoring_mod._scores_torch(q, k, guide, counts, mask, scale, max_chunk_elements=budget))
+    got = to_np(scoring_mod.cross_attention_scores_torch(q, k, guide, counts, mask, scale, max_chunk_elements=budget))
     qn, kn, gn, cn, mn = to_np(q), to_np(k), to_np(guide), to_np(counts), to_np(mask)
     ref = oracle_cross_attention_scores(qn, kn, gn, cn, mn, scale)
     assert np.all(got[~mn] == 0.0)
@@ -254,34 +254,34 @@ def test_scores_bad_backend_name():
 def test_triton_on_cpu_without_interpreter(monkeypatch):
     """Without TRITON_INTERPRET=1, CPU tensors cannot use Triton: "triton" raises, "auto" falls back."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not _backend.interpreting()
+    assert not launch.interpreting()
     args = valid_args("cpu")
     with pytest.raises(RuntimeError, match="Triton backend cannot run"):
         cross_attention_scores(**args, backend="triton")
-    assert _backend.choose_backend("auto", torch.device("cpu"), "op") == "torch"
+    assert launch.choose_backend("auto", torch.device("cpu"), "op") == "torch"
 
     def no_triton(*_a, **_k):
         raise AssertionError("auto must not pick Triton for CPU tensors without the interpreter")
 
-    monkeypatch.setattr(scoring_mod, "_scores_triton", no_triton)
+    monkeypatch.setattr(scoring_mod, "cross_attention_scores_triton", no_triton)
     torch.testing.assert_close(
         cross_attention_scores(**args, backend="auto"), cross_attention_scores(**args, backend="torch"), rtol=0, atol=0
     )
 
 
 def test_auto_without_triton_installed(monkeypatch):
-    monkeypatch.setattr(_backend, "TRITON_AVAILABLE", False)
+    monkeypatch.setattr(launch, "TRITON_AVAILABLE", False)
     args = valid_args("cpu")
     with pytest.raises(RuntimeError, match="not installed"):
         cross_attention_scores(**args, backend="triton")
-    assert _backend.choose_backend("auto", torch.device("cpu"), "op") == "torch"
+    assert launch.choose_backend("auto", torch.device("cpu"), "op") == "torch"
 
 
-@pytest.mark.skipif(not (_backend.TRITON_AVAILABLE and INTERPRETING), reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.skipif(not (launch.TRITON_AVAILABLE and INTERPRETING), reason="needs triton and TRITON_INTERPRET=1")
 def test_auto_picks_triton_under_interpreter(monkeypatch):
     def no_torch(*_a, **_k):
         raise AssertionError("auto must pick Triton under TRITON_INTERPRET=1")
 
-    monkeypatch.setattr(scoring_mod, "_scores_torch", no_torch)
+    monkeypatch.setattr(scoring_mod, "cross_attention_scores_torch", no_torch)
     out = cross_attention_scores(**valid_args("cpu"), backend="auto")
     assert out.shape == (2, 10)

@@ -283,7 +283,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     def no_triton(*_a, **_k):
         raise AssertionError("auto must not pick Triton for CPU tensors without the interpreter")
 
-    monkeypatch.setattr(match_mod, "_match_triton", no_triton)
+    monkeypatch.setattr(match_mod, "window_best_match_triton", no_triton)
     got = window_best_match(**args, backend="auto")
     want = window_best_match(**args, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -333,9 +333,9 @@ def test_copies_on_both_sides_of_a_tile_boundary_tie_to_the_lowest(backend, devi
     block_a, block_b, block_d = tiles
     if backend == "triton":
         config = {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
-        best, sim = match_mod._match_triton(*inputs, config=config)
+        best, sim = match_mod.window_best_match_triton(*inputs, config=config)
     else:
-        best, sim = match_mod._match_torch(*inputs, max_chunk_elements=block_a * 70)
+        best, sim = match_mod.window_best_match_torch(*inputs, max_chunk_elements=block_a * 70)
     assert best.cpu().tolist() == expected.tolist()
     sim = sim.cpu()
     # the kernel's similarity is a function of the two vectors; the fallback's float64 matmul, rounded to float32,

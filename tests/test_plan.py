@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from stage_cases import build_case, image_layouts
 
 from lightkv_core import LengthPlan, LightKVConfig, VisionSpan, lightkv_stage, num_merged, plan_lengths
+from lightkv_core.layouts import grid_with_row_newlines
 from lightkv_core.methods import FastV, LightKV, RandomDrop
-from lightkv_core.plan import _least_removed, _most_removed
-from lightkv_core.spans import grid_with_row_newlines
+from lightkv_core.plan import least_removed, most_removed
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -120,8 +120,8 @@ def test_removal_bounds_hold_for_every_split(parts, ratio):
     bounds; one window is exact."""
     tokens, windows = sum(parts), len(parts)
     removed = sum(num_merged(ratio, n) for n in parts)
-    assert _least_removed(ratio, tokens, windows) <= removed <= _most_removed(ratio, tokens, windows)
-    assert _least_removed(ratio, tokens, 1) == _most_removed(ratio, tokens, 1) == num_merged(ratio, tokens)
+    assert least_removed(ratio, tokens, windows) <= removed <= most_removed(ratio, tokens, windows)
+    assert least_removed(ratio, tokens, 1) == most_removed(ratio, tokens, 1) == num_merged(ratio, tokens)
 
 
 @pytest.mark.parametrize(("layout", "vision"), [("default", [576, 288, 144, 72]), ("reference", [576, 288, 145, 73])])

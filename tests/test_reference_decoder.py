@@ -8,7 +8,7 @@ import pytest
 import torch
 from tolerances import assert_close_rounding, decoder_chain
 
-from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, KVCache
+from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, LayerwiseKVCache
 from lightkv_core import LightKVConfig, lightkv_stage
 from lightkv_core.budget import layer_kv_lengths
 from lightkv_core.methods import AirCache, FastV, LightKV, LookM, PrefillReduction, PrefixKV, RandomDrop
@@ -78,7 +78,7 @@ def left_pad(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[li
 
 def prefill(model: Decoder, embeds, mask=None, spans=None, reduction=None):
     """``(logits, stats, cache)`` of a prefill with a fresh cache."""
-    cache = KVCache.empty(model.config.num_layers)
+    cache = LayerwiseKVCache.empty(model.config.num_layers)
     with torch.no_grad():
         logits, stats = model(embeds, attention_mask=mask, spans=spans, cache=cache, reduction=reduction)
     return logits, stats, cache
@@ -255,7 +255,7 @@ def test_generate_with_and_without_cache_agree(decoder):
     assert cached.tolist() == uncached.tolist()
     assert stats is not None and no_stats is None
     # the decode path matches a full recompute at every new token, not only on the argmax
-    cache = KVCache.empty(CONFIG.num_layers)
+    cache = LayerwiseKVCache.empty(CONFIG.num_layers)
     with torch.no_grad():
         decoder(embeds, attention_mask=mask, cache=cache)
         new = decoder.model.embed_tokens(cached[:, :3])
@@ -385,7 +385,7 @@ def test_errors(decoder):
 
     for too_deep in (FastV(CONFIG.num_layers, 0.5), lightkv((1, CONFIG.num_layers), (1, 1), (0.5, 0.5))):
         with torch.no_grad(), pytest.raises(ValueError):
-            decoder(embeds, spans=[sample.spans], cache=KVCache.empty(CONFIG.num_layers), reduction=too_deep)
+            decoder(embeds, spans=[sample.spans], cache=LayerwiseKVCache.empty(CONFIG.num_layers), reduction=too_deep)
     with pytest.raises(ValueError):
         decoder.generate(embeds, spans=[sample.spans], reduction=reduction, use_cache=False, max_new_tokens=2)
     with torch.no_grad(), pytest.raises(ValueError):

@@ -11,7 +11,7 @@ from oracle import oracle_stage
 from stage_cases import Case, as_numpy, build_case, image_layouts, oracle_spans
 
 from lightkv_core import VisionSpan, lightkv_stage, num_merged
-from lightkv_core.stage import band_of
+from lightkv_core.windows import band_of
 
 DTYPES = st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])
 HEADS = st.sampled_from([(4, 2), (2, 2), (4, 1), (6, 3)])

@@ -1,21 +1,20 @@
 """What differs between the supported model classes: where the text model is, which released schedule
 applies, and where each image's tokens sit in ``input_ids`` with which grid (the vision spans).
 
-Every image is described by one or more *pieces*, each a :class:`~lightkv_core.spans.VisionSpan` template
-with ``start = 0``: LLaVA-1.5 has one square grid; LLaVA-NeXT has the base grid and the unpadded
-high-resolution grid, whose row-newline tokens are structural (never merged); a Qwen2-VL video is one piece
-per temporal patch. The pieces of an image fill consecutive placeholder tokens, images in prompt order.
+Every image is described by its pieces (:mod:`lightkv_core.layouts`), which fill consecutive placeholder
+tokens, images in prompt order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightkv_core.spans import VisionSpan, grid_with_row_newlines
+from lightkv_core import layouts
+from lightkv_core.spans import VisionSpan
 
 #: Text backbones whose decoder layers lightkv has been checked against.
 TEXT_BACKBONES = ("llama", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
@@ -71,7 +70,7 @@ def image_spans(
                         f"sample {b}: a {what} of {piece.length} tokens needs that many consecutive placeholder "
                         f"tokens at position {positions[cursor]}; the prompt does not match the {what} inputs"
                     )
-                spans.append(replace(piece, start=run[0], end=run[0] + piece.length))
+                spans.extend(layouts.place([piece], run[0]))
                 cursor = end
         per_sample.append(spans)
     if remaining:
@@ -87,18 +86,10 @@ def merge_modalities(*per_modality: list[list[VisionSpan]]) -> list[list[VisionS
     ]
 
 
-def grid_piece(rows: int, cols: int) -> VisionSpan:
-    return VisionSpan(0, rows * cols, rows, cols)
-
-
 def _llava_spans(model: nn.Module, inputs: dict) -> list[list[VisionSpan]]:
     config = model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
-    piece = grid_piece(side, side)
-    if config.vision_feature_select_strategy == "full":  # the CLS token leads and is structural
-        coords = torch.cat([torch.tensor([-1]), torch.arange(side * side)])
-        mergeable = coords >= 0
-        piece = VisionSpan(0, side * side + 1, side, side, coords, mergeable)
+    (piece,) = layouts.llava_image(side, leading_cls=config.vision_feature_select_strategy == "full")
     input_ids = inputs["input_ids"]
     placeholders = int((input_ids == config.image_token_id).sum())
     if placeholders % piece.length:
@@ -128,14 +119,11 @@ def _llava_next_spans(model: nn.Module, inputs: dict) -> list[list[VisionSpan]]:
     side = tile // config.vision_config.patch_size
     images = []
     for size in image_sizes:
-        tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, tile)
-        if tiles == 1:
-            coords = torch.cat([torch.arange(side * side), torch.tensor([-1])])
-            images.append([VisionSpan(0, side * side + 1, side, side, coords, coords >= 0)])
-            continue
-        tiles_high, tiles_wide = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
-        rows, cols = unpad_image(torch.empty(0, tiles_high * side, tiles_wide * side), size).shape[1:]
-        images.append([grid_piece(side, side), grid_with_row_newlines(rows, cols)])
+        unpadded = None
+        if image_size_to_num_patches(size, config.image_grid_pinpoints, tile) > 1:
+            tiles_high, tiles_wide = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
+            unpadded = tuple(unpad_image(torch.empty(0, tiles_high * side, tiles_wide * side), size).shape[1:])
+        images.append(layouts.llava_next_image(side, unpadded))
     return image_spans(input_ids, config.image_token_id, images, "image")
 
 
@@ -154,7 +142,7 @@ def _qwen_vl_spans(model: nn.Module, inputs: dict) -> list[list[VisionSpan]]:
             per_modality.append([[] for _ in range(input_ids.shape[0])])
             continue
         # each temporal patch (a still image has one) is its own image with its own grid
-        items = [[grid_piece(int(h) // merge, int(w) // merge)] * int(t) for t, h, w in grids.tolist()]
+        items = [layouts.qwen_vl_item(t, h, w, merge) for t, h, w in grids.tolist()]
         per_modality.append(image_spans(input_ids, token_id, items, what))
     return merge_modalities(*per_modality)
 

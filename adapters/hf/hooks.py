@@ -35,11 +35,19 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family, family_of
+from lightkv_adapters.hf.masks import (
+    CacheLayout,
+    cache_argument,
+    check_cache_length,
+    gather_decode_mask,
+    gather_prefill_inputs,
+)
+from lightkv_adapters.hf.methods import method_for
 from lightkv_adapters.hf.versions import warn_if_untested
-from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.methods import METHODS, CompressionMethod, KVEviction, LightKV, PrefillReduction, method_by_name
-from lightkv_core.spans import VisionSpan, vision_token_mask
-from lightkv_core.stats import PrefillStats
+from lightkv_core.config import LightKVConfig
+from lightkv_core.methods import CompressionMethod, KVEviction
+from lightkv_core.prefill import PrefillTracker, at_default_scale, kv_bytes_per_token_layer, synchronized_clock
+from lightkv_core.spans import VisionSpan
 
 _ADAPTERS: weakref.WeakKeyDictionary[nn.Module, _Adapter] = weakref.WeakKeyDictionary()
 
@@ -74,7 +82,7 @@ def apply_lightkv(
     warn_if_untested()
     family = family_of(model)
     text_model = model.model.language_model
-    method = _method_for(family, text_model.config.num_hidden_layers, config, backend)
+    method = method_for(family, text_model.config.num_hidden_layers, config, backend)
     _ADAPTERS[model] = _Adapter(model, family, text_model, method)
     return model
 
@@ -104,68 +112,18 @@ def lightkv(
         remove_lightkv(model)
 
 
-def _method_for(
-    family: Family, depth: int, config: LightKVConfig | CompressionMethod | str | None, backend: str
-) -> CompressionMethod:
-    if isinstance(config, str) and config.lower() in METHODS:
-        config = method_by_name(config.lower(), depth, preset=family.preset, backend=backend)
-    elif config is None or isinstance(config, str):
-        preset = family.preset if config is None else config.lower().replace("_", "-")
-        if preset not in PRESETS:
-            raise ValueError(
-                f"unknown preset or method {config!r}; presets: {', '.join(sorted(PRESETS))}; methods: "
-                f"{', '.join(METHODS)}"
-            )
-        config = PRESETS[preset].scaled_to(depth, PRESET_DEPTHS[preset])
-    method = LightKV(config, backend) if isinstance(config, LightKVConfig) else config
-    if isinstance(method, KVEviction):
-        return method
-    if not isinstance(method, PrefillReduction):
-        raise TypeError(
-            f"config must be a LightKVConfig, a preset or method name, a PrefillReduction or a KVEviction, got "
-            f"{type(config)}"
-        )
-    if method.position_mode != "original":
-        raise ValueError(
-            "the transformers adapter needs positions='original' (generate() numbers new tokens from the "
-            f"uncompressed length); this method uses {method.position_mode!r}"
-        )
-    layers = method.reduce_layers
-    if not layers or min(layers) < 0 or max(layers) >= depth:
-        raise ValueError(f"reduction layers {layers} must lie in [0, {depth}) for this {depth}-layer text model")
-    return method
-
-
-@dataclass
-class _CacheLayout:
-    """Which prefill tokens each shortened layer of a compressed cache holds.
-
-    Attributes:
-        prefill_length: tokens of the prefill.
-        columns: per layer, ``None`` (the layer holds the full prefill) or ``(B, L)`` int64, the prefill
-            index of every slot, ``-1`` for a dead slot (after an eviction: the token head 0 holds; the
-            other heads may hold other tokens, in the same slots).
-        decoded: tokens decoded into the cache since the prefill.
-    """
-
-    prefill_length: int
-    columns: list[torch.Tensor | None]
-    decoded: int = 0
-
-
 @dataclass
 class _Run:
     """State of one forward of the text model."""
 
     spans: list[list[VisionSpan]] | None  # None: not known (no input_ids)
-    real: torch.Tensor | None
+    real: torch.Tensor | None  # (B, S) the prompt's real tokens; None for a prepared 4D mask
     has_vision_tokens: bool
     mode: str = ""  # "prefill", "decode" or "passthrough", set at layer 0
     cache: Cache | None = None
-    layout: _CacheLayout | None = None
-    columns: torch.Tensor | None = None  # (B, S') prefill index of every current slot, -1 dead
+    layout: CacheLayout | None = None
+    prefill: PrefillTracker | None = None  # the survivors and counts of a prefill
     positions: torch.Tensor | None = None  # (B, S') ordinal positions handed to the method
-    is_vision: torch.Tensor | None = None
     prefill_length: int = 0
     dtype: torch.dtype = torch.float32
     originals: dict = field(default_factory=dict)  # layer 0's attention_mask / position_embeddings / position_ids
@@ -173,9 +131,6 @@ class _Run:
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     captured: dict = field(default_factory=dict)
     observations: list[torch.Tensor] = field(default_factory=list)
-    kv_tokens: list[torch.Tensor] = field(default_factory=list)
-    vision_tokens: list[torch.Tensor] = field(default_factory=list)
-    reduce_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -195,7 +150,7 @@ class _Adapter:
         self.layers: Sequence[nn.Module] = text_model.layers
         self.evicting = isinstance(method, KVEviction)
         self.reduce_layers = set(range(len(self.layers))) if self.evicting else set(method.reduce_layers)
-        self.layouts: weakref.WeakKeyDictionary[Cache, _CacheLayout] = weakref.WeakKeyDictionary()
+        self.layouts: weakref.WeakKeyDictionary[Cache, CacheLayout] = weakref.WeakKeyDictionary()
         self.inputs: _Inputs | None = None
         self.run: _Run | None = None
         self.multimodal_signature = inspect.signature(model.model.forward)
@@ -279,7 +234,7 @@ class _Adapter:
     def _before_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = self.multimodal_signature.bind_partial(*args, **kwargs).arguments
         input_ids = inputs.get("input_ids")
-        cache = _cache_argument(inputs)
+        cache = cache_argument(inputs)
         if input_ids is None:
             pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
             self.inputs = _Inputs(None, pixels or bool(inputs.get("mm_encoder_outputs")))
@@ -327,48 +282,34 @@ class _Adapter:
             run.layout.decoded += 1
         if run is None or run.mode != "prefill":
             return
-        original_tokens, original_vision_tokens = run.kv_tokens[0], run.vision_tokens[0]
-        if self.evicting and run.cache is not None and any(run.spans):
+        if self.evicting and run.cache is not None and any(run.prefill.spans):
             self._evict(run)
         if run.cache is not None and run.groups:
             columns = [None] * len(self.layers)
             for first, group_columns in run.groups:
                 columns[first:] = [group_columns] * (len(self.layers) - first)
-            self.layouts[run.cache] = _CacheLayout(run.prefill_length, columns)
+            self.layouts[run.cache] = CacheLayout(run.prefill_length, columns)
         config = self.text_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        element = torch.finfo(run.dtype).bits // 8
-        self.model.lightkv_stats = PrefillStats(
-            kv_tokens=torch.stack(run.kv_tokens),
-            vision_tokens=torch.stack(run.vision_tokens),
-            original_tokens=original_tokens,
-            original_vision_tokens=original_vision_tokens,
-            reduce_seconds=run.reduce_seconds,
-            prefill_seconds=time.perf_counter() - run.started,
-            bytes_per_token_layer=2 * config.num_key_value_heads * head_dim * element,
+        self.model.lightkv_stats = run.prefill.stats(
+            kv_bytes_per_token_layer(config.num_key_value_heads, head_dim, run.dtype),
+            synchronized_clock(run.prefill.real),
         )
 
     def _evict(self, run: _Run) -> None:
         """Replace every layer's prefill cache by the method's compacted one; record the layout and counts."""
         layers = run.cache.layers
-        _synchronize(layers[0].keys)
-        tick = time.perf_counter()
-        evictions = self.method.evict(
-            run.observations,
-            [layer.keys for layer in layers],
-            [layer.values for layer in layers],
-            run.spans,
-            attention_mask=run.real,
-        )
-        _synchronize(layers[0].keys)
-        run.reduce_seconds += time.perf_counter() - tick
+        with run.prefill.reducing(layers[0].keys):
+            evictions = self.method.evict(
+                run.observations,
+                [layer.keys for layer in layers],
+                [layer.values for layer in layers],
+                run.prefill.spans,
+                attention_mask=run.prefill.real,
+            )
         for index, evicted in enumerate(evictions):
             layers[index].keys, layers[index].values = evicted.keys, evicted.values
-            columns = evicted.slots[:, 0].to(run.real.device)
-            alive = columns >= 0
-            run.groups.append((index, columns))
-            run.kv_tokens[index] = alive.sum(dim=1).cpu()
-            run.vision_tokens[index] = (run.is_vision.gather(1, columns.clamp(min=0)) & alive).sum(dim=1).cpu()
+            run.groups.append((index, run.prefill.evicted(index, evicted.slots[:, 0])))
 
     # --- layer hooks --------------------------------------------------------------------------------
 
@@ -380,21 +321,20 @@ class _Adapter:
             if index == 0:
                 self._start(run, args[0] if args else kwargs["hidden_states"], kwargs)
             if run.mode == "prefill":
-                run.kv_tokens.append(run.real.sum(dim=1).cpu())
-                run.vision_tokens.append((run.is_vision & run.real).sum(dim=1).cpu())
-                if run.columns is None:
+                run.prefill.layer()
+                if not run.groups:
                     return None
                 if run.swapped is None:
-                    run.swapped = _gather_prefill_inputs(run.originals, run.columns)
+                    run.swapped = gather_prefill_inputs(run.originals, run.prefill.columns)
                 return args, {**kwargs, **run.swapped}
             if run.mode == "decode":
                 columns = run.layout.columns[index]
                 if columns is None:
                     return None
-                _check_cache_length(run.cache, index, columns, run.layout.decoded)
+                check_cache_length(run.cache, index, columns, run.layout.decoded)
                 prefill_length = run.layout.prefill_length
                 full_length = prefill_length + run.layout.decoded + 1
-                mask = _gather_decode_mask(kwargs.get("attention_mask"), columns, prefill_length, full_length)
+                mask = gather_decode_mask(kwargs.get("attention_mask"), columns, prefill_length, full_length)
                 return args, {**kwargs, "attention_mask": mask}
             return None
 
@@ -403,7 +343,7 @@ class _Adapter:
     def _start(self, run: _Run, hidden: torch.Tensor, kwargs: dict) -> None:
         """Decide at layer 0 whether this forward is a prefill, a decode step on a compressed cache, or
         untouched."""
-        cache = _cache_argument(kwargs)
+        cache = cache_argument(kwargs)
         if cache is not None and (
             not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers)
         ):
@@ -424,9 +364,8 @@ class _Adapter:
                     )
                 run.spans = [[] for _ in range(hidden.shape[0])]
             run.mode = "prefill"
-            run.real = run.real.to(hidden.device)
-            run.positions = (run.real.long().cumsum(dim=1) - 1).clamp(min=0)
-            run.is_vision = vision_token_mask(run.spans, run.real.shape[1], hidden.device)
+            run.prefill = PrefillTracker(run.spans, run.real.to(hidden.device), run.started)
+            run.positions = (run.prefill.real.long().cumsum(dim=1) - 1).clamp(min=0)
             run.originals = {
                 "attention_mask": kwargs.get("attention_mask"),
                 "position_embeddings": kwargs.get("position_embeddings"),
@@ -465,139 +404,31 @@ class _Adapter:
             if run is None or run.mode != "prefill":
                 return None
             query, key, scaling = run.captured.pop(index)
-            if not any(run.spans):
+            prefill = run.prefill
+            if not any(prefill.spans):
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            query = query if scaling == query.shape[-1] ** -0.5 else query * (scaling * query.shape[-1] ** 0.5)
-            _synchronize(hidden)
-            tick = time.perf_counter()
+            query = at_default_scale(query, scaling)
             if self.evicting:
-                run.observations.append(self.method.observe(index, query, key, run.spans, attention_mask=run.real))
-                _synchronize(hidden)
-                run.reduce_seconds += time.perf_counter() - tick
+                with prefill.reducing(hidden):
+                    observation = self.method.observe(index, query, key, prefill.spans, attention_mask=prefill.real)
+                run.observations.append(observation)
                 return None
-            result = self.method.reduce(
-                index,
-                hidden,
-                query,
-                key,
-                run.spans,
-                position_ids=run.positions,
-                attention_mask=run.real,
-                padding_side="left",
-            )
-            _synchronize(hidden)
-            run.reduce_seconds += time.perf_counter() - tick
-            kept = result.kept_padded.to(hidden.device)
-            previous = run.columns if run.columns is not None else _identity_columns(run.real)
-            run.columns = torch.where(kept >= 0, previous.gather(1, kept.clamp(min=0)), -1)
-            run.is_vision = run.is_vision.gather(1, kept.clamp(min=0)) & (kept >= 0)
-            run.real = kept >= 0
+            with prefill.reducing(hidden):
+                result = self.method.reduce(
+                    index,
+                    hidden,
+                    query,
+                    key,
+                    prefill.spans,
+                    position_ids=run.positions,
+                    attention_mask=prefill.real,
+                    padding_side="left",
+                )
+            prefill.reduced(result)
             run.positions = result.positions.to(hidden.device)
-            run.spans = result.spans
             run.swapped = None
-            run.groups.append((index + 1, run.columns))
+            run.groups.append((index + 1, prefill.columns))
             return (result.hidden, *output[1:]) if isinstance(output, tuple) else result.hidden
 
         return hook
-
-
-def _cache_argument(arguments: dict) -> Cache | None:
-    """The KV cache a forward was given: ``cache`` since transformers 5.24, ``past_key_values`` before (and still
-    accepted, with a deprecation warning, by 5.24's forwards), directly or inside a bound ``**kwargs``."""
-    extra = arguments.get("kwargs") or {}
-    for name in ("cache", "past_key_values"):
-        for source in (arguments, extra):
-            if source.get(name) is not None:
-                return source[name]
-    return None
-
-
-def _identity_columns(real: torch.Tensor) -> torch.Tensor:
-    columns = torch.arange(real.shape[1], device=real.device).expand(real.shape[0], -1)
-    return torch.where(real, columns, -1)
-
-
-def _synchronize(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
-def _allowed_and_masked(mask: torch.Tensor) -> tuple[object, object]:
-    """The values that let a query see a key, and that hide it, in a bool or additive float mask."""
-    if mask.dtype == torch.bool:
-        return True, False
-    return 0.0, torch.finfo(mask.dtype).min
-
-
-def _gather_prefill_inputs(originals: dict, columns: torch.Tensor) -> dict:
-    """Layer 0's mask, rotary tables and position ids at the surviving prefill indices ``columns``
-    ``(B, S')`` (``-1``: a dead slot)."""
-    batch, length = columns.shape
-    alive = columns >= 0
-    index = columns.clamp(min=0)
-    cos, sin = originals["position_embeddings"]
-    # (B or 1, S, d), or (3, B, S, d) where Qwen2-VL applies its M-RoPE sections inside attention (transformers < 5.17)
-    swapped = {
-        "position_embeddings": tuple(
-            table.expand(*table.shape[:-3], batch, -1, -1).gather(
-                -2, index[..., None].expand(*table.shape[:-3], batch, length, table.shape[-1])
-            )
-            for table in (cos, sin)
-        )
-    }
-    position_ids = originals["position_ids"]
-    if position_ids is not None:
-        swapped["position_ids"] = position_ids.expand(*position_ids.shape[:-2], batch, -1).gather(
-            -1, index.expand(*position_ids.shape[:-2], batch, length)
-        )
-    mask = originals["attention_mask"]
-    dead_rows = ~alive[:, None, :, None] & torch.eye(length, dtype=torch.bool, device=columns.device)
-    if mask is None:
-        if bool(alive.all()):
-            swapped["attention_mask"] = None
-            return swapped
-        causal = torch.ones(length, length, dtype=torch.bool, device=columns.device).tril()
-        swapped["attention_mask"] = (causal & alive[:, None, None, :]) | dead_rows
-        return swapped
-    allowed, masked = _allowed_and_masked(mask)
-    full = mask.expand(batch, -1, -1, -1)
-    rows = full.gather(2, index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
-    gathered = rows.gather(3, index[:, None, None, :].expand(-1, full.shape[1], length, -1))
-    gathered = gathered.masked_fill(~alive[:, None, None, :], masked).masked_fill(dead_rows, allowed)
-    swapped["attention_mask"] = gathered
-    return swapped
-
-
-def _gather_decode_mask(
-    mask: torch.Tensor | None, columns: torch.Tensor, prefill_length: int, full_length: int
-) -> torch.Tensor | None:
-    """The decode mask of a shortened layer: the uncompressed mask ``(B, 1, 1, full_length)`` (or ``None``)
-    at the columns the layer holds, its prefill survivors ``columns`` ``(B, L)`` (``-1``: dead) then every
-    decoded token. The stock mask is sized to layer 0; where layer 0 is itself compacted (post-prefill
-    eviction) it does not cover the full length, and the mask is built from the held slots alone (a
-    decoded token sees every real prompt token the layer holds)."""
-    batch = columns.shape[0]
-    decoded = torch.arange(prefill_length, full_length, device=columns.device).expand(batch, -1)
-    held = torch.cat([columns, decoded], dim=1)
-    alive = held >= 0
-    if mask is None or mask.shape[-1] != full_length:
-        if mask is None or mask.dtype == torch.bool:
-            return None if mask is None and bool(alive.all()) else alive[:, None, None, :]
-        _, masked = _allowed_and_masked(mask)
-        return torch.zeros(alive.shape, dtype=mask.dtype, device=mask.device).masked_fill(~alive, masked)[:, None, None]
-    _, masked = _allowed_and_masked(mask)
-    full = mask.expand(batch, -1, -1, -1)
-    gathered = full.gather(3, held.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
-    return gathered.masked_fill(~alive[:, None, None, :], masked)
-
-
-def _check_cache_length(cache: Cache, index: int, columns: torch.Tensor, decoded: int) -> None:
-    """Check that layer ``index`` holds its prefill survivors plus one slot per earlier decoded token."""
-    held = cache.layers[index].get_seq_length()
-    expected = columns.shape[1] + decoded
-    if held != expected:
-        raise RuntimeError(
-            f"layer {index} of the compressed KV cache holds {held} slots, lightkv expected {expected}: the cache "
-            "was changed outside lightkv (cropped, reordered or reused for another prompt)"
-        )

@@ -19,7 +19,6 @@ padding slots in each layer's cache.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightkv_core.methods import CompressionMethod, KVEviction
-from lightkv_core.spans import as_span, vision_token_mask
+from lightkv_core.prefill import PrefillTracker, kv_bytes_per_token_layer, synchronized_clock
+from lightkv_core.spans import as_span
 from lightkv_core.stats import PrefillStats
 
 
@@ -111,13 +111,13 @@ class LayerCache:
 
 
 @dataclass
-class KVCache:
+class LayerwiseKVCache:
     """Per-layer caches whose lengths may differ (layers after a reduction hold fewer tokens)."""
 
     layers: list[LayerCache | None]
 
     @classmethod
-    def empty(cls, num_layers: int) -> KVCache:
+    def empty(cls, num_layers: int) -> LayerwiseKVCache:
         return cls([None] * num_layers)
 
     @property
@@ -214,11 +214,6 @@ def _decode_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
     return (valid[:, None, :] & visible[None])[:, None]
 
 
-def left_padded_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """``(B, width)`` bool: the last ``lengths[b]`` slots of row ``b`` are real."""
-    return torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]
-
-
 class Decoder(nn.Module):
     """Llama-style causal LM (``LlamaForCausalLM`` parameter names) with per-layer KV lengths."""
 
@@ -234,7 +229,7 @@ class Decoder(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         spans: Sequence[Sequence] | None = None,
-        cache: KVCache | None = None,
+        cache: LayerwiseKVCache | None = None,
         reduction: CompressionMethod | None = None,
         last_logits_only: bool = False,
     ) -> tuple[torch.Tensor, PrefillStats | None]:
@@ -245,7 +240,7 @@ class Decoder(nn.Module):
             attention_mask: ``(B, S)`` real tokens of a prefill, padding on the left; ``None``: all
                 real. In decoding (non-empty ``cache``) every new token is real.
             spans: one list of vision spans per sample (``VisionSpan`` or ``(start, end, rows, cols)``).
-            cache: a :class:`KVCache` filled in place; ``None`` runs without one (training).
+            cache: a :class:`LayerwiseKVCache` filled in place; ``None`` runs without one (training).
             reduction: the compression method, prefill only: an in-prefill token reduction (LightKV,
                 FastV, ...; layer ``-1`` in its ``reduce_layers`` reduces the input embeddings before
                 layer 0, ``q``/``k`` then ``None``, which only methods without attention such as random
@@ -269,7 +264,6 @@ class Decoder(nn.Module):
         if decoding:
             return self._decode(inputs_embeds, cache, last_logits_only), None
 
-        started = _clock(inputs_embeds)
         real = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
         if attention_mask is not None:
             real = attention_mask.to(inputs_embeds.device, torch.bool)
@@ -280,89 +274,73 @@ class Decoder(nn.Module):
         per_sample = [[as_span(s) for s in sample] for sample in spans] if spans is not None else [[]] * batch
         if len(per_sample) != batch:
             raise ValueError(f"spans has {len(per_sample)} per-sample lists for a batch of {batch}")
-        position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
-        is_vision = vision_token_mask(per_sample, seq, real.device)
-        original_vision = is_vision.sum(dim=1).cpu()
-        original_tokens = real.sum(dim=1).cpu()
         reduce_layers = set(reduction.reduce_layers) if reduction is not None and not evicting else set()
         if reduce_layers and not -1 <= min(reduce_layers) <= max(reduce_layers) < self.config.num_layers:
             raise ValueError(f"reduction layers {sorted(reduce_layers)} must lie in [-1, {self.config.num_layers})")
+        # COMPRESSION HOOK: the tracker follows the survivors and counts what every layer caches
+        prefill = PrefillTracker(per_sample, real, synchronized_clock(inputs_embeds))
+        position_ids = (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
 
         hidden = inputs_embeds
         q = k = None
         unpadded = attention_mask is None or bool(real.all())
         mask = None if unpadded else _prefill_mask(real)
-        kv_tokens, vision_tokens = [], []
-        reduce_seconds = 0.0
         observations = []
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         for index in range(-1, self.config.num_layers):
             if index >= 0:
                 hidden, q, k, keys, values = self.model.layers[index](hidden, cos, sin, mask, None)
                 if cache is not None:
-                    cache.layers[index] = LayerCache(keys, values, real, position_ids.max(dim=1).values + 1)
-                kv_tokens.append(real.sum(dim=1).cpu())
-                vision_tokens.append(is_vision.sum(dim=1).cpu())
+                    cache.layers[index] = LayerCache(keys, values, prefill.real, position_ids.max(dim=1).values + 1)
+                prefill.layer()
                 if evicting:
                     # COMPRESSION HOOK: a post-prefill method keeps a few statistics of every layer's attention
-                    tick = _clock(hidden)
-                    observations.append(reduction.observe(index, q, k, per_sample, attention_mask=real))
-                    reduce_seconds += _clock(hidden) - tick
+                    with prefill.reducing(hidden):
+                        observations.append(reduction.observe(index, q, k, prefill.spans, attention_mask=prefill.real))
             if index in reduce_layers:
                 # COMPRESSION HOOK: layer `index` has cached its full KV (index -1: the input embeddings, no
                 # q/k); the method shortens the hidden states and the later layers see (and cache) only the
                 # survivors, with their own positions and mask.
-                tick = _clock(hidden)
-                result = reduction.reduce(
-                    index,
-                    hidden,
-                    q,
-                    k,
-                    per_sample,
-                    position_ids=position_ids,
-                    attention_mask=real,
-                    padding_side="left",
-                )
-                reduce_seconds += _clock(hidden) - tick
-                hidden, position_ids, per_sample = result.hidden, result.positions, result.spans
-                real = left_padded_mask(result.lengths, hidden.shape[1])
-                is_vision = torch.gather(is_vision, 1, result.kept_padded.clamp(min=0)) & real
-                mask = _prefill_mask(real)
+                with prefill.reducing(hidden):
+                    result = reduction.reduce(
+                        index,
+                        hidden,
+                        q,
+                        k,
+                        prefill.spans,
+                        position_ids=position_ids,
+                        attention_mask=prefill.real,
+                        padding_side="left",
+                    )
+                prefill.reduced(result)
+                hidden, position_ids = result.hidden, result.positions
+                mask = _prefill_mask(prefill.real)
                 cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         if evicting:
             # COMPRESSION HOOK: the prefill is done; every layer's cache is compacted (lengths may differ)
-            tick = _clock(hidden)
             layers = cache.layers
-            evictions = reduction.evict(
-                observations,
-                [layer.keys for layer in layers],
-                [layer.values for layer in layers],
-                per_sample,
-                attention_mask=real,
-            )
-            for index, evicted in enumerate(evictions):
-                alive = evicted.alive.to(real.device)
-                layers[index] = LayerCache(evicted.keys, evicted.values, alive, layers[index].next_position)
-                vision_held = torch.gather(is_vision, 1, evicted.slots[:, 0].to(real.device).clamp(min=0)) & alive
-                kv_tokens[index], vision_tokens[index] = alive.sum(dim=1).cpu(), vision_held.sum(dim=1).cpu()
-            reduce_seconds += _clock(hidden) - tick
+            with prefill.reducing(hidden):
+                evictions = reduction.evict(
+                    observations,
+                    [layer.keys for layer in layers],
+                    [layer.values for layer in layers],
+                    prefill.spans,
+                    attention_mask=prefill.real,
+                )
+                for index, evicted in enumerate(evictions):
+                    alive = prefill.evicted(index, evicted.slots[:, 0]) >= 0
+                    layers[index] = LayerCache(evicted.keys, evicted.values, alive, layers[index].next_position)
         if last_logits_only:
             hidden = hidden[:, -1:]
         logits = self.lm_head(self.model.norm(hidden)).float()
         if cache is None:
             return logits, None
-        stats = PrefillStats(
-            kv_tokens=torch.stack(kv_tokens),
-            vision_tokens=torch.stack(vision_tokens),
-            original_tokens=original_tokens,
-            original_vision_tokens=original_vision,
-            reduce_seconds=reduce_seconds,
-            prefill_seconds=_clock(logits) - started,
-            bytes_per_token_layer=2 * self.config.num_kv_heads * self.config.head_dim * hidden.element_size(),
+        c = self.config
+        return logits, prefill.stats(
+            kv_bytes_per_token_layer(c.num_kv_heads, c.head_dim, hidden.dtype), synchronized_clock(logits)
         )
-        return logits, stats
 
-    def _decode(self, inputs_embeds: torch.Tensor, cache: KVCache, last_logits_only: bool) -> torch.Tensor:
+    def _decode(self, inputs_embeds: torch.Tensor, cache: LayerwiseKVCache, last_logits_only: bool) -> torch.Tensor:
         batch, new, _ = inputs_embeds.shape
         hidden = inputs_embeds
         steps = torch.arange(new, device=hidden.device)
@@ -411,7 +389,7 @@ class Decoder(nn.Module):
         batch = inputs_embeds.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
         tokens: list[torch.Tensor] = []
-        cache = KVCache.empty(self.config.num_layers) if use_cache else None
+        cache = LayerwiseKVCache.empty(self.config.num_layers) if use_cache else None
         embeds, mask = inputs_embeds, attention_mask
         logits, stats = self(
             embeds, attention_mask=mask, spans=spans, cache=cache, reduction=reduction, last_logits_only=True
@@ -433,13 +411,6 @@ class Decoder(nn.Module):
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits, _ = self(embeds, attention_mask=mask, spans=spans, last_logits_only=True)
         return torch.stack(tokens, dim=1), stats
-
-
-def _clock(tensor: torch.Tensor) -> float:
-    """``time.perf_counter()`` once the work queued on ``tensor``'s device is done (CUDA runs asynchronously)."""
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-    return time.perf_counter()
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None):

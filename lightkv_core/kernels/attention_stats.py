@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from lightkv_core.kernels._backend import (
+from lightkv_core.kernels.launch import (
     TRITON_AVAILABLE,
     check_float,
     check_index,
@@ -38,7 +38,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from lightkv_core.kernels._backend import dot_f32
+    from lightkv_core.kernels.launch import dot_f32
 
     @triton.jit
     def _load_query_rows(q_head_ptr, index_ptr, q_offs, Q, d_offs, d_valid, sqs, sqd):
@@ -268,13 +268,13 @@ def attention_statistics(
     if batch * seq * query_index.shape[1] * key_index.shape[1] == 0:
         out = torch.zeros(batch, n_heads, key_index.shape[1], dtype=torch.float32, device=q.device)
     elif which == "torch":
-        out = _statistics_torch(q, k, query_index, key_index, key_mask, bool(causal), scale)
+        out = attention_statistics_torch(q, k, query_index, key_index, key_mask, bool(causal), scale)
     else:
-        out = _statistics_triton(q, k, query_index, key_index, key_mask, bool(causal), scale)
+        out = attention_statistics_triton(q, k, query_index, key_index, key_mask, bool(causal), scale)
     return out.mean(dim=1) if heads == "mean" else out
 
 
-def _statistics_triton(
+def attention_statistics_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     query_index: torch.Tensor,
@@ -320,7 +320,7 @@ def _statistics_triton(
     return out
 
 
-def _statistics_torch(
+def attention_statistics_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     query_index: torch.Tensor,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lightkv_core.kernels._backend import (
+from lightkv_core.kernels.launch import (
     TRITON_AVAILABLE,
     check_csr,
     check_float,
@@ -115,11 +115,11 @@ def merge_compact(
     """
     _check(x, weights, out_rows, src_offsets, src_rows)
     if choose_backend(backend, x.device, "merge_compact") == "torch":
-        return _merge_torch(x, weights, out_rows, src_offsets, src_rows)
-    return _merge_triton(x, weights, out_rows, src_offsets, src_rows)
+        return merge_compact_torch(x, weights, out_rows, src_offsets, src_rows)
+    return merge_compact_triton(x, weights, out_rows, src_offsets, src_rows)
 
 
-def _merge_triton(
+def merge_compact_triton(
     x: torch.Tensor,
     weights: torch.Tensor,
     out_rows: torch.Tensor,
@@ -150,7 +150,7 @@ def _merge_triton(
     return out
 
 
-def _merge_torch(
+def merge_compact_torch(
     x: torch.Tensor, weights: torch.Tensor, out_rows: torch.Tensor, src_offsets: torch.Tensor, src_rows: torch.Tensor
 ) -> torch.Tensor:
     """Fallback: gather, then index_add the weighted sources of the receiving rows in float32."""

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from lightkv_core.kernels._backend import (
+from lightkv_core.kernels.launch import (
     TRITON_AVAILABLE,
     check_float,
     check_index,
@@ -37,7 +37,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from lightkv_core.kernels._backend import dot_f32
+    from lightkv_core.kernels.launch import dot_f32
 
     @triton.jit
     def _load_query_tile(q_head_ptr, s_offs, s_valid, d_offs, d_valid, sqs, sqd):
@@ -59,7 +59,7 @@ if TRITON_AVAILABLE:
         )
 
     @triton.jit
-    def _column_lse_kernel(
+    def column_lse_kernel(
         q_ptr,
         k_ptr,
         guide_ptr,
@@ -138,7 +138,7 @@ if TRITON_AVAILABLE:
         return tl.where(t_valid, lse, float("inf"))
 
     @triton.jit
-    def _row_sum_kernel(
+    def row_sum_kernel(
         q_ptr,
         k_ptr,
         guide_ptr,
@@ -257,11 +257,11 @@ def cross_attention_scores(
     _check(q, k, guide_index, guide_count, query_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if choose_backend(backend, q.device, "cross_attention_scores") == "torch":
-        return _scores_torch(q, k, guide_index, guide_count, query_mask, scale)
-    return _scores_triton(q, k, guide_index, guide_count, query_mask, scale)
+        return cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)
+    return cross_attention_scores_triton(q, k, guide_index, guide_count, query_mask, scale)
 
 
-def _scores_triton(
+def cross_attention_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     guide_index: torch.Tensor,
@@ -300,16 +300,16 @@ def _scores_triton(
         *k.stride(),
     )
     fixed = dict(BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype))
-    _column_lse_kernel[(batch * heads, triton.cdiv(width, lse_config["BLOCK_T"]), num_splits)](
+    column_lse_kernel[(batch * heads, triton.cdiv(width, lse_config["BLOCK_T"]), num_splits)](
         q, k, guides, counts, mask, lse, *common, **lse_config, **fixed
     )
-    _row_sum_kernel[(batch, triton.cdiv(seq, sum_config["BLOCK_S"]), head_blocks)](
+    row_sum_kernel[(batch, triton.cdiv(seq, sum_config["BLOCK_S"]), head_blocks)](
         q, k, guides, counts, mask, lse, parts, *common, **sum_config, **fixed
     )
     return parts[:, 0] if head_blocks == 1 else parts.sum(dim=1)
 
 
-def _scores_torch(
+def cross_attention_scores_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     guide_index: torch.Tensor,

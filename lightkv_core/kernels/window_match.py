@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from lightkv_core.kernels._backend import (
+from lightkv_core.kernels.launch import (
     TRITON_AVAILABLE,
     check_csr,
     check_float,
@@ -150,11 +150,11 @@ def window_best_match(
     """
     _check(x, a_rows, a_offsets, b_rows, b_offsets)
     if choose_backend(backend, x.device, "window_best_match") == "torch":
-        return _match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
-    return _match_triton(x, a_rows, a_offsets, b_rows, b_offsets)
+        return window_best_match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
+    return window_best_match_triton(x, a_rows, a_offsets, b_rows, b_offsets)
 
 
-def _match_triton(
+def window_best_match_triton(
     x: torch.Tensor,
     a_rows: torch.Tensor,
     a_offsets: torch.Tensor,
@@ -199,7 +199,7 @@ def _match_triton(
     return best, sim
 
 
-def _match_torch(
+def window_best_match_torch(
     x: torch.Tensor,
     a_rows: torch.Tensor,
     a_offsets: torch.Tensor,

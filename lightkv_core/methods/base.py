@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.compaction import StageResult
 from lightkv_core.plan import LengthPlan
-from lightkv_core.stage import StageResult
 
 
 class PrefillReduction(ABC):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lightkv_core.methods.base import LayerEviction
-from lightkv_core.stage import normalise_spans
+from lightkv_core.spans import normalise_spans
 
 DEFAULT_RETENTION = 0.55  # about what LightKV's released LLaVA schedule keeps (0.57 at 32 layers)
 

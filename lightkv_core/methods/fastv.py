@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.compaction import StageResult, drop_tokens
 from lightkv_core.config import POSITION_MODES
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.received import received_attention
-from lightkv_core.plan import LengthPlan, check_sample_spans
-from lightkv_core.stage import StageResult, drop_tokens, normalise_spans
+from lightkv_core.plan import LengthPlan
+from lightkv_core.spans import check_sample_spans, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
 RELEASED_K, RELEASED_DEPTH = 2, 32

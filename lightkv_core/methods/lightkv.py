@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.compaction import StageResult
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.plan import LengthPlan, plan_lengths
-from lightkv_core.stage import StageResult, lightkv_stage
+from lightkv_core.stage import lightkv_stage
 
 
 @dataclass(frozen=True)

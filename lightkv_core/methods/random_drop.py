@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lightkv_core.compaction import StageResult
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest, drop_plan
 from lightkv_core.plan import LengthPlan
-from lightkv_core.stage import StageResult
 
 
 @dataclass(frozen=True)

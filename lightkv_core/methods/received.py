@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightkv_core.kernels import attention_statistics
-from lightkv_core.kernels._backend import FLOAT_DTYPES
+from lightkv_core.kernels.launch import FLOAT_DTYPES
 
 
 def rows_where(mask: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
+from lightkv_core.prefill import at_default_scale, survivor_columns
 
 if TYPE_CHECKING:
     from lightkv_adapters.sglang.pools import LayerGroupCache
@@ -240,9 +241,7 @@ class LayerGroups:
             new_view = self._prefill_view(group, forward_batch, prefill, stock, pool)
             residual_batch.start(new_view)
             return full, new_view, prefill.positions[..., stock]
-        head_dim = q.shape[-1]
-        if scaling != head_dim**-0.5:
-            q = q * (scaling * head_dim**0.5)
+        q = at_default_scale(q, scaling)
         lengths = prefill.lengths
         width = max(lengths)
         mask = _left_mask(lengths, width, full.device)
@@ -257,12 +256,12 @@ class LayerGroups:
             attention_mask=mask,
             padding_side="left",
         )
-        kept = result.kept_padded.to(full.device)
-        alive = kept >= 0
+        origin = survivor_columns(_pad(torch.cat(prefill.origin), mask, fill=-1), result.kept_padded)
+        alive = origin >= 0
         new_lengths = alive.sum(dim=1).tolist()
-        prefill.origin = [origin[(kept[b][alive[b]] - (width - lengths[b]))] for b, origin in enumerate(prefill.origin)]
+        prefill.origin = [row[keep] for row, keep in zip(origin, alive, strict=True)]
         prefill.lengths = new_lengths
-        prefill.spans = [_shift(s, -(kept.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
+        prefill.spans = [_shift(s, -(origin.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
         merged = result.hidden.to(full.dtype)[alive]
         stock = prefill.stock_index()
         new_view = self._prefill_view(group, forward_batch, prefill, stock, pool)
@@ -355,9 +354,9 @@ def _left_mask(lengths: Sequence[int], width: int, device: torch.device) -> torc
     return columns[None, :] >= (width - torch.tensor(lengths, device=device))[:, None]
 
 
-def _pad(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(N, ...)`` packed rows as ``(B, S, ...)`` left-padded with zeros."""
-    out = packed.new_zeros(*mask.shape, *packed.shape[1:])
+def _pad(packed: torch.Tensor, mask: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """``(N, ...)`` packed rows as ``(B, S, ...)`` left-padded with ``fill``."""
+    out = packed.new_full((*mask.shape, *packed.shape[1:]), fill)
     out[mask] = packed
     return out
 

@@ -1,11 +1,10 @@
 """LLaVA on Llama and Qwen2 text models (SGLang's ``LlavaLlamaForCausalLM`` / ``LlavaQwenForCausalLM``) with
 ``--kv-compress``.
 
-SGLang places image ``j`` of a request at ``image_offsets[j]`` with ``image_pad_len[j]`` tokens. Its layout
-follows ``LlavaBaseForCausalLM.pad_input_ids``: a square ``side x side`` grid (LLaVA-1.5, ``pad``), a
-pooled ``ceil(side/2)`` grid (more than 16 images, i.e. video frames), or for ``anyres`` the base grid
-followed by the unpadded high-resolution grid with a row-newline token per row (LLaVA-NeXT, structural,
-never merged).
+SGLang places image ``j`` of a request at ``image_offsets[j]`` with ``image_pad_len[j]`` tokens, laid out as
+``LlavaBaseForCausalLM.pad_input_ids`` does: a square ``side x side`` grid (LLaVA-1.5, ``pad``), a pooled
+``ceil(side/2)`` grid (more than 16 images, i.e. video frames), or LLaVA-NeXT's anyres layout
+(:func:`lightkv_core.layouts.llava_next_image`, a single-tile image included).
 """
 
 from __future__ import annotations
@@ -17,14 +16,11 @@ from sglang.srt.models.llava import LlavaQwenForCausalLM as _StockLlavaQwen
 from sglang.srt.multimodal.mm_utils import get_anyres_image_grid_shape, unpad_image_shape
 
 from lightkv_adapters.sglang.models.base import capture_spans, install
-from lightkv_core.spans import VisionSpan, grid_with_row_newlines
+from lightkv_core import layouts
+from lightkv_core.spans import VisionSpan
 
 #: The released schedule of both classes (LLaVA-NeXT shares LLaVA-1.5's).
 PRESET = "llava-1.5"
-
-
-def _square(start: int, side: int) -> VisionSpan:
-    return VisionSpan(start, start + side * side, side, side)
 
 
 class _Llava:
@@ -46,11 +42,14 @@ class _Llava:
         for index, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
             if start + length > seq_len:
                 raise ValueError(f"image {index} ({length} tokens at {start}) runs past the {seq_len}-token prompt")
+            unpad = "unpad" in getattr(self, "mm_patch_merge_type", "")
             if len(offsets) > 16 and length == math.ceil(side / 2) ** 2:
-                spans.append(_square(start, math.ceil(side / 2)))
+                spans.extend(layouts.place([layouts.grid(math.ceil(side / 2), math.ceil(side / 2))], start))
             elif length == side * side:
-                spans.append(_square(start, side))
-            elif index < len(sizes) and "unpad" in getattr(self, "mm_patch_merge_type", ""):
+                spans.extend(layouts.place([layouts.grid(side, side)], start))
+            elif unpad and length == side * side + 1:  # a single-tile image: its base grid and one newline
+                spans.extend(layouts.place(layouts.llava_next_image(side, None), start))
+            elif index < len(sizes) and unpad:
                 spans.extend(self._anyres_spans(start, length, sizes[index], side))
             else:
                 raise NotImplementedError(
@@ -68,7 +67,7 @@ class _Llava:
                 f"an anyres image of {length} tokens is not a {side}x{side} base grid plus an unpadded {rows}x{cols} "
                 "grid with row newlines (anyres_max pooling is not supported)"
             )
-        return [_square(start, side), grid_with_row_newlines(rows, cols, start + side * side)]
+        return layouts.place(layouts.llava_next_image(side, (rows, cols)), start)
 
     def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
         capture_spans(self.lightkv_groups, forward_batch)

@@ -12,6 +12,7 @@ from sglang.srt.models.qwen2_vl import Qwen2VLForConditionalGeneration as _Stock
 from sglang.srt.multimodal.modality import Modality
 
 from lightkv_adapters.sglang.models.base import capture_spans, install
+from lightkv_core import layouts
 from lightkv_core.spans import VisionSpan
 
 #: The released schedule of both classes.
@@ -32,7 +33,7 @@ def qwen_vl_spans(mm_inputs: object, seq_len: int, merge: int) -> list[VisionSpa
             grids = item.video_grid_thw
         else:
             raise NotImplementedError(f"lightkv compresses image and video tokens, not {item.modality.name}")
-        pieces = [(int(h) // merge, int(w) // merge) for t, h, w in grids.reshape(-1, 3).tolist() for _ in range(t)]
+        pieces = [piece for t, h, w in grids.reshape(-1, 3).tolist() for piece in layouts.qwen_vl_item(t, h, w, merge)]
         offsets = [(int(start), int(end)) for start, end in item.offsets]
         if len(offsets) == len(pieces):
             runs = [[piece] for piece in pieces]
@@ -44,14 +45,13 @@ def qwen_vl_spans(mm_inputs: object, seq_len: int, merge: int) -> list[VisionSpa
                 "needs one run per grid or one per item"
             )
         for (start, end), run in zip(offsets, runs, strict=True):
-            if end + 1 - start != sum(rows * cols for rows, cols in run) or end >= seq_len:
+            if end + 1 - start != layouts.num_tokens(run) or end >= seq_len:
+                grids_text = [(piece.rows, piece.cols) for piece in run]
                 raise ValueError(
-                    f"{item.modality.name.lower()} tokens {start}..{end} do not hold grids {run} inside a prompt of "
-                    f"{seq_len} tokens"
+                    f"{item.modality.name.lower()} tokens {start}..{end} do not hold grids {grids_text} inside a "
+                    f"prompt of {seq_len} tokens"
                 )
-            for rows, cols in run:
-                spans.append(VisionSpan(start, start + rows * cols, rows, cols))
-                start += rows * cols
+            spans.extend(layouts.place(run, start))
     return sorted(spans, key=lambda span: span.start)
 
 
