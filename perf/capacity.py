@@ -1,34 +1,9 @@
 """SGLang capacity with layer-group KV pools: how many requests one KV memory budget holds at once.
 
-A simulation of KV *slots*, with SGLang's own pools and allocators and the SGLang plugin's layer-group pools
-(``lightkv_adapters.sglang.pools``). Nothing is computed and no KV storage is allocated (the allocators are built
-with ``kvcache=None``): only the slot free lists, the request-to-token rows and the admission rule are exercised.
-
-The model is LLaVA-NeXT-7B-shaped (32 layers, 32 KV heads x 128, fp16: 512 KiB of KV per token over all layers);
-the budget (default 40 GiB of KV cache) gives one stock pool of ``budget / 512 KiB`` slots. Requests arrive in a
-stream and are admitted first come, first served until the first one that does not fit (SGLang's ``NO_TOKEN``
-ends a prefill pass); each reserves ``max_new_tokens`` decode slots, as ``PrefillAdder`` does (fixed-length
-requests: the decode estimate ratio is 1).
-
-* **Without grouped pools**: one ``TokenToKVPoolAllocator`` over every layer; a request is admitted while its
-  ``prompt + max_new + 1`` slots fit in the free slots minus the decode budget of the requests already held.
-* **With grouped pools**: the released LightKV schedule (12-18-24, windows 4-2-1, ratios 0.5) splits the 32 layers
-  into four groups; the same memory is split by :func:`pool_sizes` at the pool ratios (the plugin's default,
-  :func:`default_pool_ratios`, or ``--pool-ratios``). Group 0 is a ``LayerGroupAllocator`` with the same rule as
-  above, and the plugin's admission check (:func:`group_demand`, :func:`admits`) must pass in every later group.
-  An admitted request gets its row (``alloc_rows``), its group-0 slots, then its slots in the later groups through
-  ``ReqToTokenPool.alloc_aux_to_lengths`` (the plugin's ``LayerGroupCache``, sized by LightKV's length plan), and
-  each group is trimmed to the survivors (the plan is exact for LLaVA-NeXT grids, so the trim frees nothing).
-
-After admission every held request decodes its ``max_new_tokens`` (one slot per token in every group, as SGLang's
-decode allocates), then every row is freed and the pools are checked for leaks: the reservations are honoured.
-
-Scenarios: a stream of LLaVA-NeXT-like requests (five 24x24 images, 2,880 vision tokens, then 100 text tokens), and
-a mixed stream alternating them with 1,000-token text-only requests (which hold a slot in every group). Each runs
-at the given pool ratios and at ratios matched to the stream (each group's share of the stream's demand, decode
-budget included); the LLaVA-NeXT stream is also swept over the budget (10-80 GiB) and ``max_new_tokens`` (0-512),
-admission only. Limits: slots only (no compute, no latency, no prefix cache, no chunked prefill, no retraction);
-one admission per request in arrival order; the vision-token counts are LightKV's plan, not a forward.
+A simulation of KV slots over SGLang's real request pool and allocators and the plugin's layer-group pools
+(:mod:`lightkv_adapters.sglang.pools`): nothing is computed and no KV storage is allocated. Streams of LLaVA-NeXT-like
+and mixed requests are admitted with one pool and with layer-group pools, then decoded, freed and checked for
+leaks; the model, scenarios, limits and recorded numbers are in perf/README.md (SGLang capacity).
 
     .venv/bin/python perf/capacity.py [--budget-gib 40] [--max-new-tokens 128] [--pool-ratios a,b,c]
 
@@ -45,15 +20,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
-sys.path.insert(0, str(REPO / "tests"))
-import sglang_env  # noqa: E402  (stubs SGLang's CUDA-only imports; must run before sglang is imported)
+from lightkv_adapters.sglang import cpu_env
 
-sglang_env.install()
+cpu_env.install()  # stubs SGLang's CUDA-only imports: must run before sglang is imported
 
 import sglang  # noqa: E402
 import torch  # noqa: E402
@@ -70,40 +41,18 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
     layer_groups,
     pool_sizes,
 )
-from lightkv_core.budget import MODEL_SHAPES  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig, parse_values  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
-from lightkv_core.spans import VisionSpan  # noqa: E402
+from lightkv_perf.capacity_plot import plot  # noqa: E402
+from lightkv_perf.capacity_requests import SHAPE, FakeReq, llava_next_request, text_request  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
 GIB = 1 << 30
-SHAPE = MODEL_SHAPES["llava-next"]  # KVFootprint(32, 128, 2), five 24x24 images
 NUM_LAYERS = PRESET_DEPTHS["llava-next"]
-TEXT_AFTER_IMAGES = 100
-TEXT_ONLY_TOKENS = 1000
 SWEEP_GIB = (10, 20, 40, 80)
 SWEEP_MAX_NEW = (0, 32, 128, 512)
-
-
-@dataclass(frozen=True)
-class FakeReq:
-    """What the planner and :func:`group_demand` read of SGLang's ``Req``: vision spans and the prompt ids."""
-
-    kind: str
-    spans: tuple[VisionSpan, ...]
-    full_untruncated_fill_ids: range
-
-
-def llava_next_request() -> FakeReq:
-    rows, cols = SHAPE.grid
-    grid = rows * cols
-    spans = tuple(VisionSpan(i * grid, (i + 1) * grid, rows, cols) for i in range(SHAPE.images))
-    return FakeReq("llava-next", spans, range(SHAPE.images * grid + TEXT_AFTER_IMAGES))
-
-
-def text_request() -> FakeReq:
-    return FakeReq("text", (), range(TEXT_ONLY_TOKENS))
-
 
 STREAMS = {
     "llava-next": (llava_next_request(),),
@@ -368,88 +317,6 @@ def _commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = result["settings"]
-    figure, (by_budget, by_decode, slots) = plt.subplots(1, 3, figsize=(17, 4.8))
-    lines = (
-        ("without", "one pool (stock)", "o-"),
-        ("with", f"layer-group pools, ratios {_ratios(settings['pool_ratios'])}", "s-"),
-        ("with_matched_ratios", "layer-group pools, ratios matched to the demand", "^--"),
-    )
-    for axes, sweep, x_key, xlabel, title in (
-        (
-            by_budget,
-            result["budget_sweep"],
-            "budget_gib",
-            "KV cache budget (GiB)",
-            f"LLaVA-NeXT-like requests, max_new_tokens {settings['max_new_tokens']}",
-        ),
-        (
-            by_decode,
-            result["max_new_tokens_sweep"],
-            "max_new_tokens",
-            "decode slots reserved per request (max_new_tokens)",
-            f"LLaVA-NeXT-like requests, {settings['budget_gib']:g} GiB",
-        ),
-    ):
-        xs = [point[x_key] for point in sweep]
-        for key, label, style in lines:
-            axes.plot(xs, [point[key] for point in sweep], style, label=label)
-        axes.set(xlabel=xlabel, ylabel="requests held at once", title=title, xticks=xs)
-        axes.set_ylim(bottom=0)
-        axes.grid(alpha=0.3)
-    by_budget.legend(loc="upper left", fontsize=8)
-
-    groups = settings["layer_groups"]
-    labels = [f"layers {first}-{last}" for first, last in groups]
-    positions = range(len(groups))
-    grouped = settings["pool_slots_per_group"]
-    demand = settings["per_request"]["llava-next"]["demand_per_group"]
-    slots.bar([i - 0.2 for i in positions], [settings["stock_slots"]] * len(groups), width=0.4, label="one pool")
-    bars = slots.bar([i + 0.2 for i in positions], grouped, width=0.4, label="layer-group pools")
-    for bar, size, need in zip(bars, grouped, demand, strict=True):
-        slots.annotate(
-            f"~{size // need} req",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            color="C1",
-        )
-    slots.text(
-        -0.4,
-        settings["stock_slots"] * 1.01,
-        f"~{settings['stock_slots'] // demand[0]} req",
-        va="bottom",
-        fontsize=9,
-        color="C0",
-    )
-    slots.set_xticks(list(positions), labels)
-    slots.set(
-        ylabel="KV slots (tokens) per layer",
-        title=f"KV slots per layer group, {settings['budget_gib']:g} GiB",
-        xlabel="~N req: LLaVA-NeXT-like requests the group alone fits",
-        ylim=(0, max(grouped[0], settings["stock_slots"]) * 1.12),
-    )
-    slots.legend(loc="upper right", fontsize=8)
-    figure.suptitle(
-        f"LLaVA-NeXT-7B KV shape, LightKV 12-18-24 / 4-2-1 / 0.5, max_new_tokens {settings['max_new_tokens']}: "
-        f"{result['requests_with']} vs {result['requests_without']} requests (x{result['ratio']})"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _ratios(ratios: Sequence[float]) -> str:
-    return "/".join(f"{ratio:.3f}" for ratio in ratios)
 
 
 def _pool_ratios(text: str) -> tuple[float, ...]:

@@ -14,14 +14,10 @@ group and model registry are process-wide.
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from array import array
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-TESTS = Path(__file__).resolve().parent
 
 #: The float type of every run (the Transformers side of the comparisons runs in float32 too).
 DTYPE = "float32"
@@ -66,10 +62,9 @@ def run(model_dir: str, method: str, requests: list[Request], steps: int, pools:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
     in ``model_dir``. The plugin's hooks are applied as SGLang applies them in a server process."""
-    sys.path.insert(0, str(TESTS))
-    import sglang_env
+    from lightkv_adapters.sglang import cpu_env
 
-    sglang_env.install()
+    cpu_env.install()
     from sglang.benchmark import one_batch
     from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -133,7 +128,7 @@ def _load(model_dir: str, method: str, pools: str):
     from sglang.srt.server_args import PortArgs, ServerArgs
 
     from lightkv_adapters.sglang import plugin
-    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE
+    from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, kv_compress_settings
 
     plugin.register()
     HookRegistry.apply_hooks()
@@ -153,7 +148,7 @@ def _load(model_dir: str, method: str, pools: str):
         max_total_tokens=4096,
         load_format="safetensors",
     )
-    setattr(server_args, SETTINGS_ATTRIBUTE, plugin.kv_compress_settings(method, kv_compress_pool_ratios=pools))
+    setattr(server_args, SETTINGS_ATTRIBUTE, kv_compress_settings(method, kv_compress_pool_ratios=pools))
     server_args.resolve_once()
     port_args = PortArgs.init_new(server_args)
     ranks = one_batch.SpawnRanks(world_rank=one_batch.spawn_world_rank(server_args, tp_rank=0, pp_rank=0), gpu_id=0)

@@ -26,16 +26,17 @@ import pytest
 if importlib.util.find_spec("sglang") is None:
     pytest.skip("SGLang is not installed", allow_module_level=True)
 
-import sglang_env  # noqa: E402
+from lightkv_adapters.sglang import cpu_env  # noqa: E402
 
-sglang_env.install()
+cpu_env.install()
 
 from sglang.srt import server_args as sglang_server_args  # noqa: E402
 from sglang.srt.plugins import load_plugins  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
-from lightkv_adapters.sglang import launch_server, plugin  # noqa: E402
-from lightkv_adapters.sglang.settings import KVCompressSettings, settings_of  # noqa: E402
+from lightkv_adapters.sglang import launch_server, plugin, routing  # noqa: E402
+from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings, settings_of  # noqa: E402
+from lightkv_adapters.sglang.validation import validate  # noqa: E402
 
 #: The plugin's architectures and the module of its class for each.
 ARCHITECTURES = {
@@ -92,14 +93,14 @@ def _scheduler_child(payload: bytes) -> dict:
     """A scheduler process with the plugin loaded by SGLang: unpickles its ``ServerArgs``, loads plugins,
     publishes the arguments and imports the model registry (after the plugin registered)."""
     os.environ.pop("SGLANG_PLUGINS", None)
-    os.environ.pop(plugin.MODELS_PACKAGE_ENV, None)
+    os.environ.pop(routing.MODELS_PACKAGE_ENV, None)
     from sglang.srt.runtime_context import get_server_args, publish
 
     server_args = pickle.loads(payload)
     load_plugins()
-    registry_imported = plugin.REGISTRY_MODULE in sys.modules
+    registry_imported = routing.REGISTRY_MODULE in sys.modules
     publish(server_args, role="scheduler")
-    registry = importlib.import_module(plugin.REGISTRY_MODULE)
+    registry = importlib.import_module(routing.REGISTRY_MODULE)
     return {
         "registry_imported_before": registry_imported,
         "settings": settings_of(get_server_args()),
@@ -111,7 +112,7 @@ def _fallback_scheduler_child(payload: bytes, models_package: str) -> dict:
     """A scheduler process spawned by the fallback launcher: ``SGLANG_PLUGINS`` leaves the plugin out, and the
     launcher named ``models_package`` in ``SGLANG_EXTERNAL_MODEL_PACKAGE``."""
     os.environ["SGLANG_PLUGINS"] = "another-plugin"
-    os.environ[plugin.MODELS_PACKAGE_ENV] = models_package
+    os.environ[routing.MODELS_PACKAGE_ENV] = models_package
     from sglang.srt.runtime_context import get_server_args, publish
 
     server_args = pickle.loads(payload)
@@ -120,7 +121,7 @@ def _fallback_scheduler_child(payload: bytes, models_package: str) -> dict:
     ServerArgs.add_cli_args(parser)
     _, unknown = parser.parse_known_args(["--model-path", "m", "--kv-compress", "lightkv"])
     publish(server_args, role="scheduler")
-    registry = importlib.import_module(plugin.REGISTRY_MODULE)
+    registry = importlib.import_module(routing.REGISTRY_MODULE)
     return {
         "plugin_loaded": not unknown,
         "settings": settings_of(get_server_args()),
@@ -140,7 +141,7 @@ def plugins_loaded() -> None:
 
 @pytest.fixture(scope="module")
 def model_registry(plugins_loaded) -> types.ModuleType:
-    return importlib.import_module(plugin.REGISTRY_MODULE)
+    return importlib.import_module(routing.REGISTRY_MODULE)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +174,9 @@ def fallback_environment(plugins_loaded) -> dict[str, str]:
     the plugins here, so that its ``SGLANG_PLUGINS`` filter applies to the spawned processes only)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SGLANG_PLUGINS", "another-plugin")
-        patch.delenv(plugin.MODELS_PACKAGE_ENV, raising=False)
+        patch.delenv(routing.MODELS_PACKAGE_ENV, raising=False)
         launch_server.setup()
-        return {plugin.MODELS_PACKAGE_ENV: os.environ[plugin.MODELS_PACKAGE_ENV]}
+        return {routing.MODELS_PACKAGE_ENV: os.environ[routing.MODELS_PACKAGE_ENV]}
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def children(resolved_payload, fallback_environment) -> Iterator[dict[str, Futur
         ProcessPoolExecutor(1, mp_context=context) as scheduler,
         ProcessPoolExecutor(1, mp_context=context) as fallback,
     ):
-        models_package = fallback_environment[plugin.MODELS_PACKAGE_ENV]
+        models_package = fallback_environment[routing.MODELS_PACKAGE_ENV]
         yield {
             "scheduler": scheduler.submit(_scheduler_child, resolved_payload),
             "fallback": fallback.submit(_fallback_scheduler_child, resolved_payload, models_package),
@@ -238,7 +239,7 @@ def test_prepare_server_args_attaches_the_settings(plugins_loaded):
 def test_without_the_flag_nothing_is_compressed_or_checked(plugins_loaded):
     server_args = sglang_server_args.prepare_server_args(["--model-path", "m"])
     assert settings_of(server_args) == KVCompressSettings()
-    assert getattr(server_args, plugin.SETTINGS_ATTRIBUTE) == KVCompressSettings()
+    assert getattr(server_args, SETTINGS_ATTRIBUTE) == KVCompressSettings()
 
 
 def test_config_file_sets_the_flags(plugins_loaded, tmp_path):
@@ -307,25 +308,25 @@ def test_registry_resolves_the_plugin_classes(model_registry, architecture):
 def test_route_models_replaces_stock_classes_in_an_imported_registry(model_registry, monkeypatch):
     stock = {arch: _stock(cls) for arch, cls in model_registry.ModelRegistry.models.items() if arch in ARCHITECTURES}
     monkeypatch.setattr(model_registry.ModelRegistry, "models", {**model_registry.ModelRegistry.models, **stock})
-    plugin.route_models()
+    routing.route_models()
     for architecture, module in ARCHITECTURES.items():
         assert _resolved(model_registry, architecture) == f"{module}.{architecture}"
 
 
 def test_models_that_fail_to_import_are_logged_or_stop_a_compressing_server(model_registry, monkeypatch, caplog):
     before = dict(model_registry.ModelRegistry.models)
-    monkeypatch.setattr(plugin, "MODELS_PACKAGE", "lightkv_adapters.sglang.no_such_models")
-    plugin.route_models()
+    monkeypatch.setattr(routing, "MODELS_PACKAGE", "lightkv_adapters.sglang.no_such_models")
+    routing.route_models()
     assert model_registry.ModelRegistry.models == before
     assert "no_such_models failed to import" in caplog.text
     assert "cannot serve --kv-compress" in caplog.text
 
     import sglang.srt.runtime_context as runtime_context
 
-    published = types.SimpleNamespace(**{plugin.SETTINGS_ATTRIBUTE: KVCompressSettings("lightkv")})
+    published = types.SimpleNamespace(**{SETTINGS_ATTRIBUTE: KVCompressSettings("lightkv")})
     monkeypatch.setattr(runtime_context, "get_server_args", lambda: published)
     with pytest.raises(RuntimeError, match="no_such_models failed to import"):
-        plugin.route_models()
+        routing.route_models()
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_models_that_fail_to_import_are_logged_or_stop_a_compressing_server(mode
 )
 def test_each_incompatibility_names_its_fix(fields, message):
     with pytest.raises(ValueError) as error:
-        plugin.validate(_server_args(**fields), KVCompressSettings("fastv"))
+        validate(_server_args(**fields), KVCompressSettings("fastv"))
     text = str(error.value)
     assert text.startswith("--kv-compress fastv cannot run with these server arguments:\n  - ")
     assert message in text
@@ -392,7 +393,7 @@ def test_each_incompatibility_names_its_fix(fields, message):
     ],
 )
 def test_compatible_arguments_pass(fields):
-    plugin.validate(_server_args(**fields), LIGHTKV)
+    validate(_server_args(**fields), LIGHTKV)
 
 
 def test_the_default_prefill_graph_of_cuda_counts(monkeypatch):
@@ -401,11 +402,11 @@ def test_the_default_prefill_graph_of_cuda_counts(monkeypatch):
     monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: "breakable")
     server_args = _server_args(cuda_graph_backend_decode=None, cuda_graph_backend_prefill=None)
     with pytest.raises(ValueError, match=r"\(decode: full, prefill: breakable\); pass --cuda-graph-backend-decode "):
-        plugin.validate(server_args, LIGHTKV)
+        validate(server_args, LIGHTKV)
 
 
 def test_nothing_is_checked_without_compression():
-    plugin.validate(ServerArgs(model_path="m", tp_size=4, attention_backend="flashinfer"), KVCompressSettings())
+    validate(ServerArgs(model_path="m", tp_size=4, attention_backend="flashinfer"), KVCompressSettings())
 
 
 def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
@@ -413,13 +414,13 @@ def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
 
     monkeypatch.setattr(sglang, "__version__", "0.5.24")
     with pytest.raises(ValueError, match=r"SGLang 0\.5\.24 is not a release this plugin is tested with \(0\.5\.23\)"):
-        plugin.validate(_server_args(attention_backend="triton"), LIGHTKV)
-    plugin.validate(_server_args(attention_backend="triton"), KVCompressSettings())
+        validate(_server_args(attention_backend="triton"), LIGHTKV)
+    validate(_server_args(attention_backend="triton"), KVCompressSettings())
 
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as error:
-        plugin.validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)
+        validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)
     assert str(error.value).count("\n  - ") == 7
 
 
@@ -499,17 +500,17 @@ def test_engine_rejects_bad_arguments_before_launching(engine_calls, kwargs, err
 
 def test_install_leaves_the_environment_alone_when_sglang_loads_the_plugin(monkeypatch):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    monkeypatch.delenv(plugin.MODELS_PACKAGE_ENV, raising=False)
+    monkeypatch.delenv(routing.MODELS_PACKAGE_ENV, raising=False)
     plugin.install()
-    assert plugin.MODELS_PACKAGE_ENV not in os.environ
+    assert routing.MODELS_PACKAGE_ENV not in os.environ
     monkeypatch.setenv("SGLANG_PLUGINS", f"another-plugin,{plugin.PLUGIN_NAME}")
     plugin.install()
-    assert plugin.MODELS_PACKAGE_ENV not in os.environ
+    assert routing.MODELS_PACKAGE_ENV not in os.environ
 
 
 def test_install_refuses_another_external_model_package(monkeypatch):
     monkeypatch.setenv("SGLANG_PLUGINS", "another-plugin")
-    monkeypatch.setenv(plugin.MODELS_PACKAGE_ENV, "someone.models")
+    monkeypatch.setenv(routing.MODELS_PACKAGE_ENV, "someone.models")
     with pytest.raises(RuntimeError, match="add lightkv to SGLANG_PLUGINS"):
         plugin.install()
 
@@ -535,7 +536,7 @@ def test_settings_survive_pickling_into_a_scheduler(children):
 
 
 def test_fallback_launcher_routes_its_scheduler_without_the_plugin(children, fallback_environment):
-    assert fallback_environment == {plugin.MODELS_PACKAGE_ENV: plugin.MODELS_PACKAGE}
+    assert fallback_environment == {routing.MODELS_PACKAGE_ENV: routing.MODELS_PACKAGE}
     result = children["fallback"].result(timeout=300)
     assert not result["plugin_loaded"]
     assert result["settings"] == LIGHTKV

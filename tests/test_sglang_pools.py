@@ -22,15 +22,20 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 if importlib.util.find_spec("sglang") is None:
     pytest.skip("SGLang is not installed", allow_module_level=True)
 
-import sglang_env  # noqa: E402
+from lightkv_adapters.sglang import cpu_env  # noqa: E402
 
-sglang_env.install()
+cpu_env.install()
 
 from sglang.srt.managers.schedule_policy import AddReqResult  # noqa: E402
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 
-from lightkv_adapters.sglang import plugin  # noqa: E402
+from lightkv_adapters.sglang.admission import (  # noqa: E402
+    POOL_HOOKS,
+    admission_hook,
+    pool_check_hook,
+    prefill_requests_hook,
+)
 from lightkv_adapters.sglang.pools import (  # noqa: E402
     LayerGroupAllocator,
     LayerGroupCache,
@@ -41,10 +46,12 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
     layer_groups,
     pool_sizes,
 )
+from lightkv_adapters.sglang.settings import add_kv_compress_args, kv_compress_settings  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig  # noqa: E402
 from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
 from lightkv_core.spans import VisionSpan  # noqa: E402
+from lightkv_perf.capacity_requests import FakeReq  # noqa: E402
 
 #: Decoder depth of the state machine's model.
 NUM_LAYERS = 8
@@ -95,16 +102,6 @@ def assert_conserved(allocator: TokenToKVPoolAllocator, owned: Sequence[torch.Te
 
 
 # --- the state machine -------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class FakeReq:
-    """The parts of SGLang's ``Req`` the pools read: the prompt (``full_untruncated_fill_ids``), its vision spans
-    (read by the planner) and its decode budget."""
-
-    spans: list[VisionSpan]
-    full_untruncated_fill_ids: range
-    max_new_tokens: int
 
 
 @dataclass(eq=False)
@@ -492,7 +489,7 @@ def test_check_pool_ratios_accepts_one_ratio_in_range_per_later_group() -> None:
 def _parse(*flags: str) -> dict:
     """The ``--kv-compress*`` flags parsed by a parser that ``add_kv_compress_args`` set up."""
     parser = argparse.ArgumentParser()
-    plugin.add_kv_compress_args(parser)
+    add_kv_compress_args(parser)
     return vars(parser.parse_args(list(flags)))
 
 
@@ -509,7 +506,7 @@ def _parse(*flags: str) -> dict:
 )
 def test_pool_ratios_flag(flags: tuple[str, ...], grouped_pools: bool, pool_ratios: tuple | None) -> None:
     """``auto`` (the default) derives the ratios at start-up, ``off`` keeps one pool, a list gives the ratios."""
-    settings = plugin.kv_compress_settings(**_parse("--kv-compress", "lightkv", *flags))
+    settings = kv_compress_settings(**_parse("--kv-compress", "lightkv", *flags))
     assert (settings.grouped_pools, settings.pool_ratios) == (grouped_pools, pool_ratios)
 
 
@@ -537,7 +534,7 @@ def test_bad_pool_ratios_name_the_flag(method: str, ratios: str, message: str) -
     """Ratios out of ``(0, 1]``, or ratios without compression, are rejected with the flag's name."""
     values = _parse("--kv-compress", method, "--kv-compress-pool-ratios", ratios)
     with pytest.raises(ValueError, match=message):
-        plugin.kv_compress_settings(**values)
+        kv_compress_settings(**values)
 
 
 @pytest.mark.parametrize(
@@ -546,7 +543,7 @@ def test_bad_pool_ratios_name_the_flag(method: str, ratios: str, message: str) -
 )
 def test_pool_ratios_keyword(value: object, grouped_pools: bool, pool_ratios: tuple | None) -> None:
     """The ``Engine`` keyword takes the words, sequences and single numbers too."""
-    settings = plugin.kv_compress_settings("lightkv", kv_compress_pool_ratios=value)
+    settings = kv_compress_settings("lightkv", kv_compress_pool_ratios=value)
     assert (settings.grouped_pools, settings.pool_ratios) == (grouped_pools, pool_ratios)
 
 
@@ -605,12 +602,12 @@ def test_admission_reserves_every_group_until_one_is_full() -> None:
     adder = FakeAdder(allocator, running)
     req = HookReq.of(200, 20)  # demand: 100 + 21 and 50 + 21
     for admitted in range(1, 4):
-        assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
-        assert adder._lightkv_reserved == [10 + 121 * admitted, 10 + 71 * admitted]
+        assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+        assert adder.lightkv_reserved == [10 + 121 * admitted, 10 + 71 * admitted]
     # group 2 has 250 - 223 = 27 slots left for a demand of 71
-    assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.NO_TOKEN
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.NO_TOKEN
     assert len(adder.can_run_list) == 3
-    assert adder._lightkv_reserved == [373, 223]
+    assert adder.lightkv_reserved == [373, 223]
     assert req.abort_messages == []
 
 
@@ -622,24 +619,24 @@ def test_admission_counts_free_slots_not_sizes() -> None:
     pool.alloc_aux_to_lengths(req_pool_indices_cpu=torch.tensor([row]), target_seq_lens_cpu=torch.tensor([800]))
     assert cache.available() == [100, 50]
     adder = FakeAdder(allocator)
-    assert plugin._admission_hook(admit_all, adder, HookReq.of(100, 0), False, None) is AddReqResult.CONTINUE
-    assert plugin._admission_hook(admit_all, adder, HookReq.of(100, 30), False, None) is AddReqResult.NO_TOKEN
-    assert adder._lightkv_reserved == [51, 26]
+    assert admission_hook(admit_all, adder, HookReq.of(100, 0), False, None) is AddReqResult.CONTINUE
+    assert admission_hook(admit_all, adder, HookReq.of(100, 30), False, None) is AddReqResult.NO_TOKEN
+    assert adder.lightkv_reserved == [51, 26]
 
 
 def test_admission_declined_by_sglang_reserves_nothing() -> None:
     """A request SGLang's own check turns down reserves no slots in the later groups."""
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     adder = FakeAdder(allocator)
-    assert plugin._admission_hook(admit_none, adder, HookReq.of(200, 20), False, None) is AddReqResult.OTHER
-    assert adder._lightkv_reserved == [0, 0]
+    assert admission_hook(admit_none, adder, HookReq.of(200, 20), False, None) is AddReqResult.OTHER
+    assert adder.lightkv_reserved == [0, 0]
 
 
 def test_admission_without_pools_is_sglang_alone() -> None:
     """Without layer-group pools (``--kv-compress-pool-ratios off``) the hook only calls SGLang's check."""
     adder = FakeAdder(SimpleNamespace(groups=None))
-    assert plugin._admission_hook(admit_all, adder, HookReq.of(10**6, 10**6), False, None) is AddReqResult.CONTINUE
-    assert not hasattr(adder, "_lightkv_reserved")
+    assert admission_hook(admit_all, adder, HookReq.of(10**6, 10**6), False, None) is AddReqResult.CONTINUE
+    assert not hasattr(adder, "lightkv_reserved")
 
 
 def test_admission_aborts_a_request_no_group_can_ever_hold() -> None:
@@ -648,11 +645,11 @@ def test_admission_aborts_a_request_no_group_can_ever_hold() -> None:
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(1200, 0)  # prompt demand: 601 exceeds 500, 301 exceeds 250
-    assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
     (message,) = req.abort_messages
     assert "[601, 301]" in message and "groups [1, 2]" in message and "[500, 250]" in message
     assert "--kv-compress-pool-ratios" in message
-    assert adder._lightkv_reserved == [0, 0]
+    assert adder.lightkv_reserved == [0, 0]
 
 
 def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
@@ -660,23 +657,23 @@ def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(200, 300)  # demand: 100 + 301 fits 500, 50 + 301 exceeds 250
-    assert plugin._admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
     assert req.abort_messages == []
-    assert adder._lightkv_reserved == [401, 250]
+    assert adder.lightkv_reserved == [401, 250]
 
 
 def test_pool_check_hook_reports_the_groups_leaks() -> None:
     """The scheduler's leak report gets the later groups' leaks; without layer-group pools it is unchanged."""
     pool, _, cache = build_pools([100, 50, 25], halving_planner)
     checker = SimpleNamespace(req_to_token_pool=pool)
-    assert plugin._pool_check_hook((False, ["full pool ok"]), checker, None) == (False, ["full pool ok"])
+    assert pool_check_hook((False, ["full pool ok"]), checker, None) == (False, ["full pool ok"])
     cache.allocators[1].alloc(3)  # slots no row holds
-    has_leak, messages = plugin._pool_check_hook((False, ["full pool ok"]), checker, None)
+    has_leak, messages = pool_check_hook((False, ["full pool ok"]), checker, None)
     assert has_leak
     assert messages[0] == "full pool ok"
     assert messages[1:] == cache.leaks() and "layer group 2" in messages[1]
     stock = SimpleNamespace(req_to_token_pool=ReqToTokenPool(2, 8, "cpu", False))
-    assert plugin._pool_check_hook((True, ["leak"]), stock, None) == (True, ["leak"])
+    assert pool_check_hook((True, ["leak"]), stock, None) == (True, ["leak"])
 
 
 def test_prefill_requests_hook_names_the_rows_requests() -> None:
@@ -686,15 +683,15 @@ def test_prefill_requests_hook_names_the_rows_requests() -> None:
     rows = torch.tensor(pool.alloc_rows(2))
     with pytest.raises(RuntimeError, match="starts a prefill without its request"):
         pool.alloc_aux_to_lengths(req_pool_indices_cpu=rows, target_seq_lens_cpu=torch.tensor([40, 80]))
-    plugin._prefill_requests_hook(SimpleNamespace(req_to_token_pool=pool, reqs=[object(), object()]))
+    prefill_requests_hook(SimpleNamespace(req_to_token_pool=pool, reqs=[object(), object()]))
     pool.alloc_aux_to_lengths(req_pool_indices_cpu=rows, target_seq_lens_cpu=torch.tensor([40, 80]))
     assert cache.lengths[:, rows].tolist() == [[20, 40], [10, 20]]
     stock = ReqToTokenPool(2, 8, "cpu", False)
-    plugin._prefill_requests_hook(SimpleNamespace(req_to_token_pool=stock, reqs=[object()]))
+    prefill_requests_hook(SimpleNamespace(req_to_token_pool=stock, reqs=[object()]))
     assert stock._aux_cache is None
 
 
-@pytest.mark.parametrize("target", [target for target, _, _ in plugin.POOL_HOOKS])
+@pytest.mark.parametrize("target", [target for target, _, _ in POOL_HOOKS])
 def test_pool_hook_targets_exist_in_sglang(target: str) -> None:
     """``HookRegistry.apply_hooks`` only logs a target it cannot resolve, so a renamed SGLang method would
     silently switch the pools' bookkeeping off: resolve each target as it does."""

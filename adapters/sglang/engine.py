@@ -17,13 +17,13 @@ from sglang.srt.entrypoints.engine import Engine as SGLangEngine
 from sglang.srt.sampling.watermarking.core import redact_watermark_secrets
 from sglang.srt.server_args import ServerArgs
 
-from lightkv_adapters.sglang.plugin import KV_COMPRESS_KWARGS, attach_settings, install, kv_compress_settings
-from lightkv_adapters.sglang.settings import settings_of
+from lightkv_adapters.sglang.plugin import install
+from lightkv_adapters.sglang.settings import KV_COMPRESS_KWARGS, attach_settings, kv_compress_settings, settings_of
 
 
 def build_server_args(**kwargs: Any) -> ServerArgs:
     """``ServerArgs(**kwargs)`` with the ``kv_compress*`` keywords (see
-    :func:`~lightkv_adapters.sglang.plugin.kv_compress_settings`) checked and attached; for
+    :func:`~lightkv_adapters.sglang.settings.kv_compress_settings`) checked and attached; for
     ``sglang.Engine(server_args=...)`` or anything else that takes a ``ServerArgs``.
 
     Raises:

@@ -1,24 +1,10 @@
-"""Layer-group KV pools: each group of layers between two reduce layers gets its own, smaller KV storage.
+"""Layer-group KV pools: each group of layers between two reduce layers gets its own, smaller pool of KV slots.
 
-With one KV slot owning storage in every layer, the tokens a reduction removes after layer ``l`` free nothing.
-Here the decoder's layers are split at the method's reduce layers into groups (group 0 runs on the full
-prompt, group ``g`` on what the ``g``-th reduction left) and every group has its own pool of slots:
-
-* :class:`LayerGroupKVPool` holds the K/V storage, one ``MHATokenToKVPool`` per group over that group's
-  layers (the layout of SGLang's ``SWAKVPool``: a layer id maps to a sub-pool and a layer inside it).
-  Group 0's sub-pool is the one the scheduler's allocator and request-to-token table index, unchanged.
-* :class:`LayerGroupCache`, attached to the ``ReqToTokenPool`` as its auxiliary cache (SGLang's
-  ``ReqToTokenPool.attach_aux_cache``), owns the later groups: one allocator and one request-to-token table
-  per group, and per request-pool row how many slots the row holds in each group. SGLang calls it when it
-  allocates a batch's slots (``alloc_aux_to_lengths``: at prefill, each request's planned survivors per
-  group, from :meth:`~lightkv_core.methods.PrefillReduction.plan_lengths`; at decode, one slot per group per
-  token) and when it frees a row (on finish, abort or retraction). The forward gives back what a plan
-  over-reserved (an inexact plan is an upper bound) once the reduction has run (:meth:`LayerGroupCache.trim`).
-* :class:`LayerGroupAllocator` is the scheduler's allocator over group 0; its decode-capacity check asks
-  every group, and :func:`admits` is the admission check for a new request in every group.
-
-:func:`install_pools` replaces a model runner's single pool by these, with the same memory: the stock pool's
-bytes are split so that group ``g`` holds ``ratio[g]`` times group 0's tokens (``--kv-compress-pool-ratios``).
+:class:`LayerGroupKVPool` holds the K/V storage, :class:`LayerGroupCache` (SGLang's auxiliary cache of the
+``ReqToTokenPool``) the slots of groups ``1..`` per request row, :class:`LayerGroupAllocator` the scheduler's
+allocator over group 0, and :func:`install_pools` puts them in place of a model runner's single pool, with the
+same memory. The scheduler hooks that drive them are in :mod:`~lightkv_adapters.sglang.admission`; how slots are
+planned, reserved and freed: README (SGLang, Memory).
 """
 
 from __future__ import annotations
@@ -28,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool
+from sglang.srt.mem_cache.memory_pool import KVCache as SGLangKVCache
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
@@ -90,7 +77,7 @@ def pool_sizes(tokens: int, group_layer_counts: Sequence[int], ratios: Sequence[
     return sizes
 
 
-class LayerGroupKVPool(KVCache):
+class LayerGroupKVPool(SGLangKVCache):
     """K/V storage of a decoder whose layer groups have pools of different sizes.
 
     Args:

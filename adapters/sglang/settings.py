@@ -1,18 +1,27 @@
-"""What ``--kv-compress`` asked for, carried on SGLang's ``ServerArgs`` into every subprocess.
+"""``--kv-compress*``: the flags, the :class:`KVCompressSettings` they ask for, and their ride on ``ServerArgs``.
 
-The settings ride on the server arguments as the non-field attribute :data:`SETTINGS_ATTRIBUTE`
-(SGLang pickles a record's non-field attributes along with its fields). A model reads them back at
-construction with :func:`settings_of` and turns them into a :class:`~lightkv_core.methods.PrefillReduction`
-for its own depth and family with :meth:`KVCompressSettings.reduction`.
+The settings are checked against the other server arguments (:mod:`~lightkv_adapters.sglang.validation`) and
+attached to ``ServerArgs`` as the non-field attribute :data:`SETTINGS_ATTRIBUTE`, which SGLang pickles into every
+subprocess; a model reads them back with :func:`settings_of`. The flags and their defaults: README (SGLang).
 """
 
 from __future__ import annotations
 
+import argparse
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import msgspec
+
+from lightkv_adapters.sglang.validation import validate
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig, parse_values
 from lightkv_core.methods import FastV, LightKV, PrefillReduction
 from lightkv_core.methods.fastv import released_layer
+
+if TYPE_CHECKING:
+    from sglang.srt.server_args import ServerArgs
 
 #: Values of ``--kv-compress``.
 KV_COMPRESS_METHODS = ("none", "lightkv", "fastv")
@@ -22,6 +31,17 @@ SETTINGS_ATTRIBUTE = "_lightkv_kv_compress"
 
 #: The released FastV drop ratio (R = 50% of the vision tokens).
 FASTV_RATIO = 0.5
+
+#: Keyword arguments (``Engine``) and ``argparse`` destinations of the ``--kv-compress*`` flags.
+KV_COMPRESS_KWARGS = (
+    "kv_compress",
+    "kv_compress_layers",
+    "kv_compress_windows",
+    "kv_compress_ratios",
+    "kv_compress_pool_ratios",
+)
+#: Words ``--kv-compress-pool-ratios`` takes besides a list of ratios.
+POOL_RATIO_WORDS = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -123,19 +143,154 @@ def _check_layers(layers: tuple[int, ...], num_layers: int) -> None:
         )
 
 
-def parse_list(text: str, kind: type, flag: str) -> tuple:
-    """``"12,18,24"`` (commas or dashes) as a tuple of ``kind``.
+# --- values ----------------------------------------------------------------------------------------------------
+
+
+def kv_compress_settings(
+    kv_compress: str = "none",
+    kv_compress_layers: str | Iterable[int] | int | None = None,
+    kv_compress_windows: str | Iterable[int] | int | None = None,
+    kv_compress_ratios: str | Iterable[float] | float | None = None,
+    kv_compress_pool_ratios: str | Iterable[float] | float | None = None,
+) -> KVCompressSettings:
+    """The settings the ``--kv-compress*`` flags (or ``Engine`` keyword arguments of the same names) ask for.
+    Lists are comma-separated strings, sequences or single numbers; ``kv_compress_pool_ratios`` also takes
+    ``"auto"`` (the default) or ``"off"``.
 
     Raises:
-        ValueError naming ``flag`` if an item does not parse.
+        ValueError naming the flag whose value is wrong.
     """
-    try:
-        return parse_values(text, kind, flag)
-    except ValueError:
-        raise ValueError(f"{flag} takes a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    return KVCompressSettings(
+        kv_compress,
+        parse_list(kv_compress_layers, int, "--kv-compress-layers"),
+        parse_list(kv_compress_windows, int, "--kv-compress-windows"),
+        parse_list(kv_compress_ratios, float, "--kv-compress-ratios"),
+        grouped_pools=not (isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() == "off"),
+        pool_ratios=None
+        if isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() in POOL_RATIO_WORDS
+        else parse_list(kv_compress_pool_ratios, float, "--kv-compress-pool-ratios"),
+    )
+
+
+def parse_list(value: str | Iterable | float | None, kind: type, flag: str) -> tuple | None:
+    """``value`` as a non-empty tuple of ``kind`` (``None`` stays ``None``): a string such as ``"12,18,24"``
+    (commas or dashes, parsed by :func:`lightkv_core.config.parse_values`), a sequence or a single number; an
+    ``int`` list takes no fractional number.
+
+    Raises:
+        ValueError naming ``flag`` if an item does not convert or there is none.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            items = parse_values(value, kind, flag)
+        except ValueError:
+            raise ValueError(f"{flag} takes a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    else:
+        convert = operator.index if kind is int else kind
+        try:
+            items = tuple(convert(item) for item in (value if isinstance(value, Iterable) else (value,)))
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag} takes {kind.__name__}s, got {value!r}") from None
+    if not items:
+        raise ValueError(f"{flag} needs at least one value")
+    return items
 
 
 def settings_of(server_args: object) -> KVCompressSettings:
     """The settings attached to ``server_args`` (``method="none"`` if none are)."""
     settings = getattr(server_args, SETTINGS_ATTRIBUTE, None)
     return settings if settings is not None else KVCompressSettings()
+
+
+def attach_settings(server_args: ServerArgs, settings: KVCompressSettings) -> None:
+    """Checks ``settings`` against ``server_args`` (:func:`~lightkv_adapters.sglang.validation.validate`), then
+    attaches them as the non-field attribute :data:`SETTINGS_ATTRIBUTE`, which ``ServerArgs`` keeps through
+    pickling into SGLang's subprocesses and through resolution."""
+    validate(server_args, settings)
+    msgspec.Struct.__setattr__(server_args, SETTINGS_ATTRIBUTE, settings)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def add_kv_compress_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``--kv-compress*`` argument group to ``parser``."""
+    group = parser.add_argument_group(
+        "KV cache compression (lightkv)",
+        "Shrink the vision tokens' KV cache during prefill (Qwen2-VL, Qwen2.5-VL, LLaVA on Llama or Qwen2). "
+        "Needs --disable-radix-cache, --chunked-prefill-size -1, --cuda-graph-backend-decode disabled, "
+        "--cuda-graph-backend-prefill disabled, --disable-overlap-schedule and --attention-backend triton "
+        "(GPU) or torch_native (CPU), on one GPU without speculative decoding.",
+    )
+    group.add_argument(
+        "--kv-compress",
+        choices=KV_COMPRESS_METHODS,
+        default="none",
+        help="'lightkv': merge similar vision tokens at a few decoder layers, guided by the prompt's attention "
+        "to them (LightKV); 'fastv': drop the vision tokens the prompt attends to least, once (FastV); "
+        "'none' (default): leave the model as it is.",
+    )
+    group.add_argument(
+        "--kv-compress-layers",
+        type=_cli_list(int, "--kv-compress-layers"),
+        default=None,
+        help="Comma-separated 0-based decoder layers whose output is compressed, e.g. 12,18,24 (LightKV: one per "
+        "stage; FastV: one layer). Default: the model family's released schedule scaled to its depth.",
+    )
+    group.add_argument(
+        "--kv-compress-windows",
+        type=_cli_list(int, "--kv-compress-windows"),
+        default=None,
+        help="LightKV only: comma-separated windows per image side, one per stage, e.g. 4,2,1. "
+        "Default: the model family's released schedule.",
+    )
+    group.add_argument(
+        "--kv-compress-ratios",
+        type=_cli_list(float, "--kv-compress-ratios"),
+        default=None,
+        help="LightKV: comma-separated fraction of each window's tokens merged per stage, e.g. 0.5,0.5,0.5; "
+        "FastV: the one fraction of vision tokens dropped, e.g. 0.5. Default: the released values.",
+    )
+    group.add_argument(
+        "--kv-compress-pool-ratios",
+        type=_pool_ratios_arg,
+        default=None,
+        help="Each layer group between two compressed layers gets its own KV pool, so compression frees memory: "
+        "comma-separated slots of each group after the first per slot of the first, e.g. 0.52,0.28,0.16; "
+        "'auto' (default): derived from the schedule for vision-dominated prompts; 'off': one pool for all "
+        "layers (compression then saves compute, not memory).",
+    )
+
+
+def _pool_ratios_arg(text: str) -> str | tuple:
+    """``argparse`` type of ``--kv-compress-pool-ratios``: ``auto``, ``off`` or a list of ratios."""
+    if text.strip().lower() in POOL_RATIO_WORDS:
+        return text.strip().lower()
+    return _cli_list(float, "--kv-compress-pool-ratios")(text)
+
+
+def _cli_list(kind: type, flag: str) -> Callable[[str], tuple]:
+    """``argparse`` type for a comma-separated list of ``kind`` (:func:`parse_list`), reporting a bad value as a
+    usage error."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return parse_list(text, kind, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def add_cli_args_hook(result: None, parser: argparse.ArgumentParser) -> None:
+    """Hook after ``ServerArgs.add_cli_args(parser)``: adds the ``--kv-compress*`` flags to SGLang's parser."""
+    add_kv_compress_args(parser)
+
+
+def from_cli_args_hook(server_args: ServerArgs, cls: type, namespace: argparse.Namespace) -> None:
+    """Hook after ``ServerArgs.from_cli_args(namespace)`` (command line or ``--config`` file): attaches the parsed
+    ``--kv-compress*`` flags (a namespace from another parser, without them, gets ``none``)."""
+    values = {name: getattr(namespace, name) for name in KV_COMPRESS_KWARGS if hasattr(namespace, name)}
+    attach_settings(server_args, kv_compress_settings(**values))

@@ -1,16 +1,8 @@
-"""Makes SGLang 0.5.23 importable and runnable on a machine without a GPU, for the SGLang adapter's tests.
+"""SGLang 0.5.23 importable and runnable without a GPU: :func:`install` before importing ``sglang``.
 
-SGLang is installed with ``--no-deps`` (``scripts/sglang-cpu.txt``). Two of the modules its import tree
-pulls in cannot be installed here and are never run on the CPU path these tests take:
-
-* ``sgl_kernel``: SGLang's compiled kernel wheel (CUDA builds only; the CPU engine's AMX kernels are
-  used only on Intel AMX / arm64 hosts, which SGLang checks before calling them);
-* ``torchvision``: imported at module level by the InternVL/Nemotron image preprocessing that SGLang's
-  config package loads; its only wheels on the project's registries pull a CUDA build of torch.
-
-Each is replaced by a *stub module*: importing it and reading attributes works, and calling anything in
-it raises :class:`SGLangStubCalled` naming the attribute, so a test that reached CUDA-only code fails
-loudly instead of computing something else. ``SGLANG_USE_CPU_ENGINE=1`` selects SGLang's CPU device.
+Stubs the CUDA-only modules SGLang imports but never runs on its CPU path (``sgl_kernel``, ``torchvision``),
+where they are not installed, and selects SGLang's CPU engine. Used by the adapter's CPU tests and by
+``lightkv_perf.capacity``; see the README (SGLang, tests) for why each module is stubbed.
 """
 
 from __future__ import annotations
@@ -29,7 +21,7 @@ STUBBED_MODULES = {
 
 
 class SGLangStubCalled(RuntimeError):
-    """A stubbed CUDA-only module was called: the test reached code that needs a GPU build."""
+    """A stubbed CUDA-only module was called: the caller reached code that needs a GPU build."""
 
 
 class _StubModule(types.ModuleType):
@@ -49,7 +41,7 @@ class _StubModule(types.ModuleType):
         return child
 
     def __call__(self, *args, **kwargs):
-        raise SGLangStubCalled(f"{self.__name__} is a test stub of a CUDA-only module and cannot run on the CPU")
+        raise SGLangStubCalled(f"{self.__name__} is a stub of a CUDA-only module and cannot run on the CPU")
 
     def __mro_entries__(self, bases: tuple) -> tuple:
         return (object,)
@@ -74,8 +66,8 @@ class _StubFinder:
 
 
 def install() -> None:
-    """Stub whichever of :data:`STUBBED_MODULES` is not installed and select SGLang's CPU engine.
-    Idempotent; call before importing ``sglang``.
+    """Stub whichever of :data:`STUBBED_MODULES` is not installed and select SGLang's CPU engine
+    (``SGLANG_USE_CPU_ENGINE=1``). Idempotent; call before importing ``sglang``.
 
     ``transformers`` is imported first so that its own availability check records that torchvision is
     absent (it then never routes image processing through the stub).

@@ -1,0 +1,111 @@
+"""SGLang scheduler hooks of the layer-group pools (:mod:`~lightkv_adapters.sglang.pools`): :data:`POOL_HOOKS`.
+
+They install the pools, tell them each prefill's requests, admit a request only where every group has room, and
+add the groups to the scheduler's leak check; each does nothing unless the pools are installed. The pools are
+imported on first use, so SGLang's processes without a model runner never import them. See the README (SGLang).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from lightkv_adapters.sglang.settings import settings_of
+
+#: Attribute of SGLang's ``PrefillAdder`` holding, per group after the first, the slots reserved in its pass.
+RESERVED_ATTRIBUTE = "lightkv_reserved"
+
+
+def install_pools_hook(model_runner: object, *args: object, **kwargs: object) -> None:
+    """Before ``ModelRunner._init_post_memory_pool_components``: replace the single KV pool the runner just
+    allocated by layer-group pools of the same memory (under ``--kv-compress`` with grouped pools)."""
+    settings = settings_of(model_runner.server_args)
+    if settings.enabled and settings.grouped_pools:
+        from lightkv_adapters.sglang.pools import install_pools
+
+        install_pools(model_runner, settings.pool_ratios)
+
+
+def prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> None:
+    """Before ``ScheduleBatch.prepare_for_extend``: tell the layer-group pools which requests the rows it is
+    about to allocate belong to (their plans size each group's slots)."""
+    from lightkv_adapters.sglang.pools import LayerGroupCache
+
+    cache = getattr(batch.req_to_token_pool, "_aux_cache", None)
+    if isinstance(cache, LayerGroupCache):
+        cache.expect(batch.reqs)
+
+
+def admission_hook(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
+    """Around ``PrefillAdder.add_one_req``: with layer-group pools a request is admitted only if every group has
+    room for its planned prompt tokens and its decode budget, beyond the decode budget of the running requests
+    and what this pass already admitted (kept on the adder as :data:`RESERVED_ATTRIBUTE`; a decode budget past a
+    group's whole pool counts as that pool). A request whose prompt could never fit one group is aborted with the
+    reason."""
+    groups = getattr(adder.token_to_kv_pool_allocator, "groups", None)
+    if groups is None:
+        return original(adder, req, *args, **kwargs)
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, AddReqResult
+
+    from lightkv_adapters.sglang.pools import admits, group_demand
+
+    reserved = getattr(adder, RESERVED_ATTRIBUTE, None)
+    if reserved is None:
+        running = adder.running_batch.reqs if adder.running_batch is not None else []
+        decode = int(sum(adder._get_running_request_total_token_offset(r) for r in running))
+        reserved = [decode] * len(groups.allocators)
+        setattr(adder, RESERVED_ATTRIBUTE, reserved)
+    aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
+    max_new = (
+        0 if aborting else min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    )
+    prompt = group_demand(groups, req, 0)
+    sizes = [allocator.size for allocator in groups.allocators]
+    too_big = [g + 1 for g, (need, size) in enumerate(zip(prompt, sizes, strict=True)) if need > size]
+    if too_big and not aborting:
+        # SGLang's own aborts replace the prompt by a stub at the next pass, which this hook then admits.
+        req.set_finish_with_abort(
+            f"lightkv: the prompt needs {prompt} KV slots in layer groups 1.. but groups {too_big} hold only "
+            f"{sizes}; raise --kv-compress-pool-ratios for them"
+        )
+        return AddReqResult.CONTINUE
+    # A decode budget past a group's whole pool is clipped to it, as SGLang clips generation to the empty pool;
+    # decoding past the free slots then retracts (the decode-capacity check asks every group).
+    demand = [min(need + max_new, size) for need, size in zip(prompt, sizes, strict=True)]
+    if not admits(groups, demand, reserved):
+        return AddReqResult.NO_TOKEN
+    admitted = len(adder.can_run_list)
+    result = original(adder, req, *args, **kwargs)
+    if len(adder.can_run_list) > admitted:
+        reserved[:] = [held + need for held, need in zip(reserved, demand, strict=True)]
+    return result
+
+
+def pool_check_hook(result: tuple, checker: object, *args: object, **kwargs: object) -> tuple:
+    """After ``SchedulerInvariantChecker._check_all_pools``: the layer-group pools' own conservation check
+    (every slot free or held by exactly one row) joins the scheduler's leak report."""
+    cache = getattr(checker.req_to_token_pool, "_aux_cache", None)
+    leaks = getattr(cache, "leaks", None)
+    if leaks is None:
+        return result
+    problems = leaks()
+    has_leak, messages = result
+    return has_leak or bool(problems), [*messages, *problems]
+
+
+#: ``(target, hook, kind)`` of the layer-group pools, for SGLang's ``HookRegistry``.
+POOL_HOOKS = (
+    (
+        "sglang.srt.model_executor.model_runner.ModelRunner._init_post_memory_pool_components",
+        install_pools_hook,
+        HookType.BEFORE,
+    ),
+    ("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", prefill_requests_hook, HookType.BEFORE),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", admission_hook, HookType.AROUND),
+    (
+        "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools",
+        pool_check_hook,
+        HookType.AFTER,
+    ),
+)

@@ -1,0 +1,149 @@
+"""Whether SGLang's server arguments (and the installed SGLang) can run ``--kv-compress``: :func:`validate`.
+
+Each problem names the flag (and ``Engine`` keyword) that fixes it; the README (SGLang) lists what is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import sglang
+
+if TYPE_CHECKING:
+    from sglang.srt.server_args import ServerArgs
+
+    from lightkv_adapters.sglang.settings import KVCompressSettings
+
+#: Attention backends that run a prefill whose vision tokens shrink between layers.
+ATTENTION_BACKENDS = ("triton", "torch_native")
+#: SGLang releases whose internals (scheduler, memory pools, model runner) the plugin is tested against.
+TESTED_SGLANG = ("0.5.23",)
+
+
+def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
+    """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
+    compression can shorten: one whole prompt per forward, on one GPU, without CUDA graphs, overlap scheduling,
+    prefix caching or speculative decoding, on an attention backend that takes per-layer KV lengths. Reads the
+    arguments as given (before SGLang resolves them): an argument left to SGLang's automatic choice counts as
+    incompatible where that choice can be.
+
+    Raises:
+        ValueError listing every problem with the flag (and ``Engine`` keyword) that fixes it.
+    """
+    if not settings.enabled:
+        return
+    problems = list(_problems(server_args))
+    if problems:
+        raise ValueError(
+            f"--kv-compress {settings.method} cannot run with these server arguments:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
+
+
+def _problems(server_args: ServerArgs) -> Iterator[str]:
+    """What in ``server_args`` (or the installed SGLang) keeps compression from running, one sentence each."""
+    if sglang.__version__ not in TESTED_SGLANG:
+        yield (
+            f"SGLang {sglang.__version__} is not a release this plugin is tested with ({', '.join(TESTED_SGLANG)}); "
+            "the plugin patches SGLang's scheduler, memory pools and model runner, and on other internals it "
+            f"could keep a wrong KV layout without an error; install sglang=={TESTED_SGLANG[-1]}"
+        )
+    if not server_args.disable_radix_cache:
+        yield (
+            "the radix (prefix) cache is on (the default), and one prompt's compressed KV cannot be another's "
+            "prefix; pass --disable-radix-cache (Engine: disable_radix_cache=True)"
+        )
+    yield from _chunked_prefill_problems(server_args)
+    yield from _cuda_graph_problems(server_args)
+    if not server_args.disable_overlap_schedule:
+        yield (
+            "overlap scheduling is on (the default); pass --disable-overlap-schedule "
+            "(Engine: disable_overlap_schedule=True)"
+        )
+    yield from _attention_backend_problems(server_args)
+    for flag, kwarg, size in (
+        ("--tp-size", "tp_size", server_args.tp_size),
+        ("--pp-size", "pp_size", server_args.pp_size),
+    ):
+        if size > 1:
+            yield f"{flag} {size}: only one GPU per model replica is supported; pass {flag} 1 (Engine: {kwarg}=1)"
+    if server_args.attn_dp_size > 1 or server_args.enable_dp_attention:
+        yield (
+            "data-parallel attention (--attn-dp-size > 1, --enable-dp-attention) is not supported; drop it "
+            "(Engine: attn_dp_size=1)"
+        )
+    if server_args.disaggregation_mode != "null":
+        yield (
+            f"--disaggregation-mode {server_args.disaggregation_mode}: prefill-decode disaggregation would hand "
+            "the compressed KV to a decode server that does not know its layout; drop it "
+            "(Engine: disaggregation_mode='null')"
+        )
+    if server_args.speculative_algorithm is not None or server_args.decoupled_spec_role != "null":
+        yield (
+            "speculative decoding (--speculative-algorithm, --decoupled-spec-role) is not supported; drop it "
+            "(Engine: speculative_algorithm=None)"
+        )
+
+
+def _chunked_prefill_problems(server_args: ServerArgs) -> Iterator[str]:
+    size, context = server_args.chunked_prefill_size, server_args.context_length
+    fix = "pass --chunked-prefill-size -1 (Engine: chunked_prefill_size=-1)"
+    if size is None:
+        yield f"chunked prefill is on by default, with an automatic chunk size that can split a prompt; {fix}"
+    elif size > 0 and (context is None or size < context):
+        limit = "without --context-length" if context is None else f"below --context-length {context}"
+        yield f"--chunked-prefill-size {size} can split a prompt ({limit}); {fix} or a size >= --context-length"
+    elif size > 0 and server_args.enable_mixed_chunk:
+        yield "--enable-mixed-chunk prefills while decoding in one forward; drop it (Engine: enable_mixed_chunk=False)"
+
+
+def _cuda_graph_problems(server_args: ServerArgs) -> Iterator[str]:
+    on = {phase: backend for phase, backend in _cuda_graph_backends(server_args).items() if backend != "disabled"}
+    if on:
+        phases = ", ".join(f"{phase}: {backend}" for phase, backend in on.items())
+        flags = " ".join(f"--cuda-graph-backend-{phase} disabled" for phase in on)
+        kwargs = ", ".join(f"cuda_graph_backend_{phase}='disabled'" for phase in on)
+        also = " and no other backend in --cuda-graph-config" if server_args.cuda_graph_config else ""
+        yield f"CUDA graphs are on ({phases}); pass {flags}{also} (Engine: {kwargs})"
+
+
+def _cuda_graph_backends(server_args: ServerArgs) -> dict[str, str]:
+    """Each phase's CUDA graph backend, by the precedence of SGLang's ``parse_cuda_graph_config``:
+    ``--cuda-graph-config`` JSON, then ``--cuda-graph-backend-<phase>``, then the ``--disable-*cuda-graph``
+    switches, then SGLang's default (decode ``full``; prefill ``breakable`` on CUDA)."""
+    from sglang.srt.model_executor.cuda_graph_config import CudaGraphConfig, Phase, default_cuda_graph_config
+
+    raw = server_args.cuda_graph_config
+    explicit: Mapping = raw.to_dict() if isinstance(raw, CudaGraphConfig) else (raw or {})
+    defaults = default_cuda_graph_config()
+    backends = {}
+    for phase in Phase.ALL:
+        backend = (explicit.get(phase) or {}).get("backend") or getattr(server_args, f"cuda_graph_backend_{phase}")
+        if backend is None:
+            switched_off = server_args.disable_cuda_graph or getattr(server_args, f"disable_{phase}_cuda_graph")
+            backend = "disabled" if switched_off else getattr(defaults, phase).backend
+        backends[phase] = backend
+    return backends
+
+
+def _attention_backend_problems(server_args: ServerArgs) -> Iterator[str]:
+    unset, unsupported = [], {}
+    for phase in ("prefill", "decode"):
+        own = getattr(server_args, f"{phase}_attention_backend")
+        flag, backend = (
+            (f"--{phase}-attention-backend", own) if own else ("--attention-backend", server_args.attention_backend)
+        )
+        if backend is None:
+            unset.append(phase)
+        elif backend not in ATTENTION_BACKENDS:
+            unsupported[flag] = backend
+    if unset:
+        yield (
+            f"the {' and '.join(unset)} attention backend is left to SGLang's automatic choice (flashinfer, fa3, "
+            "intel_amx, ...); pass --attention-backend triton (GPU) or torch_native (CPU) "
+            "(Engine: attention_backend='triton')"
+        )
+    for flag, backend in unsupported.items():
+        kwarg = flag[2:].replace("-", "_")
+        yield f"{flag} {backend} is not supported; use triton or torch_native (Engine: {kwarg}='triton')"
