@@ -1,37 +1,26 @@
 """``lightkv autotune``: pick the fastest launch config of every Triton kernel for the shapes a model's LightKV
-stages run, on the current GPU, and store it where the kernels read it at launch (:mod:`lightkv_core.kernels.tuning`).
-
-A stage's shapes (:class:`StageShape`) come from a model preset: the prompt a 7B member of the family sees (its
-images' grids plus ``text_tokens`` text tokens), run through the preset's released schedule, so stage ``k`` has the
-sequence length and vision spans left by stages ``1..k-1``. Every kernel is timed on inputs of exactly that shape
-(random values; the window structure is the stage's own), each candidate config against the default one, and a
-candidate is accepted only if its output matches the PyTorch fallback's.
-
-Without a GPU there is nothing to time: :func:`dry_run` instead runs every distinct tiling of every kernel under
-the Triton interpreter on a small stage and checks it against the fallback, and checks the cache file.
+stages run (:mod:`lightkv_core.stage_shapes`), on the current GPU, and store it where the kernels read it at launch
+(:mod:`lightkv_core.kernels.tuning`). A candidate is accepted only if its output matches the PyTorch fallback's
+(:mod:`lightkv_core.kernel_problems`). Without a GPU, :func:`dry_run` checks every distinct tiling under the
+Triton interpreter instead. See the README, "Benchmarks and autotuning".
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from lightkv_core.budget import MODEL_SHAPES
-from lightkv_core.compaction import merge_lists
-from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.kernels.attention_stats import attention_statistics_torch, attention_statistics_triton
+from lightkv_core.config import PRESETS
+from lightkv_core.kernel_problems import kernel_problems
 from lightkv_core.kernels.launch import interpreting
-from lightkv_core.kernels.merge_compact import merge_compact_torch, merge_compact_triton
-from lightkv_core.kernels.scoring import cross_attention_scores_torch, cross_attention_scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
@@ -39,287 +28,11 @@ from lightkv_core.kernels.tuning import (
     bucket,
     cache_dir,
     device_name,
-    dtype_name,
     fit_tiles,
     read_cache,
     store_configs,
 )
-from lightkv_core.kernels.window_match import window_best_match_torch, window_best_match_triton
-from lightkv_core.spans import VisionSpan
-from lightkv_core.stage import lightkv_stage
-from lightkv_core.windows import choose_merges, plan_windows
-
-
-@dataclass(frozen=True)
-class StageShape:
-    """The inputs of one LightKV stage, by shape.
-
-    Attributes:
-        label: e.g. ``"llava-next stage 2 (layer 18, W=2)"``.
-        seq: tokens in the sequence when the stage runs (``S``).
-        guide_tokens: text tokens that guide the scoring (``T``).
-        heads, kv_heads, head_dim: attention shape of ``q`` ``(1, heads, S, head_dim)`` and ``k``.
-        hidden: width of the hidden states the grouping and merge kernels read (``D``).
-        spans: the images' vision spans at this stage.
-        window, ratio: the stage's window count per side and merge ratio.
-    """
-
-    label: str
-    seq: int
-    guide_tokens: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    spans: tuple[VisionSpan, ...]
-    window: int
-    ratio: float
-
-    def describe(self) -> str:
-        """The dimensions, e.g. ``"S=2980 T=100 H=32/32 d=128 D=4096 vision=2880 W=4"``."""
-        vision = sum(span.length for span in self.spans)
-        attention = f"H={self.heads}/{self.kv_heads} d={self.head_dim}"
-        return f"S={self.seq} T={self.guide_tokens} {attention} D={self.hidden} vision={vision} W={self.window}"
-
-
-def preset_shapes(preset: str, text_tokens: int = 100, seq: int | None = None) -> list[StageShape]:
-    """The shapes of every stage of ``preset``'s released schedule on a prompt of its family.
-
-    Args:
-        preset: a key of :data:`~lightkv_core.config.PRESETS` (its 7B model shape from
-            :data:`~lightkv_core.budget.MODEL_SHAPES`).
-        text_tokens: text tokens in the prompt (all of them guide the scoring; 35 go before the images).
-        seq: if given, the images are replaced by as many ``rows x cols`` images as fit ``seq - text_tokens``
-            vision tokens (at least one), to tune for longer or shorter prompts than the preset's.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if text_tokens < 1:
-        raise ValueError(f"text_tokens must be at least 1, got {text_tokens}")
-    model = MODEL_SHAPES[preset]
-    config: LightKVConfig = PRESETS[preset]
-    rows, cols = model.grid
-    images = model.images if seq is None else max(1, (seq - text_tokens) // (rows * cols))
-    before = min(35, text_tokens)
-    spans, position = [], before
-    for _ in range(images):
-        spans.append(VisionSpan(position, position + rows * cols, rows, cols))
-        position += rows * cols
-    length = position + text_tokens - before
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, length, 16, generator=generator)
-    shapes = []
-    for stage, (layer, window, ratio) in enumerate(
-        zip(config.merge_layers, config.merge_windows, config.merge_ratios, strict=True), start=1
-    ):
-        current = hidden.shape[1]
-        shapes.append(
-            StageShape(
-                label=f"{preset} stage {stage} (layer {layer} of {PRESET_DEPTHS[preset]}, W={window})",
-                seq=current,
-                guide_tokens=text_tokens,
-                heads=model.heads,
-                kv_heads=model.kv.kv_heads,
-                head_dim=model.kv.head_dim,
-                hidden=model.hidden_size,
-                spans=tuple(spans),
-                window=window,
-                ratio=ratio,
-            )
-        )
-        q = torch.randn(1, 2, current, 16, generator=generator)
-        result = lightkv_stage(hidden, q, q, list(spans), window, ratio, layout=config.layout, backend="torch")
-        hidden, spans = result.hidden, list(result.spans)
-    return shapes
-
-
-def parse_shape(text: str, base: StageShape) -> StageShape:
-    """``base`` with fields overridden by ``text``, e.g. ``"S=2880,T=128"`` (also ``H``, ``Hk``, ``d``, ``D``,
-    ``W``). ``S`` keeps as many of the base's images as fit beside ``T`` text tokens (at least one); the last ``T``
-    text tokens guide."""
-    fields = {"S": "seq", "T": "guide_tokens", "H": "heads", "Hk": "kv_heads", "d": "head_dim", "D": "hidden"}
-    fields["W"] = "window"
-    changes: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in fields or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(
-                f"shape {text!r}: expected NAME=positive integer with NAME in {sorted(fields)}, got {item!r}"
-            )
-        changes[fields[name]] = int(value)
-    if not changes:
-        raise ValueError(f"shape {text!r} sets nothing")
-    shape = replace(base, **changes, label=f"{base.label} [{text}]")
-    first = shape.spans[0]
-    size = first.rows * first.cols
-    if "seq" in changes:
-        images = max(1, (shape.seq - shape.guide_tokens) // size)
-        spans = tuple(
-            VisionSpan(first.start + i * size, first.start + (i + 1) * size, first.rows, first.cols)
-            for i in range(images)
-        )
-        shape = replace(shape, spans=spans)
-    # room for the guide tokens around the images (the sequence grows if S cannot hold one image and T)
-    shape = replace(shape, seq=max(shape.seq, sum(span.length for span in shape.spans) + shape.guide_tokens))
-    if shape.heads % shape.kv_heads:
-        raise ValueError(f"shape {text!r}: {shape.heads} query heads are not a multiple of {shape.kv_heads} KV heads")
-    return shape
-
-
-# ----------------------------------------------------------------------------------------------
-# One kernel on one stage's inputs
-
-
-@dataclass
-class KernelProblem:
-    """A kernel's inputs for one stage: ``launch(config)`` runs it with a config, ``check(output)`` compares an
-    output with the PyTorch fallback's (raising AssertionError with the largest difference), ``key`` is the
-    cache's shape key."""
-
-    kernel: str
-    key: str
-    launch: Callable[[dict[str, int]], object]
-    check: Callable[[object], None]
-
-
-def _guides(shape: StageShape) -> torch.Tensor:
-    """Sequence positions of the last ``guide_tokens`` text tokens (positions outside the vision spans)."""
-    is_text = torch.ones(shape.seq, dtype=torch.bool)
-    for span in shape.spans:
-        is_text[span.start : span.end] = False
-    text = is_text.nonzero().squeeze(1)
-    if text.numel() < shape.guide_tokens:
-        raise ValueError(f"{shape.label}: {text.numel()} text tokens cannot hold {shape.guide_tokens} guide tokens")
-    return text[text.numel() - shape.guide_tokens :]
-
-
-def kernel_problems(
-    kernels: list[str], shape: StageShape, device: torch.device, dtype: torch.dtype
-) -> Iterator[KernelProblem]:
-    """The problems of ``kernels`` (names of :data:`KERNELS`) on random inputs of ``shape``."""
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
-
-    if any(name.startswith("scoring.") for name in kernels):
-        q, k = randn(1, shape.heads, shape.seq, shape.head_dim), randn(1, shape.kv_heads, shape.seq, shape.head_dim)
-        guides = _guides(shape)
-        guide_index, guide_count = guides[None].to(device), torch.tensor([guides.numel()], device=device)
-        query_mask = torch.ones(1, shape.seq, dtype=torch.bool, device=device)
-        scale = 1.0 / math.sqrt(shape.head_dim)
-        expected = cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)
-        dims = {
-            "S": bucket(shape.seq),
-            "T": bucket(guides.numel()),
-            "H": shape.heads,
-            "d": shape.head_dim,
-            "dtype": dtype_name(dtype),
-        }
-        defaults = (
-            fit_tiles(KERNELS["scoring.column_lse"].default, dims),
-            fit_tiles(KERNELS["scoring.row_sum"].default, dims),
-        )
-
-        def scoring_check(output: object) -> None:
-            torch.testing.assert_close(output, expected, rtol=2e-3, atol=1e-3 * shape.guide_tokens)
-
-        inputs = (q, k, guide_index, guide_count, query_mask, scale)
-        for index, name in enumerate(("scoring.column_lse", "scoring.row_sum")):
-            if name in kernels:
-                launch = partial(_launch_pass, cross_attention_scores_triton, inputs, defaults, index)
-                yield KernelProblem(name, KERNELS[name].key(**dims), launch, scoring_check)
-
-    if any(name.startswith("attention_stats.") for name in kernels):
-        yield from _attention_problems(kernels, shape, randn, device, dtype)
-    if "window_match" not in kernels and "merge_compact" not in kernels:
-        return
-    plan = plan_windows([list(shape.spans)], shape.seq, shape.window, shape.ratio, "default")
-    x = randn(shape.seq, shape.hidden)
-    a_rows, b_rows = plan.a_rows.to(device), plan.b_rows.to(device)
-    a_offsets, b_offsets = plan.a_offsets.to(device), plan.b_offsets.to(device)
-    if "window_match" in kernels:
-        largest = int((plan.b_offsets[1:] - plan.b_offsets[:-1]).max())
-        ref_best, ref_sim = window_best_match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
-        unit = torch.nn.functional.normalize(x.double(), dim=1)
-
-        def match_check(output: object) -> None:
-            best, sim = output
-            torch.testing.assert_close(sim, ref_sim, rtol=0, atol=2e-3)
-            chosen = (unit[a_rows] * unit[b_rows[best]]).sum(dim=1)
-            torch.testing.assert_close(chosen.float(), ref_sim, rtol=0, atol=2e-3)
-
-        yield KernelProblem(
-            "window_match",
-            KERNELS["window_match"].key(window=bucket(largest), D=shape.hidden, dtype=dtype_name(dtype)),
-            lambda config: window_best_match_triton(x, a_rows, a_offsets, b_rows, b_offsets, config),
-            match_check,
-        )
-    if "merge_compact" in kernels:
-        weights = torch.rand(shape.seq, generator=generator).to(device)
-        best, sim = window_best_match_torch(x, a_rows, a_offsets, b_rows, b_offsets)
-        merged_into = choose_merges(plan, best, sim, 1, shape.seq)
-        out_rows, src_offsets, src_rows = (t.to(device) for t in merge_lists(merged_into < 0, merged_into, "left"))
-        expected_merge = merge_compact_torch(x, weights, out_rows, src_offsets, src_rows)
-
-        def merge_check(output: object) -> None:
-            torch.testing.assert_close(output, expected_merge, rtol=1e-3, atol=1e-3)
-
-        yield KernelProblem(
-            "merge_compact",
-            KERNELS["merge_compact"].key(D=shape.hidden, dtype=dtype_name(dtype)),
-            lambda config: merge_compact_triton(x, weights, out_rows, src_offsets, src_rows, config),
-            merge_check,
-        )
-
-
-def _attention_problems(
-    kernels: list[str],
-    shape: StageShape,
-    randn: Callable[..., torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Iterator[KernelProblem]:
-    """The dropping baselines' statistics over the whole prompt (causal, every key reported), for the query sets
-    they use: the last token (FastV, AirCache), the text tokens (LOOK-M, AirCache's window) and every token
-    (PrefixKV)."""
-    q, k = randn(1, shape.heads, shape.seq, shape.head_dim), randn(1, shape.kv_heads, shape.seq, shape.head_dim)
-    key_index = torch.arange(shape.seq, device=device)[None]
-    key_mask = torch.ones(1, shape.seq, dtype=torch.bool, device=device)
-    scale = 1.0 / math.sqrt(shape.head_dim)
-    query_sets = (torch.tensor([shape.seq - 1]), _guides(shape), torch.arange(shape.seq))
-    for rows in query_sets:
-        query_index = rows[None].to(device)
-        expected = attention_statistics_torch(q, k, query_index, key_index, key_mask, True, scale)
-        common = {"Q": bucket(rows.numel()), "H": shape.heads, "d": shape.head_dim, "dtype": dtype_name(dtype)}
-        dims = {"row_lse": {**common, "S": bucket(shape.seq)}, "column_sum": {**common, "C": bucket(shape.seq)}}
-        defaults = (
-            fit_tiles(KERNELS["attention_stats.row_lse"].default, dims["row_lse"]),
-            fit_tiles(KERNELS["attention_stats.column_sum"].default, dims["column_sum"]),
-        )
-
-        tolerance = {"rtol": 2e-3, "atol": 1e-4 * max(1.0, float(expected.max()))}
-        check = partial(torch.testing.assert_close, expected=expected, **tolerance)
-        inputs = (q, k, query_index, key_index, key_mask, True, scale)
-        for index, part in enumerate(("row_lse", "column_sum")):
-            name = f"attention_stats.{part}"
-            if name in kernels:
-                launch = partial(_launch_pass, attention_statistics_triton, inputs, defaults, index)
-                yield KernelProblem(name, KERNELS[name].key(**dims[part]), launch, check)
-
-
-def _launch_pass(
-    launcher: Callable[..., object],
-    inputs: tuple,
-    defaults: tuple[dict[str, int], dict[str, int]],
-    index: int,
-    config: dict[str, int],
-) -> object:
-    """``launcher(*inputs, configs)`` of a two-pass op with ``config`` for pass ``index`` and the other pass at
-    its default."""
-    configs = (config, defaults[1]) if index == 0 else (defaults[0], config)
-    return launcher(*inputs, configs)
-
+from lightkv_core.stage_shapes import StageShape, parse_shape, preset_shapes, small_shape
 
 # ----------------------------------------------------------------------------------------------
 # Candidates, timing, dry run
@@ -358,24 +71,6 @@ def distinct_tilings(kernel: str) -> list[dict[str, int]]:
             seen.add(tiling)
             configs.append({**config, **{p: spec.default[p] for p in LAUNCH_PARAMS}})
     return configs
-
-
-def small_shape(shape: StageShape) -> StageShape:
-    """A stage small enough for the Triton interpreter with the same structure: 5 text tokens, one 16x16 image,
-    16 text tokens (277 tokens: more than the smallest ``SPLIT_S``, so the scoring's query chunks are combined);
-    4 query heads over 2 KV heads of 32; hidden width 48; the stage's window, at most 2."""
-    return replace(
-        shape,
-        label=f"{shape.label} [small]",
-        seq=277,
-        guide_tokens=21,
-        heads=4,
-        kv_heads=2,
-        head_dim=32,
-        hidden=48,
-        spans=(VisionSpan(5, 261, 16, 16),),
-        window=min(shape.window, 2),
-    )
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A server's scheduler reserves KV memory per request before the prefill runs, so it needs the lengths
 that the scheduled reduction stages will produce from the request's vision spans alone (no hidden
-states). For LightKV (README, "Method") this module predicts
+states). For LightKV (README, "Semantics") this module predicts
 :func:`~lightkv_core.stage.lightkv_stage` stage by stage:
 
 - ``layout="reference"``: windows depend only on each image's count of mergeable tokens (re-squared

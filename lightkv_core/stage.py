@@ -1,4 +1,4 @@
-"""One LightKV compression stage: score, window, match, merge, compact (README, "Method").
+"""One LightKV compression stage: score, window, match, merge, compact (README, "Semantics").
 
 The stage runs on the output hidden states of a scheduled decoder layer, with that layer's post-RoPE ``q`` and
 ``k``. :func:`plan_stage` checks the inputs and plans on the host (windows, A/B sets, guide tokens), giving the

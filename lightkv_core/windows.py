@@ -2,7 +2,7 @@
 
 An image's mergeable tokens are cut into ``W x W`` spatial windows (near-equal bands of its grid rows and
 columns); inside a window, tokens alternate between the A set (even raster rank) and the B set (odd), and
-each window loses ``num_merged(ratio, n)`` of its ``n`` tokens. See the README's "Method" section.
+each window loses ``num_merged(ratio, n)`` of its ``n`` tokens. See the README's "Semantics" section.
 """
 
 from __future__ import annotations

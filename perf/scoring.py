@@ -1,7 +1,7 @@
 """Prompt-to-vision scoring: the Triton kernel vs the released code's eager approach vs plain PyTorch.
 
 Every implementation computes the same score ``a[i] = sum_h sum_t softmax_i(s q[h, i] . k[h, t])`` (the softmax
-runs over the queries ``i`` of each guide column ``t``; spec section 1) for one prompt of ``S`` tokens whose last
+runs over the queries ``i`` of each guide column ``t``) for one prompt of ``S`` tokens whose last
 ``T`` tokens guide:
 
 * ``eager``: as the released code does it, materialise the ``H x S x S`` attention logits, softmax over the

@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for LightKV, written from ``/work/shared/spec/lightkv.md``.
+"""Float64 NumPy oracle for LightKV, written from the method's specification (the README's "Semantics" section).
 
 This module is an independent, deliberately plain (loop-based) reading of the specification. It must
 not import torch, triton or ``lightkv_core``: its only purpose is to check the library's fast kernels.

@@ -1,4 +1,4 @@
-"""Property tests of the merge + compaction kernel (spec section 3) against the float64 oracle, both backends."""
+"""Property tests of the merge + compaction kernel (README, "Kernels") against the float64 oracle, both backends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property tests of the scoring kernel (spec section 1) against the float64 oracle, for both backends."""
+"""Property tests of the scoring kernel (README, "Kernels") against the float64 oracle, for both backends."""
 
 from __future__ import annotations
 

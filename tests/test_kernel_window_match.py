@@ -1,4 +1,4 @@
-"""Property tests of the window matching kernel (spec section 2) against the float64 oracle, for both backends."""
+"""Property tests of the window matching kernel (README, "Kernels") against the float64 oracle, both backends."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightkv_core import LightKVConfig, VisionSpan, drop_tokens, lightkv_stage
-from lightkv_core.methods import FastV, LightKV, PrefillReduction, RandomDrop, attention_received
+from lightkv_core.methods import FastV, LightKV, PrefillReduction, RandomDrop, mean_received_attention
 from lightkv_core.methods.fastv import keep_top_vision, kept_count
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -121,7 +121,7 @@ def batches(draw: st.DrawFn, max_images: int = 2, max_side: int = 6) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. attention_received
+# 1. mean_received_attention
 
 
 @settings(max_examples=40)
@@ -142,7 +142,7 @@ def test_attention_received_matches_oracle(batch, kv_heads, group, seq, dim, pad
     q = 2 * torch.randn(batch, kv_heads * group, seq, dim, generator=generator)
     k = 2 * torch.randn(batch, kv_heads, seq, dim, generator=generator)
     mask = padded_mask([max(1, seq - p) for p in pads[:batch]], seq, left)
-    got = attention_received(q, k, mask, last_token_only=last_token_only, scale=scale)
+    got = mean_received_attention(q, k, mask, last_token_only=last_token_only, scale=scale)
     assert got.dtype == torch.float32 and got.shape == (batch, seq)
     expected = oracle_attention_received(q.double().numpy(), k.double().numpy(), mask.numpy(), last_token_only, scale)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-5)
@@ -155,9 +155,9 @@ def test_attention_received_last_token_only_sees_the_last_row():
     q = torch.zeros(1, 1, 4, 2)
     k = torch.zeros(1, 1, 4, 2)
     mask = torch.tensor([[False, True, True, True]])
-    got = attention_received(q, k, mask, last_token_only=True)
+    got = mean_received_attention(q, k, mask, last_token_only=True)
     assert got[0].tolist() == pytest.approx([0.0, 1 / 3, 1 / 3, 1 / 3])
-    got = attention_received(q, k, mask, last_token_only=False)  # rows see 1, 2, 3 keys
+    got = mean_received_attention(q, k, mask, last_token_only=False)  # rows see 1, 2, 3 keys
     expected = np.array([0.0, 1 + 1 / 2 + 1 / 3, 1 / 2 + 1 / 3, 1 / 3]) / 3
     np.testing.assert_allclose(got[0].numpy(), expected, atol=1e-6)
 
@@ -228,7 +228,7 @@ def test_fastv_keeps_the_top_vision_tokens(inputs, ratio, scoring, positions, pa
     method = FastV(2, ratio, scoring=scoring, positions=positions)
     assert method.reduce_layers == (2,)
     result = run(method, inputs, padding_side)
-    scores = attention_received(inputs["q"], inputs["k"], inputs["mask"], last_token_only=scoring == "last_token")
+    scores = mean_received_attention(inputs["q"], inputs["k"], inputs["mask"], last_token_only=scoring == "last_token")
     keep = oracle_keep(scores.double().numpy(), inputs["spans"], ratio, inputs["mask"].numpy())
     check_drop_result(result, inputs, keep, positions, padding_side)
     for b, sample_spans in enumerate(inputs["spans"]):

@@ -1,4 +1,4 @@
-"""Prompt-weighted merge and compaction in one pass (spec section 3).
+"""Prompt-weighted merge and compaction in one pass (README, "Semantics" and "Kernels").
 
 Every output row ``m`` names the input row ``out_rows[m]`` that lands there (``-1``: a padding row,
 written as zeros) and, in CSR form, the rows merged into it, ``src_rows[src_offsets[m]:src_offsets[m+1]]``.

@@ -1,4 +1,4 @@
-"""Prompt-to-vision cross-attention scoring (spec section 1).
+"""Prompt-to-vision cross-attention scoring (README, "Semantics" and "Kernels").
 
 For every head ``h`` and guide token ``t`` the attention column is normalised over all real query
 positions ``i`` of the sample, with no causal mask, and every row then sums its probabilities::

@@ -1,4 +1,4 @@
-"""Per-window bipartite matching (spec section 2): for every A token, its most similar B token.
+"""Per-window bipartite matching (README, "Semantics" and "Kernels"): for every A token, its most similar B token.
 
 Windows are given in CSR form over flattened rows of ``x`` (all samples, all images, one launch):
 window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B tokens

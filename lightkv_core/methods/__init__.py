@@ -3,7 +3,7 @@ selectable by name through :data:`METHODS` / :func:`method_by_name`."""
 
 from lightkv_core.methods.aircache import AirCache
 from lightkv_core.methods.base import KVEviction, LayerEviction, PrefillReduction
-from lightkv_core.methods.fastv import FastV, attention_received
+from lightkv_core.methods.fastv import FastV, mean_received_attention
 from lightkv_core.methods.lightkv import LightKV
 from lightkv_core.methods.lookm import LookM
 from lightkv_core.methods.prefixkv import PrefixKV
@@ -24,6 +24,6 @@ __all__ = [
     "PrefixKV",
     "RandomDrop",
     "UnguidedMerge",
-    "attention_received",
+    "mean_received_attention",
     "method_by_name",
 ]

@@ -127,7 +127,7 @@ class FastV(PrefillReduction):
         padding_side: str,
     ) -> StageResult:
         check_layer(self, layer)
-        scores = attention_received(
+        scores = mean_received_attention(
             q, k, attention_mask, last_token_only=self.scoring == "last_token", backend=self.backend
         )
         return drop_lowest(
@@ -159,7 +159,7 @@ def drop_lowest(
     )
 
 
-def attention_received(
+def mean_received_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     attention_mask: torch.Tensor,

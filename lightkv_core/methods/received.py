@@ -32,7 +32,8 @@ def received_attention(
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Post-softmax causal attention each key receives, summed over queries; streams through
+    """Post-softmax causal attention each key receives, summed over queries (FastV averages it:
+    :func:`~lightkv_core.methods.fastv.mean_received_attention`); streams through
     :func:`~lightkv_core.kernels.attention_statistics` (never ``S x S``).
 
     Args:
