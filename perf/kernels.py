@@ -1,7 +1,7 @@
 """Grouping (window matching) and merge + compaction kernels against plain PyTorch, side by side in one run.
 
-Every kernel is timed on the very inputs a LightKV stage hands it: ``lightkv_stage`` runs once per stage on random
-hidden states of width 4096 (a 7B model) and its calls of ``window_best_match`` and ``merge_compact`` are recorded.
+Every kernel is timed on the very inputs a LightKV stage hands it: ``plan_stage`` plans each stage on random hidden
+states of width 4096 (a 7B model), giving the arguments of ``window_best_match`` and ``merge_compact``.
 The prompts are LLaVA-1.5's (35 text tokens, one 24x24 image, a 24-token question: 635 tokens) and LLaVA-NeXT's
 (35, five 24x24 images, 100: 3,015 tokens), batch 1, under the released schedule: windows 4, 2, 1 with ratio 0.5,
 each stage on the survivors of the one before. float16 on a GPU, float32 on a CPU.
@@ -15,8 +15,9 @@ Implementations of each kernel:
   ``max(dim=-1)``. Merge: weight every row, ``index_add`` the merged A rows into their B rows over the full
   sequence, then a boolean-mask gather of the kept rows (no CSR).
 
-Before timing, every implementation's output is checked against the fallback's (best-match similarities within a
-tolerance, so that ties may pick either token; merged rows ``allclose``), so no ratio compares wrong code.
+Before timing, every implementation's output is checked against the fallback's (``lightkv_core.kernels.agreement``:
+best-match similarities within rounding, so that ties may pick either token; merged rows within rounding), so no
+ratio compares wrong code.
 
     .venv/bin/python -m lightkv_perf.kernels              # 25 rounds: about 20 s on a CPU
     .venv/bin/python -m lightkv_perf.kernels --quick      # 5 rounds: about 10 s
@@ -34,16 +35,15 @@ import argparse
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from unittest import mock
 
 import torch
 
-from lightkv_core import stage as stage_module
+from lightkv_core.compaction import merge_arguments
 from lightkv_core.config import PRESETS
-from lightkv_core.kernels import merge_compact, window_best_match
+from lightkv_core.kernels import agreement, cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.kernels.launch import TRITON_AVAILABLE, interpreting
-from lightkv_core.stage import lightkv_stage
+from lightkv_core.stage import lightkv_stage, plan_stage
+from lightkv_core.windows import choose_merges
 from lightkv_perf.common import (
     add_common_arguments,
     device,
@@ -53,14 +53,10 @@ from lightkv_perf.common import (
     run_record,
     write_json,
 )
+from lightkv_perf.kernels_plain import image_sets, plain_merge, plain_merge_args, plain_window_match
+from lightkv_perf.kernels_report import IMPLS, KERNELS, bandwidth, plot, print_table, ratios
 
-EPS = 1e-8
 HEADS, HEAD_DIM = 4, 32  # q/k of the scoring step that makes the merge weights; not timed here
-KERNELS = ("window_match", "merge_compact")
-IMPLS = ("triton", "torch", "plain")
-# absolute tolerance on cosine similarities and relative/absolute on merged rows, by dtype
-SIM_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-ROW_TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 
 @dataclass(frozen=True)
@@ -139,11 +135,14 @@ def build_cases(
     backend: str,
     seed: int = 0,
 ) -> list[StageCase]:
-    """Run ``lightkv_stage`` stage after stage on random ``(1, S, hidden)`` states and record its kernel inputs.
+    """The kernel inputs of every stage of ``prompt`` on random ``(1, S, hidden)`` states, as ``lightkv_stage``
+    plans them (:func:`~lightkv_core.stage.plan_stage`, then the merge arguments of its choice).
 
     Each stage gets fresh random ``q``/``k`` (``HEADS`` heads of ``HEAD_DIM``) for its merge weights and runs on the
-    previous stage's output hidden states and spans. ``backend`` is the stage's (the recorded inputs do not depend
-    on it).
+    previous stage's output hidden states and spans. ``backend`` is the stage's (the inputs do not depend on it).
+
+    Raises:
+        RuntimeError if the planned choice is not the one ``lightkv_stage`` makes.
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(1, prompt.tokens, hidden, generator=generator).to(dev, dtype)
@@ -151,160 +150,52 @@ def build_cases(
     cases = []
     for stage, (window, ratio) in enumerate(zip(windows, ratios, strict=True), start=1):
         q, k = (torch.randn(1, HEADS, x.shape[1], HEAD_DIM, generator=generator).to(dev, dtype) for _ in range(2))
-        with (
-            mock.patch.object(stage_module, "window_best_match", wraps=window_best_match) as match,
-            mock.patch.object(stage_module, "merge_compact", wraps=merge_compact) as merge,
-        ):
-            result = lightkv_stage(x, q, k, spans, window, ratio, backend=backend)
-        if match.call_count != 1 or merge.call_count != 1:
-            raise RuntimeError(
-                f"{prompt.name} stage {stage}: expected one call of each kernel from lightkv_stage, "
-                f"got {match.call_count} of window_best_match and {merge.call_count} of merge_compact"
-            )
-        cases.append(
-            StageCase(prompt.name, stage, window, match.call_args.args, merge.call_args.args, result.merged_into[0])
-        )
+        plan = plan_stage(x, q, k, spans, window, ratio)
+        scores = cross_attention_scores(*plan.score_arguments, backend=backend)
+        best, sim = window_best_match(*plan.match_arguments, backend=backend)
+        merged_into = choose_merges(plan.windows, best, sim, 1, x.shape[1])
+        merge_args = merge_arguments(x, plan.real.cpu() & (merged_into < 0), merged_into, scores, "right")
+        result = lightkv_stage(x, q, k, spans, window, ratio, backend=backend)
+        if not torch.equal(result.merged_into.cpu(), merged_into):
+            raise RuntimeError(f"{prompt.name} stage {stage}: the planned merges differ from lightkv_stage's")
+        cases.append(StageCase(prompt.name, stage, window, plan.match_arguments, merge_args, merged_into[0]))
         x, spans = result.hidden, result.spans
     return cases
 
 
 # ----------------------------------------------------------------------------------------------
-# Plain PyTorch, as released token-merging code writes it
-
-
-@dataclass
-class ImageSets:
-    """One image's A and B tokens: ``a_rows (NA,)``/``b_rows (NB,)`` rows of ``x`` and the window of each."""
-
-    a_rows: torch.Tensor
-    a_window: torch.Tensor
-    b_rows: torch.Tensor
-    b_window: torch.Tensor
-
-
-def image_sets(match_args: tuple[torch.Tensor, ...], window: int) -> list[ImageSets]:
-    """Split the stage's window CSR back into images (``window * window`` consecutive windows each)."""
-    _, a_rows, a_offsets, b_rows, b_offsets = match_args
-    per_image = window * window
-    images = []
-    for first in range(0, a_offsets.numel() - 1, per_image):
-        sets = []
-        for rows, offsets in ((a_rows, a_offsets), (b_rows, b_offsets)):
-            bounds = offsets[first : first + per_image + 1]
-            counts = bounds[1:] - bounds[:-1]
-            sets += [
-                rows[bounds[0] : bounds[-1]],
-                torch.repeat_interleave(torch.arange(per_image, device=rows.device), counts),
-            ]
-        images.append(ImageSets(*sets))
-    return images
-
-
-def plain_window_match(x: torch.Tensor, images: list[ImageSets]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, a dense cosine-similarity matrix of all its A tokens against all its B tokens, masked to windows.
-
-    Args:
-        x: ``(N, D)`` hidden states.
-        images: every image's A/B rows and windows, in the order of the stage's CSR.
-
-    Returns:
-        ``best (NA,)`` int64 position of the best B token among all images' B tokens concatenated, and ``sim (NA,)``
-        float32 its cosine similarity; A tokens in image order.
-    """
-    best, sim, base = [], [], 0
-    for image in images:
-        a, b = x[image.a_rows], x[image.b_rows]
-        a = a / a.norm(dim=-1, keepdim=True)
-        b = b / b.norm(dim=-1, keepdim=True)
-        scores = a @ b.T
-        scores.masked_fill_(image.a_window[:, None] != image.b_window[None, :], float("-inf"))
-        values, index = scores.max(dim=-1)
-        best.append(index + base)
-        sim.append(values.float())
-        base += image.b_rows.numel()
-    return torch.cat(best), torch.cat(sim)
-
-
-def plain_merge(
-    x: torch.Tensor, weights: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """Weighted merge over the full sequence, then a boolean-mask gather of the kept rows.
-
-    Args:
-        x: ``(N, D)`` rows.
-        weights: ``(N,)`` float32 merge weights.
-        sources: ``(R,)`` int64 rows that merge away; ``targets``: ``(R,)`` the row each merges into.
-        keep: ``(N,)`` bool rows that survive.
-
-    Returns:
-        ``(keep.sum(), D)`` in ``x``'s dtype: receiving rows averaged with their sources, the others unchanged.
-    """
-    acc = x.float() * weights[:, None]
-    acc.index_add_(0, targets, acc[sources])
-    total = weights.index_add(0, targets, weights[sources])
-    merged = (acc / total.clamp(min=EPS)[:, None]).to(x.dtype)
-    receives = torch.zeros_like(keep).index_fill_(0, targets, True)
-    return torch.where(receives[:, None], merged, x)[keep]
-
-
-def plain_merge_args(case: StageCase) -> tuple[torch.Tensor, ...]:
-    """``(x, weights, sources, targets, keep)`` for :func:`plain_merge`, from the stage's ``merged_into``."""
-    x, weights = case.merge_args[:2]
-    merged_into = case.merged_into
-    sources = (merged_into >= 0).nonzero().squeeze(1)
-    return x, weights, sources, merged_into[sources], merged_into < 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Correctness checks against the fallback
+# Correctness checks against the fallback (lightkv_core.kernels.agreement), named for the error
 
 
 def check_window_match(
     match_args: tuple[torch.Tensor, ...], result: tuple[torch.Tensor, torch.Tensor], reference: tuple, name: str
 ) -> int:
-    """Check ``result = (best, sim)`` against the fallback's ``reference``; returns how many ``best`` differ (ties).
-
-    A best match must lie in its A token's window, its similarity must equal the fallback's maximum within the
-    dtype's tolerance, and so must the cosine of the pair it names (recomputed in float64).
+    """:func:`~lightkv_core.kernels.agreement.check_window_match` of ``result`` against the fallback's ``reference``
+    (the ``plain`` implementation computes in the inputs' dtype: three roundings to it, the two normalised rows and
+    the similarity); returns how many best matches differ (ties).
 
     Raises:
         RuntimeError: naming ``name`` and what disagrees.
     """
-    x, a_rows, a_offsets, b_rows, b_offsets = match_args
-    best, sim = result
-    ref_best, ref_sim = reference
-    tolerance = SIM_TOLERANCE[x.dtype]
-    if best.shape != ref_best.shape or sim.shape != ref_sim.shape:
-        raise RuntimeError(f"{name}: shapes {tuple(best.shape)}, {tuple(sim.shape)} instead of {tuple(ref_best.shape)}")
-    windows = a_offsets.numel() - 1
-    a_window = torch.repeat_interleave(torch.arange(windows, device=x.device), a_offsets[1:] - a_offsets[:-1])
-    b_window = torch.repeat_interleave(torch.arange(windows, device=x.device), b_offsets[1:] - b_offsets[:-1])
-    if not bool((b_window[best] == a_window).all()):
-        raise RuntimeError(f"{name}: a best match lies outside its A token's window")
-    a, b = x[a_rows].double(), x[b_rows[best]].double()
-    cosine = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + EPS)
-    for label, values in (("similarity", sim.double()), ("cosine of the chosen pair", cosine)):
-        error = float((values - ref_sim.double()).abs().max())
-        if not error <= tolerance:
-            raise RuntimeError(f"{name}: {label} off the fallback's best by {error:.3g} (tolerance {tolerance})")
-    return int((best != ref_best).sum())
+    roundings = 3 if name.startswith("plain") else 1
+    output_dtype = match_args[0].dtype if name.startswith("plain") else torch.float32
+    try:
+        return agreement.check_window_match(match_args, result, reference, output_dtype, roundings)
+    except agreement.KernelMismatch as error:
+        raise RuntimeError(f"{name}: {error}") from error
 
 
-def check_merge(out: torch.Tensor, reference: torch.Tensor, name: str) -> float:
-    """Check merged rows ``out`` against the fallback's ``reference`` (``allclose``); returns the largest difference.
+def check_merge(out: torch.Tensor, reference: torch.Tensor, src_offsets: torch.Tensor, name: str) -> float:
+    """:func:`~lightkv_core.kernels.agreement.check_merge` of merged rows ``out`` against the fallback's
+    ``reference``; returns the largest difference.
 
     Raises:
         RuntimeError: naming ``name`` and the difference.
     """
-    if out.shape != reference.shape or out.dtype != reference.dtype:
-        raise RuntimeError(
-            f"{name}: {tuple(out.shape)} {out.dtype} instead of {tuple(reference.shape)} {reference.dtype}"
-        )
-    rtol, atol = ROW_TOLERANCE[reference.dtype]
-    error = float((out.float() - reference.float()).abs().max()) if out.numel() else 0.0
-    if not torch.allclose(out.float(), reference.float(), rtol=rtol, atol=atol):
-        raise RuntimeError(f"{name}: merged rows differ from the fallback's by up to {error:.3g}")
-    return error
+    try:
+        return agreement.check_merge(out, reference, src_offsets)
+    except agreement.KernelMismatch as error:
+        raise RuntimeError(f"{name}: {error}") from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +247,7 @@ def implementations(kernel: str, case: StageCase, run_triton: bool) -> dict[str,
         if run_triton:
             impls["triton"] = lambda: window_best_match(*case.match_args, backend="triton")
         return impls
-    plain_args = plain_merge_args(case)
+    plain_args = plain_merge_args(case.merge_args, case.merged_into)
     impls = {
         "torch": lambda: merge_compact(*case.merge_args, backend="torch"),
         "plain": lambda: plain_merge(*plain_args),
@@ -376,7 +267,7 @@ def measure(kernel: str, case: StageCase, run_triton: bool, repeats: int) -> tup
         if kernel == "window_match":
             checked[impl] = {"index_mismatches": check_window_match(case.match_args, fn(), reference, name)}
         else:
-            checked[impl] = {"max_abs_diff": check_merge(fn(), reference, name)}
+            checked[impl] = {"max_abs_diff": check_merge(fn(), reference, case.merge_args[3], name)}
     times = interleaved_seconds(impls, repeats)
     rows = [
         {
@@ -409,96 +300,6 @@ def measure(kernel: str, case: StageCase, run_triton: bool, repeats: int) -> tup
         "checked_against_torch": checked,
     }
     return rows, summary
-
-
-def ratios(rows: list[dict]) -> list[dict]:
-    """For every (kernel, prompt, stage): each implementation's time over the fallback's, and triton over plain."""
-    groups: dict[tuple, dict[str, float]] = {}
-    for row in rows:
-        groups.setdefault((row["kernel"], row["prompt"], row["stage"]), {})[row["impl"]] = row["time_s"]
-    result = []
-    for (kernel, prompt, stage), times in groups.items():
-        entry = {
-            "kernel": kernel,
-            "prompt": prompt,
-            "stage": stage,
-            "vs_torch": {impl: round(t / times["torch"], 4) for impl, t in times.items()},
-        }
-        if "triton" in times:
-            entry["triton_vs_plain"] = round(times["triton"] / times["plain"], 4)
-        result.append(entry)
-    return result
-
-
-def bandwidth(rows: list[dict], cases: list[dict]) -> list[dict]:
-    """Achieved bandwidth of the Triton rows: ``bytes_once`` of the case over the time, in GB/s."""
-    once = {(c["kernel"], c["prompt"], c["stage"]): c["bytes_once"] for c in cases}
-    return [
-        {
-            "kernel": row["kernel"],
-            "prompt": row["prompt"],
-            "stage": row["stage"],
-            "bytes": once[(row["kernel"], row["prompt"], row["stage"])],
-            "gb_per_s": round(once[(row["kernel"], row["prompt"], row["stage"])] / row["time_s"] / 1e9, 1),
-        }
-        for row in rows
-        if row["impl"] == "triton"
-    ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
-def plot(result: dict, path: Path) -> None:
-    """Bars of each implementation's time relative to the fallback, per prompt and stage, one panel per kernel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    figure, axes = plt.subplots(1, len(KERNELS), figsize=(7 * len(KERNELS), 4.5), squeeze=False)
-    windows = {(c["prompt"], c["stage"]): c["window"] for c in result["cases"]}
-    for ax, kernel in zip(axes[0], KERNELS, strict=True):
-        entries = [r for r in result["ratios"] if r["kernel"] == kernel]
-        impls = [impl for impl in IMPLS if any(impl in r["vs_torch"] for r in entries)]
-        width = 0.8 / len(impls)
-        for i, impl in enumerate(impls):
-            xs = [j + (i - (len(impls) - 1) / 2) * width for j in range(len(entries))]
-            values = [r["vs_torch"].get(impl, float("nan")) for r in entries]
-            bars = ax.bar(xs, values, width=width, label=impl)
-            ax.bar_label(bars, labels=[f"{v:.2g}" for v in values], fontsize=7)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.set_xticks(range(len(entries)))
-        ax.set_xticklabels(
-            [f"{r['prompt']}\nstage {r['stage']}, W={windows[(r['prompt'], r['stage'])]}" for r in entries], fontsize=7
-        )
-        ax.set(ylabel="time / PyTorch fallback (log scale)", title=kernel)
-        ax.legend(fontsize=8)
-    figure.suptitle(f"LightKV kernels, D={result['hidden']} {result['dtype']}, {result['machine']['device']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def print_table(result: dict) -> None:
-    vs_torch = {(r["kernel"], r["prompt"], r["stage"]): r["vs_torch"] for r in result["ratios"]}
-    header = f"{'kernel':<14}{'prompt':<12}{'stage':>6}{'W':>3}{'tokens':>8}  {'impl':<7}{'ms':>10}{'x torch':>9}"
-    print(header + f"{'peak MiB':>10}")
-    for row in result["rows"]:
-        ratio = vs_torch[(row["kernel"], row["prompt"], row["stage"])][row["impl"]]
-        print(
-            f"{row['kernel']:<14}{row['prompt']:<12}{row['stage']:>6}{row['window']:>3}{row['tokens']:>8}  "
-            f"{row['impl']:<7}{row['time_s'] * 1e3:>10.3f}{ratio:>9.3f}{row['peak_bytes'] / 2**20:>10.2f}"
-        )
-    for skipped in result["skipped"]:
-        print(f"skipped {skipped['impl']}: {skipped['reason']}")
-    if "timing_note" in result:
-        print(result["timing_note"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from lightkv_core.kernels import merge_compact, window_best_match
 from lightkv_perf import kernels as bench
+from lightkv_perf import kernels_plain as plain
 from lightkv_perf.common import device, device_tag
 
 # Two 8x8 images between text; windows 2 then 1 with ratios that leave some A tokens unmerged in each window.
@@ -39,16 +40,16 @@ def test_plain_baselines_agree_with_the_kernels(cases, backend):
     for case in cases:
         x = case.match_args[0]
         best, sim = window_best_match(*case.match_args, backend=backend)
-        plain_best, plain_sim = bench.plain_window_match(x, bench.image_sets(case.match_args, case.window))
+        plain_best, plain_sim = plain.plain_window_match(x, plain.image_sets(case.match_args, case.window))
         merged = merge_compact(*case.merge_args, backend=backend)
-        plain_merged = bench.plain_merge(*bench.plain_merge_args(case))
+        plain_merged = plain.plain_merge(*plain.plain_merge_args(case.merge_args, case.merged_into))
         if x.dtype == torch.float32:  # random rows: no ties, so the very same indices
             assert torch.equal(plain_best, best)
             torch.testing.assert_close(plain_sim, sim, rtol=0, atol=1e-5)
             torch.testing.assert_close(plain_merged, merged, rtol=1e-5, atol=1e-6)
         else:
             bench.check_window_match(case.match_args, (plain_best, plain_sim), (best, sim), "plain")
-            bench.check_merge(plain_merged, merged, "plain")
+            bench.check_merge(plain_merged, merged, case.merge_args[3], "plain")
         keep = case.merged_into < 0
         assert merged.shape == (int(keep.sum()), HIDDEN)
         assert not torch.equal(merged, x[keep])  # something was merged
@@ -85,12 +86,12 @@ def test_checks_reject_wrong_results(cases):
         bench.check_window_match(case.match_args, (best, shifted), (best, sim), "wrong value")
 
     merged = merge_compact(*case.merge_args, backend="torch")
-    x, weights, sources, targets, keep = bench.plain_merge_args(case)
-    unweighted = bench.plain_merge(x, torch.ones_like(weights), sources, targets, keep)
+    x, weights, sources, targets, keep = plain.plain_merge_args(case.merge_args, case.merged_into)
+    unweighted = plain.plain_merge(x, torch.ones_like(weights), sources, targets, keep)
     with pytest.raises(RuntimeError, match="differ"):
-        bench.check_merge(unweighted, merged, "unweighted")
+        bench.check_merge(unweighted, merged, case.merge_args[3], "unweighted")
     with pytest.raises(RuntimeError, match="instead of"):
-        bench.check_merge(merged[1:], merged, "short")
+        bench.check_merge(merged[1:], merged, case.merge_args[3], "short")
 
 
 def test_run_writes_rows_ratios_and_plot(tmp_path, capsys):

@@ -31,20 +31,26 @@ def rounding_tolerance(dtype: torch.dtype, chain: int, magnitude: float) -> floa
     return 2 * CONFIDENCE * math.sqrt(chain) * unit_roundoff * magnitude
 
 
-def kernel_tolerance(output_dtype: torch.dtype, chain: int, magnitude: float) -> float:
-    """The rule: float32 chains of ``chain`` operations in both implementations, then one rounding to
-    ``output_dtype`` (each may round the other way: one ``eps`` of the output dtype)."""
+def kernel_tolerance(output_dtype: torch.dtype, chain: int, magnitude: float, roundings: int = 1) -> float:
+    """The rule: float32 chains of ``chain`` operations in both implementations, then ``roundings`` roundings to
+    ``output_dtype`` (each may round the other way: one ``eps`` of the output dtype each)."""
     tolerance = rounding_tolerance(torch.float32, chain, magnitude)
     if output_dtype != torch.float32:
-        tolerance += torch.finfo(output_dtype).eps * magnitude
+        tolerance += roundings * torch.finfo(output_dtype).eps * magnitude
     return tolerance
 
 
 def check_close(
-    name: str, actual: torch.Tensor, expected: torch.Tensor, chain: int, magnitude: float | None = None
+    name: str,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    chain: int,
+    magnitude: float | None = None,
+    rounded_to: tuple[torch.dtype, int] | None = None,
 ) -> float:
     """``actual`` equals ``expected`` within :func:`kernel_tolerance` at ``magnitude`` (default: the largest
-    ``|expected|``); returns the largest difference.
+    ``|expected|``) and ``rounded_to`` (``(dtype, roundings)`` of ``actual``'s values before they were widened;
+    default: one rounding to ``expected``'s dtype); returns the largest difference.
 
     Raises:
         KernelMismatch naming ``name``, the difference and the tolerance.
@@ -57,7 +63,8 @@ def check_close(
         return 0.0
     if magnitude is None:
         magnitude = float(expected.abs().max())
-    tolerance = kernel_tolerance(expected.dtype, chain, magnitude)
+    dtype, roundings = rounded_to or (expected.dtype, 1)
+    tolerance = kernel_tolerance(dtype, chain, magnitude, roundings)
     error = float((actual.double() - expected.double()).abs().max())
     if not error <= tolerance:
         raise KernelMismatch(f"{name}: differs from the fallback by {error:.3g} (tolerance {tolerance:.3g})")
@@ -102,12 +109,15 @@ def check_window_match(
     match_args: tuple[torch.Tensor, ...],
     result: tuple[torch.Tensor, torch.Tensor],
     expected: tuple[torch.Tensor, torch.Tensor],
+    similarity_dtype: torch.dtype = torch.float32,
+    roundings: int = 1,
 ) -> int:
     """:func:`~lightkv_core.kernels.window_best_match` against its fallback; returns how many best matches differ
     (near-ties may pick another B token).
 
     A best match must lie in its A token's window, and both its similarity and the cosine of the pair it names
-    (recomputed in float64) must equal the fallback's maximum: cosines of ``D``-wide rows (a dot and two norms).
+    (recomputed in float64) must equal the fallback's maximum: cosines of ``D``-wide rows (a dot and two norms),
+    computed in float32 (the kernels) or with ``roundings`` roundings to ``similarity_dtype`` (other code).
 
     Raises:
         KernelMismatch naming what disagrees.
@@ -129,6 +139,7 @@ def check_window_match(
     a, b = x[a_rows].double(), x[b_rows[best]].double()
     cosine = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
     chain = 3 * x.shape[1]
-    check_close("window_best_match similarity", sim, expected_sim, chain, magnitude=1.0)
-    check_close("window_best_match chosen pair", cosine.float(), expected_sim, chain, magnitude=1.0)
+    rounded_to = (similarity_dtype, roundings)
+    check_close("window_best_match: similarity", sim, expected_sim, chain, 1.0, rounded_to)
+    check_close("window_best_match: cosine of the chosen pair", cosine.float(), expected_sim, chain, 1.0, rounded_to)
     return int((best != expected_best).sum())
