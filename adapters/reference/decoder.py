@@ -28,7 +28,7 @@ from torch import nn
 
 from lightkv_core.methods import CompressionMethod, KVEviction
 from lightkv_core.prefill import PrefillTracker, kv_bytes_per_token_layer, synchronized_clock
-from lightkv_core.spans import as_span
+from lightkv_core.spans import check_tokens
 from lightkv_core.stats import PrefillStats
 
 
@@ -271,9 +271,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"attention_mask must be ({batch}, {seq}), got {tuple(real.shape)}")
             if not bool(real[:, -1].all()):
                 raise ValueError("prefill batches must be left-padded (every sample's last slot real)")
-        per_sample = [[as_span(s) for s in sample] for sample in spans] if spans is not None else [[]] * batch
-        if len(per_sample) != batch:
-            raise ValueError(f"spans has {len(per_sample)} per-sample lists for a batch of {batch}")
+        _, per_sample, _, _ = check_tokens([[]] * batch if spans is None else spans, real, None, inputs_embeds)
         reduce_layers = set(reduction.reduce_layers) if reduction is not None and not evicting else set()
         if reduce_layers and not -1 <= min(reduce_layers) <= max(reduce_layers) < self.config.num_layers:
             raise ValueError(f"reduction layers {sorted(reduce_layers)} must lie in [-1, {self.config.num_layers})")
