@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from lightkv_core.config import PRESETS
+from lightkv_core.errors import UsageError
 from lightkv_core.kernel_problems import kernel_problems
 from lightkv_core.kernels.launch import interpreting
 from lightkv_core.kernels.tuning import (
@@ -203,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
     kernels = list(KERNELS) if not args.kernels else [name.strip() for name in args.kernels.split(",")]
     unknown = [name for name in kernels if name not in KERNELS]
     if unknown:
-        raise ValueError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
+        raise UsageError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
     if args.max_configs < 1:
-        raise ValueError(f"--max-configs must be at least 1, got {args.max_configs}")
+        raise UsageError(f"--max-configs must be at least 1, got {args.max_configs}")
     if args.dry_run and not interpreting():
         # Triton decides at import whether kernels are interpreted: run again with the interpreter on.
         os.execve(
@@ -226,8 +227,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    base = preset_shapes(args.preset, args.text_tokens)
-    shapes = [parse_shape(text, base[0]) for text in args.shape] if args.shape else base
+    try:
+        base = preset_shapes(args.preset, args.text_tokens)
+        shapes = [parse_shape(text, base[0]) for text in args.shape] if args.shape else base
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     # The dropping baselines' statistics run on the whole prompt: with a preset, on the first stage's shape only.
     stage_kernels = [name for name in kernels if not name.startswith("attention_stats.")]
     prompt_kernels = [name for name in kernels if name.startswith("attention_stats.")]

@@ -1,17 +1,73 @@
-"""The ``lightkv`` command line."""
+"""The ``lightkv`` command line.
+
+The core defines its own subcommands here (``simulate``, ``presets``, ``autotune``). Every other subcommand is a
+:class:`Command` that the package owning it names in the ``lightkv.commands`` entry-point group of its distribution
+(pyproject.toml): ``demo``, ``eval`` and ``calibrate`` in the reference adapter (adapters/reference/), ``bench`` in
+perf/commands.py. So the core finds them without importing anything above it.
+
+Only :class:`~lightkv_core.errors.UsageError` (a bad option value) and argparse's own errors become
+``lightkv: error: ...`` with exit status 2; every other exception keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 
 import torch
 
 from lightkv_core import autotune
 from lightkv_core.budget import EFFECTS, MODEL_SHAPES, human_bytes, layer_kv_lengths, vision_retention
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.errors import UsageError
 from lightkv_core.stage import lightkv_stage
+
+ENTRY_POINT_GROUP = "lightkv.commands"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``lightkv`` subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the exit
+    status. ``order`` places it in ``lightkv --help`` (then the name): the core's own take 10-30, the shipped
+    packages' 40-70, so a third party's default of 1000 lists after them."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    order: int = 1000
+
+
+class CommandLoadError(RuntimeError):
+    """An entry point of ``lightkv.commands`` failed to load or is not a :class:`Command`, or two commands claim
+    one name."""
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, refused with a message naming both otherwise."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return convert
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The core's commands
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -24,21 +80,55 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
+    sim.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5")
+    sim.add_argument("--layout", choices=["default", "reference"], default="default")
+    sim.add_argument("--guide", choices=["all_text", "prompt", "none"], default="all_text")
+    sim.add_argument("--layers", help="override merge_layers, e.g. 12-18-24")
+    sim.add_argument("--windows", help="override merge_windows, e.g. 4-2-1")
+    sim.add_argument("--ratios", help="override merge_ratios, e.g. 0.5-0.5-0.5")
+    sim.add_argument("--num-layers", type=positive_int, help="decoder depth (the preset's schedule is scaled to it)")
+    sim.add_argument("--grid", type=_grid, help="image grid in tokens, e.g. 24x24")
+    sim.add_argument("--images", type=positive_int, help="images per prompt")
+    sim.add_argument("--text-before", type=non_negative_int, default=35, help="text tokens before the first image")
+    sim.add_argument("--text-after", type=non_negative_int, default=30, help="text tokens after the last image")
+    sim.add_argument("--hidden-size", type=positive_int, default=128, help="width of the generated hidden states")
+    sim.add_argument("--heads", type=positive_int, default=4, help="query heads of the generated q")
+    sim.add_argument("--head-dim", type=positive_int, default=32, help="head size of the generated q/k")
+    sim.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    sim.add_argument("--seed", type=int, default=0)
+
+
+def _simulate_schedule(args: argparse.Namespace) -> tuple[LightKVConfig, int]:
+    """The schedule and decoder depth the options ask for; a value the config refuses is a usage error."""
+    try:
+        config = LightKVConfig.preset(args.preset, layout=args.layout, guide=args.guide)
+        if args.layers or args.windows or args.ratios:
+            config = LightKVConfig(
+                args.layers or config.merge_layers,
+                args.windows or config.merge_windows,
+                args.ratios or config.merge_ratios,
+                guide=args.guide,
+                layout=args.layout,
+            )
+        num_layers = args.num_layers or PRESET_DEPTHS[args.preset]
+        if num_layers != PRESET_DEPTHS[args.preset] and not args.layers:
+            config = config.scaled_to(num_layers, PRESET_DEPTHS[args.preset])
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return config, num_layers
+
+
 def simulate(args: argparse.Namespace) -> int:
     """Run a schedule's stages on generated inputs and print token counts and KV bytes."""
     shape = MODEL_SHAPES[args.preset]
-    config = LightKVConfig.preset(args.preset, layout=args.layout, guide=args.guide)
-    if args.layers or args.windows or args.ratios:
-        config = LightKVConfig(
-            args.layers or config.merge_layers,
-            args.windows or config.merge_windows,
-            args.ratios or config.merge_ratios,
-            guide=args.guide,
-            layout=args.layout,
+    config, num_layers = _simulate_schedule(args)
+    kv_heads = args.heads // 2 or 1
+    if args.heads % kv_heads:
+        raise UsageError(
+            f"--heads must be 1, 3 or even (the generated k has half as many heads, {kv_heads}, which must divide "
+            f"it), got {args.heads}"
         )
-    num_layers = args.num_layers or PRESET_DEPTHS[args.preset]
-    if num_layers != PRESET_DEPTHS[args.preset] and not args.layers:
-        config = config.scaled_to(num_layers, PRESET_DEPTHS[args.preset])
     rows, cols = args.grid or shape.grid
     images = args.images or shape.images
 
@@ -49,6 +139,10 @@ def simulate(args: argparse.Namespace) -> int:
         position += rows * cols + 1  # one separator token between images
     seq = position - 1 + args.text_after
     vision0 = images * rows * cols
+    guide_tokens = {"all_text": seq - vision0, "prompt": args.text_after}.get(config.guide, 1)
+    if not guide_tokens and any(config.merge_ratios):
+        where = "after the last image (--text-after)" if config.guide == "prompt" else "outside the images"
+        raise UsageError(f"guide={config.guide!r} weighs the merges by the text tokens {where}, and there are none")
     hidden = torch.randn(1, seq, args.hidden_size, generator=generator)
 
     print(
@@ -67,7 +161,7 @@ def simulate(args: argparse.Namespace) -> int:
     ):
         length = hidden.shape[1]
         q = torch.randn(1, args.heads, length, args.head_dim, generator=generator)
-        k = torch.randn(1, args.heads // 2 or 1, length, args.head_dim, generator=generator)
+        k = torch.randn(1, kv_heads, length, args.head_dim, generator=generator)
         start = time.perf_counter()
         out = lightkv_stage(
             hidden, q, k, spans, window, ratio, guide=config.guide, layout=config.layout, backend=args.backend
@@ -103,6 +197,10 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_options(parser: argparse.ArgumentParser) -> None:
+    """``lightkv presets`` takes no options."""
+
+
 def presets(_: argparse.Namespace) -> int:
     """Print the released schedules."""
     for name, config in PRESETS.items():
@@ -113,95 +211,84 @@ def presets(_: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench(commands: argparse._SubParsersAction) -> None:
-    """``lightkv bench {scoring,kernels,prefill,all}``: the benchmarks of ``perf/`` (package ``lightkv_perf``)."""
-    from lightkv_perf import kernels, prefill, scoring
-
-    bench = commands.add_parser("bench", help="benchmarks: scoring kernel, grouping/merge kernels, end-to-end prefill")
-    which = bench.add_subparsers(dest="benchmark", required=True)
-    modules = {"scoring": scoring, "kernels": kernels, "prefill": prefill}
-    for name, module in modules.items():
-        sub = which.add_parser(name, help=module.__doc__.splitlines()[0])
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
-    every = which.add_parser("all", help="the three benchmarks in turn, with their default shapes")
-    every.add_argument("--quick", action="store_true", help="each benchmark's quick mode (the README's CPU run)")
-    every.add_argument("--out", help="folder for the JSON and PNG results (default perf/results)")
-
-    def run_all(args: argparse.Namespace) -> int:
-        for name, module in modules.items():
-            print(f"\n=== lightkv bench {name}{' --quick' if args.quick else ''} ===", flush=True)
-            parser = argparse.ArgumentParser(prog=f"lightkv bench {name}")
-            module.add_arguments(parser)
-            options = ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
-            status = module.run(parser.parse_args(options))
-            if status:
-                return status
-        return 0
-
-    every.set_defaults(func=run_all)
+CORE_COMMANDS = (
+    Command(
+        "simulate",
+        "run a schedule on generated inputs; print tokens and KV bytes",
+        add_simulate_arguments,
+        simulate,
+        order=10,
+    ),
+    Command("presets", "list the released schedules", _no_options, presets, order=20),
+    Command(
+        "autotune",
+        "tune the Triton kernels' launch configs on this GPU (per-device cache read at launch)",
+        autotune.add_arguments,
+        autotune.run,
+        order=30,
+    ),
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# ----------------------------------------------------------------------------------------------
+# Finding the commands and running one
+
+
+def _origin(entry_point: EntryPoint) -> str:
+    dist = getattr(entry_point, "dist", None)
+    where = f" of distribution {dist.name} {dist.version}" if dist is not None else ""
+    return f"entry point {entry_point.name} = {entry_point.value} (group {ENTRY_POINT_GROUP}{where})"
+
+
+def load_commands() -> list[Command]:
+    """The core's commands and those the ``lightkv.commands`` entry points name, in ``--help`` order.
+
+    Raises:
+        CommandLoadError: an entry point fails to import (chained to the import's exception) or is not a
+            :class:`Command` under its own name, or two commands claim one name.
+    """
+    found: dict[str, tuple[Command, str]] = {c.name: (c, "lightkv_core.cli (built in)") for c in CORE_COMMANDS}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        origin = _origin(entry_point)
+        if entry_point.name in found:
+            raise CommandLoadError(
+                f"two lightkv commands are named {entry_point.name!r}: {found[entry_point.name][1]} and {origin}"
+            )
+        try:
+            command = entry_point.load()
+        except Exception as error:
+            raise CommandLoadError(f"{origin} failed to load: {type(error).__name__}: {error}") from error
+        missing = [field for field in ("name", "help", "add_arguments", "run") if not hasattr(command, field)]
+        if missing:
+            raise CommandLoadError(f"{origin} is not a lightkv_core.cli.Command: {command!r} lacks {missing}")
+        if command.name != entry_point.name:
+            raise CommandLoadError(f"{origin} loads the command {command.name!r}, not {entry_point.name!r}")
+        found[entry_point.name] = (command, origin)
+    return sorted((command for command, _ in found.values()), key=lambda c: (getattr(c, "order", 1000), c.name))
+
+
+def build_parser(commands: Iterable[Command] | None = None) -> argparse.ArgumentParser:
+    """The ``lightkv`` parser, one subcommand per command (default: :func:`load_commands`)."""
     parser = argparse.ArgumentParser(prog="lightkv", description="LightKV vision-token KV compression.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    sim = commands.add_parser("simulate", help="run a schedule on generated inputs; print tokens and KV bytes")
-    sim.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5")
-    sim.add_argument("--layout", choices=["default", "reference"], default="default")
-    sim.add_argument("--guide", choices=["all_text", "prompt", "none"], default="all_text")
-    sim.add_argument("--layers", help="override merge_layers, e.g. 12-18-24")
-    sim.add_argument("--windows", help="override merge_windows, e.g. 4-2-1")
-    sim.add_argument("--ratios", help="override merge_ratios, e.g. 0.5-0.5-0.5")
-    sim.add_argument("--num-layers", type=int, help="decoder depth (the preset's schedule is scaled to it)")
-    sim.add_argument("--grid", type=_grid, help="image grid in tokens, e.g. 24x24")
-    sim.add_argument("--images", type=int, help="images per prompt")
-    sim.add_argument("--text-before", type=int, default=35, help="text tokens before the first image")
-    sim.add_argument("--text-after", type=int, default=30, help="text tokens after the last image")
-    sim.add_argument("--hidden-size", type=int, default=128, help="width of the generated hidden states")
-    sim.add_argument("--heads", type=int, default=4, help="query heads of the generated q")
-    sim.add_argument("--head-dim", type=int, default=32, help="head size of the generated q/k")
-    sim.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.set_defaults(func=simulate)
-
-    pre = commands.add_parser("presets", help="list the released schedules")
-    pre.set_defaults(func=presets)
-
-    tune = commands.add_parser(
-        "autotune", help="tune the Triton kernels' launch configs on this GPU (per-device cache read at launch)"
-    )
-    autotune.add_arguments(tune)
-    tune.set_defaults(func=autotune.run)
-
-    # The reference adapter ships in the same distribution; it is imported only when these commands run.
-    from lightkv_adapters.reference import calibrate, demo, quality
-
-    dem = commands.add_parser("demo", help="the shipped tiny LVLM answering questions with and without LightKV")
-    demo.add_arguments(dem)
-    dem.set_defaults(func=demo.run)
-
-    ev = commands.add_parser("eval", help="quality benchmark: accuracy vs vision-token retention per method")
-    quality.add_arguments(ev)
-    ev.set_defaults(func=quality.run)
-
-    add_bench(commands)
-
-    cal = commands.add_parser("calibrate", help="PrefixKV: per-layer budget fractions from calibration prompts")
-    calibrate.add_arguments(cal)
-    cal.set_defaults(func=calibrate.run)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in load_commands() if commands is None else commands:
+        command.add_arguments(subparsers.add_parser(command.name, help=command.help))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    commands = {command.name: command for command in load_commands()}
+    args = build_parser(commands.values()).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as error:
+        return commands[args.command].run(args)
+    except UsageError as error:
         print(f"lightkv: error: {error}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so commands that import lightkv_core.cli share its classes with it.
+    from lightkv_core.cli import main as _main
+
+    sys.exit(_main())

@@ -52,6 +52,32 @@ def test_simulate_scaled_schedule_and_errors(capsys):
         main(["simulate", "--grid", "24"])
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--ratios", "0.5-2-0.5"], "merge_ratios must lie in [0, 1], got (0.5, 2.0, 0.5)"),
+        (["--layers", "12-18"], "need one entry per stage, got 2, 3 and 3"),
+        (["--num-layers", "2"], "cannot fit 3 merge layers into 2 layers"),
+        (["--heads", "5"], "--heads must be 1, 3 or even"),
+        (["--text-before", "0", "--text-after", "0"], "guide='all_text' weighs the merges by the text tokens outside"),
+        (["--guide", "prompt", "--text-after", "0"], "after the last image (--text-after), and there are none"),
+    ],
+)
+def test_simulate_usage_errors_are_one_line(options, message, capsys):
+    assert main(["simulate", "--backend", "torch", *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("lightkv: error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
+@pytest.mark.parametrize("option", ["--num-layers", "--images", "--hidden-size", "--heads", "--head-dim"])
+def test_simulate_refuses_sizes_below_one(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
 def test_presets_lists_released_schedules(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

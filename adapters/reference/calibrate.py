@@ -17,6 +17,8 @@ import torch
 
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.tiny_lvlm import TinyLVLM
+from lightkv_core.cli import Command, positive_int
+from lightkv_core.errors import UsageError
 from lightkv_core.methods.prefixkv import PrefixKV, save_calibration
 from lightkv_core.stats import PrefillStats
 
@@ -32,10 +34,13 @@ def layer_fractions(stats: PrefillStats, scope: str) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     if args.prompts < 1:
-        raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+        raise UsageError(f"--prompts must be >= 1, got {args.prompts}")
+    try:
+        method = PrefixKV(retention=args.retention, scope=args.scope, sink=args.sink, backend=args.backend)
+    except ValueError as error:  # --retention, --sink
+        raise UsageError(str(error)) from error
     torch.manual_seed(0)
     model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
-    method = PrefixKV(retention=args.retention, scope=args.scope, sink=args.sink, backend=args.backend)
     pairs = []
     seed = CALIBRATION_SEED_BASE
     while len(pairs) < args.prompts:
@@ -62,7 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scope", choices=["vision", "all"], default="vision", help="tokens PrefixKV may evict")
     parser.add_argument("--sink", type=int, default=4, help="first tokens always kept")
     parser.add_argument("--prompts", type=int, default=64, help="calibration prompts")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="statistics kernel")
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
     parser.add_argument("--out", default="prefixkv-calibration.json", help="calibration file to write")
+
+
+# Named in pyproject.toml's lightkv.commands entry points: the core's command line finds it there.
+COMMAND = Command(
+    "calibrate", "PrefixKV: per-layer budget fractions from calibration prompts", add_arguments, run, order=70
+)

@@ -15,6 +15,7 @@ from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import held_out, score
 from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
 from lightkv_core.budget import KVFootprint, human_bytes
+from lightkv_core.cli import Command, positive_int
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig
 from lightkv_core.methods import LightKV
 
@@ -69,7 +70,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--show", type=int, default=2, help="questions per type shown in the table")
-    parser.add_argument("--per-type", type=int, default=50, help="held-out questions per type for the accuracy")
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--show", type=positive_int, default=2, help="questions per type shown in the table")
+    parser.add_argument(
+        "--per-type", type=positive_int, default=50, help="held-out questions per type for the accuracy"
+    )
+    parser.add_argument("--batch", type=positive_int, default=100)
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
+
+
+# Named in pyproject.toml's lightkv.commands entry points: the core's command line finds it there.
+COMMAND = Command(
+    "demo", "the shipped tiny LVLM answering questions with and without LightKV", add_arguments, run, order=40
+)

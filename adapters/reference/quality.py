@@ -39,7 +39,9 @@ import torch
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
 from lightkv_core.budget import layer_kv_lengths
+from lightkv_core.cli import Command, positive_int
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.errors import UsageError
 from lightkv_core.methods import METHODS as REGISTRY
 from lightkv_core.methods import CompressionMethod, FastV, KVEviction, LightKV, RandomDrop, method_by_name
 from lightkv_core.methods.fastv import drop_ratio, released_layer
@@ -230,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     for name in methods:
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    retentions = [float(r) for r in args.retentions.split(",")] if args.retentions else list(RETENTIONS)
+    retentions = _retentions(args.retentions) if args.retentions else list(RETENTIONS)
     jobs = [(None, None)] + [(name, target) for name in methods for target in retentions]
     results: dict = {}
     with tqdm(jobs, desc="eval", unit="run", file=sys.stderr) as progress:
@@ -284,6 +286,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retentions(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--retentions: expected comma-separated numbers, e.g. 0.55,0.25, got {text!r}") from None
+
+
 def format_table(summary: dict) -> str:
     """Accuracy per method and retention target, with the measured retention in brackets."""
     keys = list(next(iter(summary["methods"].values())).keys()) if summary["methods"] else []
@@ -300,9 +309,15 @@ def format_table(summary: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--per-type", type=int, default=100, help="held-out questions per question type")
+    parser.add_argument("--per-type", type=positive_int, default=100, help="held-out questions per question type")
     parser.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--retentions", default="", help="comma-separated retention targets, e.g. 0.55,0.25")
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=positive_int, default=100)
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
     parser.add_argument("--out", default="perf/results", help="folder for quality.json and quality.png")
+
+
+# Named in pyproject.toml's lightkv.commands entry points: the core's command line finds it there.
+COMMAND = Command(
+    "eval", "quality benchmark: accuracy vs vision-token retention per method", add_arguments, run, order=50
+)

@@ -79,13 +79,20 @@ def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
 
 
 def check_scores(
-    actual: torch.Tensor, expected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, guides: int
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    guides: int,
+    rounded_to: tuple[torch.dtype, int] | None = None,
 ) -> float:
     """:func:`~lightkv_core.kernels.cross_attention_scores` against its fallback: a dot of ``d``, a log-sum-exp
-    over ``S`` queries and a sum over ``guides`` columns per score."""
+    over ``S`` queries and a sum over ``guides`` columns per score (``rounded_to``: other code whose logits were
+    rounded to their dtype, see :func:`check_close`)."""
     chain = q.shape[-1] + q.shape[-2] + guides
     magnitude = float(expected.abs().max()) * logit_bound(q, k, scale) if expected.numel() else 0.0
-    return check_close("cross_attention_scores", actual, expected, chain, magnitude)
+    return check_close("cross_attention_scores", actual, expected, chain, magnitude, rounded_to)
 
 
 def check_attention_statistics(
