@@ -41,11 +41,6 @@ def device_tag() -> str:
     return known.group(1) if known else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def run_record(benchmark: str) -> dict:
     """The header of a result file: what ran, where, with which versions."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
