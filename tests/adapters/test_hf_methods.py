@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_models import IMAGE, KINDS, Image, Sample, build, make_inputs  # noqa: E402
-from tolerances import assert_close_rounding, text_model_chain  # noqa: E402
+from helpers.hf_models import IMAGE, KINDS, Image, Sample, build, make_inputs  # noqa: E402
+from helpers.tolerances import assert_close_rounding, text_model_chain  # noqa: E402
 
 from lightkv_adapters.hf import apply_lightkv, lightkv, remove_lightkv  # noqa: E402
 from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, LayerwiseKVCache  # noqa: E402

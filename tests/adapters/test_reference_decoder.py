@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tolerances import assert_close_rounding, decoder_chain
+from helpers.tolerances import assert_close_rounding, decoder_chain
 
 from lightkv_adapters.reference.decoder import Decoder, DecoderConfig, LayerwiseKVCache
 from lightkv_core import LightKVConfig, lightkv_stage

@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import hf_models
 import pytest
 import torch
-from sglang_runner import Request, run_in_child
-from tolerances import assert_close_rounding, text_model_chain
+from helpers import hf_models
+from helpers.sglang_runner import Request, run_in_child
+from helpers.tolerances import assert_close_rounding, text_model_chain
 
 pytest.importorskip("sglang")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.stage_cases import build_case, image_layouts
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from stage_cases import build_case, image_layouts
 
 from lightkv_core import LengthPlan, LightKVConfig, VisionSpan, lightkv_stage, num_merged, plan_lengths
 from lightkv_core.layouts import grid_with_row_newlines

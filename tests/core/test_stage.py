@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.oracle import oracle_stage
+from helpers.stage_cases import Case, as_numpy, build_case, image_layouts, oracle_spans
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from oracle import oracle_stage
-from stage_cases import Case, as_numpy, build_case, image_layouts, oracle_spans
 
 from lightkv_core import VisionSpan, lightkv_stage, num_merged
 from lightkv_core.windows import band_of

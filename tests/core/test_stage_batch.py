@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from helpers.stage_cases import build_case, image_layouts
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stage_cases import build_case, image_layouts
 
 from lightkv_core import lightkv_stage
 

@@ -1,4 +1,5 @@
-"""Tolerances for comparing two computations of the same values that round differently.
+"""Tolerances for comparing two computations of the same values that round differently (the rule of
+:mod:`lightkv_core.kernels.agreement`, applied to whole models).
 
 Two float computations of one value that sum in different orders (another BLAS kernel, another batch shape,
 a KV cache instead of a recompute, another implementation) each carry a rounding error. Modelling the
@@ -14,19 +15,9 @@ and the magnitude is the largest compared value (the norms before the LM head ma
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-#: Standard deviations of the probabilistic bound (see the module docstring).
-CONFIDENCE = 8.0
-
-
-def rounding_tolerance(dtype: torch.dtype, chain: int, magnitude: float) -> float:
-    """Largest difference expected between two roundings of values of at most ``magnitude``, each the end
-    of a chain of ``chain`` rounded operations in ``dtype``."""
-    unit_roundoff = torch.finfo(dtype).eps / 2
-    return 2 * CONFIDENCE * math.sqrt(chain) * unit_roundoff * magnitude
+from lightkv_core.kernels.agreement import rounding_tolerance
 
 
 def decoder_chain(layers: int, hidden: int, intermediate: int, head_dim: int, keys: int) -> int:

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, _triton_skip_reason
+from helpers.backends import BACKENDS, triton_skip_reason
+from helpers.kernel_inputs import ALL_DTYPES, make_heads, to_np
+from helpers.oracle import oracle_attention_statistics
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_inputs import ALL_DTYPES, make_heads, to_np
-from oracle import oracle_attention_statistics
 
 from lightkv_core.kernels.attention_stats import attention_statistics
 
@@ -132,7 +132,7 @@ def test_rows_are_distributions_and_mean_is_per_head_mean(backend, device, data)
     torch.testing.assert_close(mean, per_head.mean(dim=1), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(_triton_skip_reason() is not None, reason=_triton_skip_reason() or "")
+@pytest.mark.skipif(triton_skip_reason() is not None, reason=triton_skip_reason() or "")
 @settings(max_examples=25)
 @given(data=st.data())
 def test_triton_matches_torch(device, data):

@@ -7,9 +7,9 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from helpers.oracle import oracle_merge_compact
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import oracle_merge_compact
 
 from lightkv_core.kernels import launch
 from lightkv_core.kernels.merge_compact import merge_compact

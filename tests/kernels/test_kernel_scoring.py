@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.kernel_inputs import ALL_DTYPES, make_heads, to_np
+from helpers.oracle import oracle_cross_attention_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_inputs import ALL_DTYPES, make_heads, to_np
-from oracle import oracle_cross_attention_scores
 
 from lightkv_core.kernels import launch
 from lightkv_core.kernels import scoring as scoring_mod

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.kernel_inputs import ALL_DTYPES
+from helpers.oracle import oracle_window_best_match
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_inputs import ALL_DTYPES
-from oracle import oracle_window_best_match
 
 from lightkv_core.kernels import window_match as match_mod
 from lightkv_core.kernels.window_match import window_best_match

@@ -1,4 +1,5 @@
-"""The end-to-end prefill benchmark (``lightkv_perf.prefill``): its FLOPs formula and one tiny run of every case."""
+"""The end-to-end prefill benchmark (``lightkv_perf.prefill`` and its ``prefill_*`` modules): its FLOPs formula and
+one tiny run of every case."""
 
 from __future__ import annotations
 
@@ -8,24 +9,26 @@ import pytest
 
 from lightkv_perf import prefill
 from lightkv_perf.common import device_tag
+from lightkv_perf.prefill_cases import SIZES, TEXT_AFTER, TEXT_BEFORE, TextShape
+from lightkv_perf.prefill_measure import layer_flops
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_layer_flops_matches_a_hand_count() -> None:
     # D = 8, H = 2 query heads, Hk = 1 KV head (d = 4), I = 16, 3 tokens (6 causal query-key pairs)
-    shape = prefill.TextShape(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16)
+    shape = TextShape(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16)
     q_and_o = 2 * 8 * 8  # D x H*d, twice
     k_and_v = 2 * 8 * 4  # D x Hk*d, twice
     mlp = 3 * 8 * 16  # gate, up, down
     per_token = 2 * (q_and_o + k_and_v + mlp)  # multiply-add = 2 FLOPs
     attention = 2 * (2 * 2 * 4 * 6)  # q.k and p.v, H * d multiply-adds per pair
-    assert prefill.layer_flops(3, shape) == 3 * per_token + attention == 3648
-    assert prefill.layer_flops(0, shape) == 0
+    assert layer_flops(3, shape) == 3 * per_token + attention == 3648
+    assert layer_flops(0, shape) == 0
 
 
 def test_tiny_run_records_shorter_layers_after_the_first_merge(tmp_path) -> None:
-    size = prefill.SIZES["tiny"]
+    size = SIZES["tiny"]
     schedule = prefill.schedule_for(size.text.num_layers)
     argv = ["--size", "tiny", "--quick", "--backend", "torch", "--vision-tokens", "144,288", "--out", str(tmp_path)]
     assert prefill.main(argv) == 0
@@ -43,7 +46,7 @@ def test_tiny_run_records_shorter_layers_after_the_first_merge(tmp_path) -> None
     first = schedule.merge_layers[0]
     for case in result["cases"]:
         prompt = case["prompt_tokens"]
-        assert prompt == prefill.TEXT_BEFORE + case["vision_tokens"] + prefill.TEXT_AFTER
+        assert prompt == TEXT_BEFORE + case["vision_tokens"] + TEXT_AFTER
         stock, lightkv = case["stock"]["kv_lengths"], case["lightkv"]["kv_lengths"]
         assert stock == [prompt] * size.text.num_layers
         assert lightkv[: first + 1] == stock[: first + 1]  # the merge layer itself caches its full KV
@@ -52,7 +55,7 @@ def test_tiny_run_records_shorter_layers_after_the_first_merge(tmp_path) -> None
         value_bytes = {"float32": 4, "bfloat16": 2}[result["dtype"]]
         per_token = 2 * size.text.num_kv_heads * size.text.head_dim * value_bytes
         assert case["lightkv"]["kv_layer_bytes"] == [n * per_token for n in lightkv]
-        assert case["flops_per_layer"]["stock"] == [prefill.layer_flops(n, size.text) for n in stock]
+        assert case["flops_per_layer"]["stock"] == [layer_flops(n, size.text) for n in stock]
         ratios = case["ratios"]
         assert ratios["text_flops"] < 1
         assert ratios["kv_bytes"] == pytest.approx(sum(lightkv) / sum(stock), abs=1e-3)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pins
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import pins  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 CONSTRAINTS = ROOT / "scripts" / "constraints.txt"
 
