@@ -1,56 +1,27 @@
-"""The transformers adapter on tiny random-weight models of every supported class (``hf_models``)."""
+"""The transformers adapter on tiny random-weight models of every supported class (``hf_models``): zero ratios
+are the stock model, the released schedule gives the planned KV lengths, a batch equals its samples one by one,
+and other methods, text-only prompts, beam search and bfloat16 run through it."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from helpers.hf_cases import BACKEND, NEW_TOKENS, QWEN, batch_of_two, generate, image_for, released  # noqa: E402
 from helpers.hf_models import KINDS, Image, Sample, build, make_inputs  # noqa: E402
 from helpers.tolerances import assert_close_rounding, text_model_chain  # noqa: E402
-from transformers import DynamicCache, StaticCache  # noqa: E402
 
-from lightkv_adapters.hf import apply_lightkv, lightkv, remove_lightkv  # noqa: E402
-from lightkv_core import LightKVConfig, StageResult  # noqa: E402
+from lightkv_adapters.hf import lightkv  # noqa: E402
+from lightkv_core import LightKVConfig  # noqa: E402
 from lightkv_core.budget import layer_kv_lengths  # noqa: E402
-from lightkv_core.config import PRESET_DEPTHS, PRESETS  # noqa: E402
-from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
-from lightkv_core.plan import LengthPlan  # noqa: E402
+from lightkv_core.methods import FastV  # noqa: E402
 from lightkv_core.windows import band_of, num_merged  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-NEW_TOKENS = 4
-BACKEND = "torch"  # the kernels' own tests cover Triton; here it would only slow the interpreter down
-QWEN = ("qwen2-vl", "qwen2.5-vl")
-PRESET_OF = {"llava": "llava-1.5", "llava-qwen2": "llava-1.5", "llava-next": "llava-next"}
-
-
-def image_for(kind: str) -> Image:
-    """An image whose token grid nests under the released windows (LLaVA 12x12, LLaVA-NeXT 8x8 base + 16x16
-    high-res, Qwen 12x12)."""
-    return {"llava-next": Image(64, 64)}.get(kind, Image(24, 24) if kind in QWEN else Image())
-
-
-def batch_of_two(kind: str) -> list[Sample]:
-    """Two prompts of different lengths and image counts (the shorter one is left-padded)."""
-    second = (image_for(kind), Image(40, 60)) if kind == "llava-next" else (image_for(kind), image_for(kind))
-    return [Sample((image_for(kind),), after=5), Sample(second, before=2, after=9)]
-
-
-def released(kind: str) -> LightKVConfig:
-    preset = PRESET_OF.get(kind, "qwen2.5-vl")
-    return PRESETS[preset].scaled_to(8, PRESET_DEPTHS[preset])
-
-
-def generate(model, inputs: dict, **kwargs):
-    return model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,160 +127,7 @@ def test_default_config_is_the_family_preset_scaled_to_depth() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Cached decode = a no-cache forward of prompt + generated tokens under the same merge
-
-
-class Wrapping(PrefillReduction):
-    """A method that drives another one (``method``): same layers, same positions."""
-
-    def __init__(self, method: PrefillReduction) -> None:
-        self.method = method
-
-    @property
-    def reduce_layers(self) -> tuple[int, ...]:
-        return self.method.reduce_layers
-
-    @property
-    def position_mode(self) -> str:
-        return self.method.position_mode
-
-    def plan_lengths(self, spans, seq_len: int) -> LengthPlan:
-        return self.method.plan_lengths(spans, seq_len)
-
-
-class Replay(Wrapping):
-    """Runs ``method`` on the first forward, then replays the same merges (same pairs, same weights) on a
-    longer sequence whose extra tokens are appended at the end: the no-cache reference for decoding."""
-
-    def __init__(self, method: PrefillReduction) -> None:
-        super().__init__(method)
-        self.recorded: dict[int, tuple[int, StageResult]] = {}
-
-    def reduce(self, layer, hidden, q, k, spans, **kwargs) -> StageResult:
-        if layer not in self.recorded:
-            result = self.method.reduce(layer, hidden, q, k, spans, **kwargs)
-            self.recorded[layer] = (hidden.shape[1], result)
-            return result
-        length, result = self.recorded[layer]
-        extra = hidden.shape[1] - length
-        merged = torch.zeros_like(result.hidden, dtype=torch.float64)
-        weight = torch.zeros(result.hidden.shape[:2], dtype=torch.float64)
-        scores = result.scores.double() if result.scores is not None else torch.ones(hidden.shape[0], length)
-        for b in range(hidden.shape[0]):
-            for slot, index in enumerate(result.kept_padded[b].tolist()):
-                if index < 0:
-                    continue
-                sources = [index, *(result.merged_into[b] == index).nonzero().squeeze(1).tolist()]
-                for source in sources:
-                    merged[b, slot] += scores[b, source] * hidden[b, source].double()
-                    weight[b, slot] += scores[b, source]
-        merged = merged / weight.clamp(min=1e-8)[..., None]
-        appended = torch.arange(length, length + extra).expand(hidden.shape[0], -1)
-        return StageResult(
-            hidden=torch.cat([merged.to(hidden.dtype), hidden[:, length:]], dim=1),
-            positions=torch.cat([result.positions, kwargs["position_ids"][:, length:]], dim=1),
-            lengths=result.lengths + extra,
-            kept_padded=torch.cat([result.kept_padded, appended], dim=1),
-            kept=result.kept,
-            spans=result.spans,
-            merged_into=result.merged_into,
-            scores=result.scores,
-        )
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_decode_matches_no_cache_forward_under_the_same_merge(kind: str) -> None:
-    model = build(kind)
-    inputs = make_inputs(model, kind, batch_of_two(kind))
-    replay = Replay(LightKV(released(kind), backend=BACKEND))
-    with lightkv(model, replay):
-        cached = generate(model, inputs)
-        generated = cached.sequences[:, inputs["input_ids"].shape[1] :]
-        for step in range(1, NEW_TOKENS):
-            longer = dict(inputs)
-            longer["input_ids"] = torch.cat([inputs["input_ids"], generated[:, :step]], dim=1)
-            ones = torch.ones(generated.shape[0], step, dtype=inputs["attention_mask"].dtype)
-            longer["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
-            if "mm_token_type_ids" in inputs:
-                longer["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], 0 * ones], dim=1)
-            with torch.no_grad():
-                logits = model(**longer, use_cache=False).logits[:, -1]
-            # the cached step and the recompute sum in other orders (other shapes)
-            chain = text_model_chain(model.model.language_model.config, longer["input_ids"].shape[1])
-            assert_close_rounding(logits, cached.logits[step], chain)
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Scores handed to the core = scores from full attention logits on the same inputs
-
-
-class Spy(Wrapping):
-    """Records what the adapter hands to the method, then runs it."""
-
-    def __init__(self, method: PrefillReduction) -> None:
-        super().__init__(method)
-        self.calls: list[dict] = []
-
-    def reduce(self, layer, hidden, q, k, spans, **kwargs) -> StageResult:
-        result = self.method.reduce(layer, hidden, q, k, spans, **kwargs)
-        self.calls.append(dict(layer=layer, hidden=hidden, q=q, k=k, spans=spans, result=result, **kwargs))
-        return result
-
-
-@pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
-def test_scores_equal_full_attention_scores_of_the_layer_inputs(kind: str) -> None:
-    model = build(kind)
-    inputs = make_inputs(model, kind, batch_of_two(kind))
-    config = released(kind)
-    spy = Spy(LightKV(config, backend=BACKEND))
-    first = config.merge_layers[0] if kind == "llava" else config.merge_layers[1]  # Qwen's first stage skips
-    layer = model.model.language_model.layers[first]
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["hidden"], seen["cos_sin"] = args[0], kwargs["position_embeddings"]
-
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    with lightkv(model, spy), torch.no_grad():
-        model(**inputs)
-    handle.remove()
-    call = next(c for c in spy.calls if c["layer"] == first)
-    attention = layer.self_attn
-    module = __import__(type(attention).__module__, fromlist=["apply_rotary_pos_emb"])
-    if hasattr(module, "apply_rotary_pos_emb"):
-        apply_rotary = module.apply_rotary_pos_emb
-    else:  # Qwen2-VL's M-RoPE sections applied inside attention (transformers < 5.17)
-        sections = attention.config.rope_parameters["mrope_section"]
-        apply_rotary = lambda q, k, cos, sin: module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, sections)  # noqa: E731
-    with torch.no_grad():
-        x = layer.input_layernorm(seen["hidden"])
-        batch, seq, _ = x.shape
-        d = attention.head_dim
-        q = attention.q_proj(x).view(batch, seq, -1, d).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, seq, -1, d).transpose(1, 2)
-        q, k = apply_rotary(q, k, *seen["cos_sin"])
-    torch.testing.assert_close(call["q"], q, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(call["k"], k, atol=1e-6, rtol=1e-6)
-
-    q64, k64 = q.double().numpy(), k.double().numpy()
-    group = q64.shape[1] // k64.shape[1]
-    real = call["attention_mask"].numpy()
-    expected = np.zeros((batch, seq))
-    for b in range(batch):
-        vision = np.zeros(seq, dtype=bool)
-        for span in call["spans"][b]:
-            vision[span.start : span.end] = True
-        guide = np.flatnonzero(real[b] & ~vision)
-        queries = np.flatnonzero(real[b])
-        for h in range(q64.shape[1]):
-            logits = q64[b, h, queries] @ k64[b, h // group, guide].T / np.sqrt(d)  # (queries, guide): no causal mask
-            probs = np.exp(logits - logits.max(axis=0)) / np.exp(logits - logits.max(axis=0)).sum(axis=0)
-            expected[b, queries] += probs.sum(axis=1)
-        np.testing.assert_allclose(call["result"].scores[b, vision].numpy(), expected[b, vision], rtol=1e-5, atol=1e-7)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Batched = one by one
+# 3. Batched = one by one
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -334,44 +152,7 @@ def test_batched_run_equals_samples_one_by_one(kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. remove_lightkv restores the model exactly; other methods; errors
-
-
-def _hooks(model) -> list[int]:
-    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
-
-
-@pytest.mark.parametrize("kind", ["llava-next", "qwen2-vl"])
-def test_remove_restores_the_model_exactly(kind: str) -> None:
-    model = build(kind)
-    inputs = make_inputs(model, kind, batch_of_two(kind))
-    before = generate(model, inputs)
-    keys, hooks = list(model.state_dict()), _hooks(model)
-    implementation = model.config.text_config._attn_implementation
-    apply_lightkv(model, backend=BACKEND)
-    assert model.config.text_config._attn_implementation == "lightkv_sdpa"
-    assert model.config.vision_config._attn_implementation == "sdpa"
-    generate(model, inputs)
-    assert list(model.state_dict()) == keys
-    remove_lightkv(model)
-    after = generate(model, inputs)
-    assert torch.equal(before.sequences, after.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(before.logits, after.logits, strict=True))
-    assert _hooks(model) == hooks
-    assert list(model.state_dict()) == keys
-    assert model.config.text_config._attn_implementation == implementation
-    assert "get_image_features" not in vars(model.model)
-    assert not hasattr(model, "lightkv_stats")
-    with pytest.raises(ValueError, match="not applied"):
-        remove_lightkv(model)
-
-
-def test_context_manager_removes_on_error() -> None:
-    model = build("llava")
-    hooks = _hooks(model)
-    with pytest.raises(KeyError), lightkv(model, backend=BACKEND):
-        raise KeyError("inside")
-    assert _hooks(model) == hooks
+# 4. Other methods, samples without images, beam search and bfloat16
 
 
 def test_fastv_runs_through_the_adapter() -> None:
@@ -392,93 +173,6 @@ def test_a_sample_without_images_is_untouched() -> None:
         compressed = generate(model, inputs)
         assert model.lightkv_stats.kv_tokens[:, 0].tolist() == [9] * 8
     assert all(torch.equal(a, b) for a, b in zip(stock.logits, compressed.logits, strict=True))
-
-
-def test_an_untested_transformers_release_is_named_in_a_warning(monkeypatch) -> None:
-    import warnings
-
-    import transformers
-
-    from lightkv_adapters.hf.versions import TESTED_TRANSFORMERS
-
-    oldest, newest = TESTED_TRANSFORMERS
-    model = build("llava")
-    monkeypatch.setattr(transformers, "__version__", "99.0.0")
-    with pytest.warns(UserWarning, match=rf"tested with transformers {oldest} to {newest}, and this is 99\.0\.0"):
-        apply_lightkv(model, backend=BACKEND)
-    remove_lightkv(model)
-    monkeypatch.setattr(transformers, "__version__", newest)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        apply_lightkv(model, backend=BACKEND)
-    remove_lightkv(model)
-
-
-def test_unsupported_models_and_settings_are_refused() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    text_only = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
-    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration"):
-        apply_lightkv(text_only)
-    model = build("llava", attn="sdpa")
-    model.config.text_config._attn_implementation = "flex_attention"
-    with pytest.raises(NotImplementedError, match="attn_implementation='sdpa' or 'eager'"):
-        apply_lightkv(model)
-    model = build("llava")
-    with pytest.raises(ValueError, match="positions='original'"):
-        apply_lightkv(model, LightKVConfig("3", "4", "0.5", positions="compact"))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
-        apply_lightkv(model, LightKVConfig("8", "4", "0.5"))
-    with pytest.raises(ValueError, match="unknown preset"):
-        apply_lightkv(model, "llava-9")
-    apply_lightkv(model, backend=BACKEND)
-    with pytest.raises(RuntimeError, match="already applied"):
-        apply_lightkv(model)
-
-
-def test_unsupported_inputs_raise_clear_errors() -> None:
-    model = build("llava")
-    inputs = make_inputs(model, "llava", batch_of_two("llava"))
-    apply_lightkv(model, backend=BACKEND)
-    with pytest.raises(ValueError, match="labels"):
-        model(**inputs, labels=inputs["input_ids"])
-    right = dict(inputs, attention_mask=inputs["attention_mask"].flip(1), input_ids=inputs["input_ids"].flip(1))
-    with pytest.raises(ValueError, match="left padding"):
-        model(**right)
-    with pytest.raises(TypeError, match="DynamicCache only"):
-        cache = StaticCache(config=model.config, max_cache_len=1024)
-        model.generate(**inputs, max_new_tokens=2, past_key_values=cache)
-    with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(**inputs, past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="non-empty cache"):
-            model(**inputs, past_key_values=cache, use_cache=True)
-        more = inputs["input_ids"][:, -3:]
-        mask = torch.ones(2, inputs["attention_mask"].shape[1] + 3, dtype=torch.long)
-        with pytest.raises(ValueError, match="one token per step"):
-            model(input_ids=more, attention_mask=mask, past_key_values=cache, use_cache=True)
-        short = cache.layers[-1]
-        short.keys, short.values = short.keys[:, :, :-1], short.values[:, :, :-1]
-        with pytest.raises(RuntimeError, match="changed outside lightkv"):
-            model(input_ids=more[:, :1], attention_mask=mask[:, :-2], past_key_values=cache, use_cache=True)
-
-
-def test_mismatched_placeholders_are_reported() -> None:
-    model = build("llava")
-    inputs = make_inputs(model, "llava", [Sample((Image(),))])
-    inputs["input_ids"][0, 5] = 1  # one placeholder of the image lost
-    with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="not a multiple"):
-        model(**inputs)
-
-
-def test_images_without_input_ids_are_refused() -> None:
-    model = build("llava")
-    inputs = make_inputs(model, "llava", [Sample((Image(),))])
-    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-    with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="pass input_ids"):
-        model(inputs_embeds=embeds, **inputs)
 
 
 def test_beam_search_and_bfloat16() -> None:

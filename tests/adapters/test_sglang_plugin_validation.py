@@ -1,0 +1,116 @@
+"""The SGLang plugin's compatibility checks (``lightkv_adapters.sglang.validation``) on SGLang's real
+``ServerArgs`` (CPU): each incompatible server argument named with its fix, the compatible ones passing, the
+default CUDA prefill graph, nothing checked without compression, an untested SGLang release refused, and every
+problem listed at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("sglang") is None:
+    pytest.skip("SGLang is not installed", allow_module_level=True)
+
+from lightkv_adapters.sglang import cpu_env  # noqa: E402
+
+cpu_env.install()
+
+from helpers.sglang_plugin import LIGHTKV, server_args_with  # noqa: E402
+from sglang.srt.server_args import ServerArgs  # noqa: E402
+
+from lightkv_adapters.sglang.settings import KVCompressSettings  # noqa: E402
+from lightkv_adapters.sglang.validation import validate  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"disable_radix_cache": False}, "pass --disable-radix-cache"),
+        ({"chunked_prefill_size": None}, "chunked prefill is on by default"),
+        ({"chunked_prefill_size": 8192}, "--chunked-prefill-size 8192 can split a prompt (without --context-length)"),
+        ({"chunked_prefill_size": 4096, "context_length": 8192}, "(below --context-length 8192)"),
+        ({"chunked_prefill_size": 8192, "context_length": 8192, "enable_mixed_chunk": True}, "--enable-mixed-chunk"),
+        ({"cuda_graph_backend_decode": None}, "CUDA graphs are on (decode: full); pass --cuda-graph-backend-decode"),
+        ({"cuda_graph_backend_prefill": "breakable"}, "(prefill: breakable); pass --cuda-graph-backend-prefill"),
+        (
+            {
+                "cuda_graph_backend_decode": None,
+                "disable_cuda_graph": True,
+                "cuda_graph_config": {"decode": {"backend": "full"}},
+            },
+            "(decode: full); pass --cuda-graph-backend-decode disabled and no other backend in --cuda-graph-config",
+        ),
+        ({"disable_overlap_schedule": False}, "pass --disable-overlap-schedule"),
+        ({"attention_backend": None}, "the prefill and decode attention backend is left to SGLang's automatic choice"),
+        ({"attention_backend": "flashinfer"}, "--attention-backend flashinfer is not supported"),
+        ({"prefill_attention_backend": "fa3"}, "--prefill-attention-backend fa3 is not supported"),
+        ({"decode_attention_backend": "flashinfer"}, "--decode-attention-backend flashinfer is not supported"),
+        ({"attention_backend": None, "decode_attention_backend": "triton"}, "the prefill attention backend is left"),
+        ({"tp_size": 2}, "--tp-size 2: only one GPU"),
+        ({"pp_size": 2}, "--pp-size 2: only one GPU"),
+        ({"attn_dp_size": 2}, "data-parallel attention"),
+        ({"enable_dp_attention": True}, "data-parallel attention"),
+        ({"speculative_algorithm": "EAGLE"}, "speculative decoding"),
+        ({"decoupled_spec_role": "verifier"}, "speculative decoding"),
+        ({"disaggregation_mode": "prefill"}, "--disaggregation-mode prefill: prefill-decode disaggregation"),
+    ],
+)
+def test_each_incompatibility_names_its_fix(fields, message):
+    with pytest.raises(ValueError) as error:
+        validate(server_args_with(**fields), KVCompressSettings("fastv"))
+    text = str(error.value)
+    assert text.startswith("--kv-compress fastv cannot run with these server arguments:\n  - ")
+    assert message in text
+    assert text.count("\n  - ") == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"chunked_prefill_size": 8192, "context_length": 8192},
+        {"chunked_prefill_size": 0},
+        {"cuda_graph_backend_decode": None, "cuda_graph_backend_prefill": None, "disable_cuda_graph": True},
+        {"cuda_graph_backend_decode": None, "disable_decode_cuda_graph": True, "disable_prefill_cuda_graph": True},
+        {
+            "cuda_graph_backend_decode": None,
+            "cuda_graph_backend_prefill": None,
+            "cuda_graph_config": {"decode": {"backend": "disabled"}, "prefill": {"backend": "disabled"}},
+        },
+        {"attention_backend": "triton"},
+        {"attention_backend": None, "prefill_attention_backend": "torch_native", "decode_attention_backend": "triton"},
+        {"dp_size": 2},
+    ],
+)
+def test_compatible_arguments_pass(fields):
+    validate(server_args_with(**fields), LIGHTKV)
+
+
+def test_the_default_prefill_graph_of_cuda_counts(monkeypatch):
+    import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
+
+    monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: "breakable")
+    server_args = server_args_with(cuda_graph_backend_decode=None, cuda_graph_backend_prefill=None)
+    with pytest.raises(ValueError, match=r"\(decode: full, prefill: breakable\); pass --cuda-graph-backend-decode "):
+        validate(server_args, LIGHTKV)
+
+
+def test_nothing_is_checked_without_compression():
+    validate(ServerArgs(model_path="m", tp_size=4, attention_backend="flashinfer"), KVCompressSettings())
+
+
+def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
+    import sglang
+
+    monkeypatch.setattr(sglang, "__version__", "0.5.24")
+    with pytest.raises(ValueError, match=r"SGLang 0\.5\.24 is not a release this plugin is tested with \(0\.5\.23\)"):
+        validate(server_args_with(attention_backend="triton"), LIGHTKV)
+    validate(server_args_with(attention_backend="triton"), KVCompressSettings())
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ValueError) as error:
+        validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)
+    assert str(error.value).count("\n  - ") == 7

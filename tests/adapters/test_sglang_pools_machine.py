@@ -1,0 +1,331 @@
+"""Layer-group KV pools (``lightkv_adapters.sglang.pools``) on SGLang's real classes (CPU), property-based: a
+Hypothesis state machine drives SGLang's ``ReqToTokenPool`` and token allocators through admissions, reductions,
+decodes, finishes, aborts and over-allocations the way SGLang's scheduler does, checking slot conservation after
+every step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+if importlib.util.find_spec("sglang") is None:
+    pytest.skip("SGLang is not installed", allow_module_level=True)
+
+from lightkv_adapters.sglang import cpu_env  # noqa: E402
+
+cpu_env.install()
+
+from helpers.sglang_pools import CONTEXT, NUM_LAYERS, assert_conserved, build_pools  # noqa: E402
+
+from lightkv_adapters.sglang.pools import admits, group_demand, layer_groups, pool_sizes  # noqa: E402
+from lightkv_core.config import PRESET_DEPTHS, LightKVConfig  # noqa: E402
+from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
+from lightkv_core.plan import LengthPlan  # noqa: E402
+from lightkv_core.spans import VisionSpan  # noqa: E402
+from lightkv_perf.capacity_requests import FakeReq  # noqa: E402
+
+#: Methods the state machine plans with: LightKV schedules scaled to ``NUM_LAYERS`` (LLaVA's windows nest, so
+#: its plans are mostly exact; Qwen2.5-VL's 6-4-2 windows do not, so many of its plans are only bounds) and FastV.
+METHODS: dict[str, PrefillReduction] = {
+    "lightkv-llava": LightKV(LightKVConfig.preset("llava-1.5").scaled_to(NUM_LAYERS, PRESET_DEPTHS["llava-1.5"])),
+    "lightkv-qwen": LightKV(LightKVConfig.preset("qwen2.5-vl").scaled_to(NUM_LAYERS, PRESET_DEPTHS["qwen2.5-vl"])),
+    "fastv": FastV(2, 0.5),
+}
+#: Most tokens a state-machine request decodes.
+MAX_NEW = 128
+
+
+# --- the state machine -------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Running:
+    """A request holding a row, as the test expects the pools to hold it."""
+
+    req: FakeReq
+    row: int
+    plan: LengthPlan
+    #: tokens (slots) in group 0
+    seq_len: int
+    #: group-0 slots, from ``ReqToTokenPool.req_to_token``
+    full_slots: torch.Tensor
+    #: tokens each later group holds
+    held: list[int]
+    #: slots each later group holds, from the cache's tables
+    group_slots: list[torch.Tensor]
+    generated: int = 0
+    reduced: bool = False
+
+    @property
+    def remaining(self) -> int:
+        """Tokens the request may still decode."""
+        return self.req.max_new_tokens - self.generated
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> FakeReq:
+    """A prompt of one or two images of 8..24 tokens per side, with text before, between and after them."""
+    position = draw(st.integers(0, 20))
+    spans = []
+    for _ in range(draw(st.integers(1, 2))):
+        rows, cols = draw(st.integers(8, 24)), draw(st.integers(8, 24))
+        spans.append(VisionSpan(position, position + rows * cols, rows, cols))
+        position += rows * cols + draw(st.integers(0, 10))
+    seq_len = position + draw(st.integers(1, 40))
+    return FakeReq(spans, range(seq_len), draw(st.integers(1, MAX_NEW)))
+
+
+def planner_of(method: PrefillReduction) -> Callable[[FakeReq, int], LengthPlan]:
+    """The cache's planner for ``method``: the request's spans in a prompt of ``seq_len`` tokens."""
+
+    def plan(req: FakeReq, seq_len: int) -> LengthPlan:
+        return method.plan_lengths(req.spans, seq_len)
+
+    return plan
+
+
+class LayerGroupPoolsMachine(RuleBasedStateMachine):
+    """SGLang's scheduler on layer-group pools: prefill batches admitted against every pool, the forward's
+    trims, decode batches, finishes, aborts (also before the reduction) and prefills the pools cannot hold, with
+    every slot of every pool accounted for after each step."""
+
+    @initialize(
+        method=st.sampled_from(sorted(METHODS)),
+        tokens=st.integers(1500, 3000),
+        ratios=st.lists(st.floats(0.15, 1.0), min_size=3, max_size=3),
+        need_sort=st.booleans(),
+        reqs=st.lists(requests(), min_size=1, max_size=3),
+    )
+    def build(self, method: str, tokens: int, ratios: list[float], need_sort: bool, reqs: list[FakeReq]) -> None:
+        """Pools for a ``tokens``-slot stock pool split by ``ratios`` (as many as the method has later groups),
+        and a first prefill batch."""
+        reduction = METHODS[method]
+        counts = [len(layers) for layers in layer_groups(reduction.reduce_layers, NUM_LAYERS)]
+        self.sizes = pool_sizes(tokens, counts, ratios[: len(counts) - 1])
+        self.pool, self.allocator, self.cache = build_pools(self.sizes, planner_of(reduction), need_sort)
+        self.running: list[Running] = []
+        self.admit(reqs)
+
+    # ---- rules ----------------------------------------------------------------------------------------------
+
+    @rule(reqs=st.lists(requests(), min_size=1, max_size=3))
+    def admit(self, reqs: list[FakeReq]) -> None:
+        """A prefill batch: requests are admitted in order while a row is free and every pool has room for the
+        prompt and decode budget beyond what the running requests may still decode and the batch already took
+        (the plugin's admission hook; the group-0 check is SGLang's own). The batch then gets its rows, its
+        group-0 slots and, in one ``alloc_aux_to_lengths``, each plan's slots in every later group."""
+        decode = sum(running.remaining for running in self.running)
+        reserved, reserved_full = [decode] * len(self.cache.allocators), decode
+        batch, plans = [], []
+        for req in reqs:
+            seq_len = len(req.full_untruncated_fill_ids)
+            plan = self.cache.planner(req, seq_len)
+            demand = [length + req.max_new_tokens + 1 for length in plan.lengths[1:]]
+            assert group_demand(self.cache, req, req.max_new_tokens) == demand
+            room = [free - held for free, held in zip(self.cache.available(), reserved, strict=True)]
+            fits = all(need <= free for need, free in zip(demand, room, strict=True))
+            assert admits(self.cache, demand, reserved) == fits
+            if (
+                not fits
+                or len(batch) == self.pool.available_size()
+                or seq_len + req.max_new_tokens + 1 > self.allocator.available_size() - reserved_full
+            ):
+                break
+            batch.append(req)
+            plans.append(plan)
+            reserved = [held + need for held, need in zip(reserved, demand, strict=True)]
+            reserved_full += seq_len + req.max_new_tokens + 1
+        if not batch:
+            return
+        seq_lens = [plan.lengths[0] for plan in plans]
+        rows = self.pool.alloc_rows(len(batch))
+        full_slots = self.allocator.alloc(sum(seq_lens))
+        assert rows is not None and full_slots is not None
+        for row, slots in zip(rows, full_slots.split(seq_lens), strict=True):
+            self.pool.req_to_token[row, : slots.numel()] = slots.to(torch.int32)
+        free = self.cache.available()
+        self.cache.expect(batch)
+        self.pool.alloc_aux_to_lengths(
+            req_pool_indices_cpu=torch.tensor(rows), target_seq_lens_cpu=torch.tensor(seq_lens)
+        )
+        assert self.cache.available() == [
+            before - sum(plan.lengths[group + 1] for plan in plans) for group, before in enumerate(free)
+        ]
+        for req, row, plan, slots in zip(batch, rows, plans, full_slots.split(seq_lens), strict=True):
+            held = list(plan.lengths[1:])
+            group_slots = [table[row, :length].clone() for table, length in zip(self.cache.tables, held, strict=True)]
+            self.running.append(Running(req, row, plan, plan.lengths[0], slots.clone(), held, group_slots))
+
+    @precondition(lambda self: any(not running.reduced for running in self.running))
+    @rule(data=st.data())
+    def reduce(self, data: st.DataObject) -> None:
+        """The prefill's forward of one request on its own step, so that an abort can come between it and the
+        request's first decode (decode and finish run it first where it has not run)."""
+        self._reduce(data.draw(st.sampled_from([running for running in self.running if not running.reduced])), data)
+
+    @precondition(lambda self: any(running.remaining for running in self.running))
+    @rule(data=st.data())
+    def decode(self, data: st.DataObject) -> None:
+        """A decode batch of requests with budget left (their prefill forward first, where it has not run): the
+        capacity check asks every pool, and the admission reservation guarantees it passes; each request then
+        gets one slot per pool."""
+        batch = data.draw(
+            st.lists(
+                st.sampled_from([running for running in self.running if running.remaining]), min_size=1, unique=True
+            )
+        )
+        for running in batch:
+            if not running.reduced:
+                self._reduce(running, data)
+        smallest = min(self.allocator.available_size(), *self.cache.available())
+        fits = self.allocator.check_decode_capacity(num_tokens=len(batch), tree_cache=None)
+        assert fits == (len(batch) <= smallest)
+        assert fits, "admission reserved every pool's room for the running requests' decode budget"
+        slots = self.allocator.alloc(len(batch))
+        rows = torch.tensor([running.row for running in batch])
+        seq_lens = torch.tensor([running.seq_len for running in batch])
+        self.pool.req_to_token[rows, seq_lens] = slots.to(torch.int32)
+        self.pool.alloc_aux_to_lengths(req_pool_indices_cpu=rows, target_seq_lens_cpu=seq_lens + 1)
+        for running, slot in zip(batch, slots, strict=True):
+            running.seq_len += 1
+            running.generated += 1
+            running.full_slots = torch.cat([running.full_slots, slot.view(1)])
+            for group, table in enumerate(self.cache.tables):
+                running.held[group] += 1
+                grown = table[running.row, : running.held[group]].clone()
+                assert torch.equal(grown[:-1], running.group_slots[group]), "decode moved a held slot"
+                running.group_slots[group] = grown
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        """A request ends (stop token or budget spent; its prefill forward first, where it has not run) and
+        SGLang frees its slots and row."""
+        running = data.draw(st.sampled_from(self.running))
+        if not running.reduced:
+            self._reduce(running, data)
+        self._release(running)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        """A request is aborted or retracted, possibly between its allocation and its reduction."""
+        self._release(data.draw(st.sampled_from(self.running)))
+
+    @precondition(lambda self: self.pool.available_size() > 0)
+    @rule(req=requests())
+    def over_allocate(self, req: FakeReq) -> None:
+        """A prefill (past admission) whose plan needs more slots than a later pool has free: trailing text is
+        added until one group overflows while group 0 still has room. ``alloc_to_lengths`` raises and leaves
+        every pool and row as it was; SGLang then frees the group-0 slots and the row."""
+        seq_len = len(req.full_untruncated_fill_ids)
+        plan = self.cache.planner(req, seq_len)
+        free = self.cache.available()
+        seq_len += min(max(0, before - planned + 1) for before, planned in zip(free, plan.lengths[1:], strict=True))
+        if seq_len > min(self.allocator.available_size(), CONTEXT):
+            return
+        req = FakeReq(req.spans, range(seq_len), req.max_new_tokens)
+        plan = self.cache.planner(req, seq_len)
+        assert any(planned > before for before, planned in zip(free, plan.lengths[1:], strict=True))
+        (row,) = self.pool.alloc_rows(1)
+        full_slots = self.allocator.alloc(seq_len)
+        self.pool.req_to_token[row, :seq_len] = full_slots.to(torch.int32)
+        lengths, full_lengths = self.cache.lengths.clone(), self.cache.full_lengths.clone()
+        tables = [table.clone() for table in self.cache.tables]
+        self.cache.expect([req])
+        with pytest.raises(RuntimeError, match="out of slots"):
+            self.pool.alloc_aux_to_lengths(
+                req_pool_indices_cpu=torch.tensor([row]), target_seq_lens_cpu=torch.tensor([seq_len])
+            )
+        assert self.cache.available() == free
+        assert torch.equal(self.cache.lengths, lengths) and torch.equal(self.cache.full_lengths, full_lengths)
+        assert all(torch.equal(table, before) for table, before in zip(self.cache.tables, tables, strict=True))
+        self.allocator.free(full_slots)
+        self.pool.free_rows([row])
+
+    # ---- invariants -----------------------------------------------------------------------------------------
+
+    @invariant()
+    def no_leaks(self) -> None:
+        """The cache's own conservation check (what the scheduler's leak report gets) finds nothing."""
+        assert self.cache.leaks() == []
+
+    @invariant()
+    def slots_are_conserved(self) -> None:
+        """In every pool (group 0 with SGLang's table, later groups with the cache's), free slots plus the rows'
+        slots make up the pool, each slot once."""
+        assert_conserved(self.allocator, [self.pool.req_to_token[run.row, : run.seq_len] for run in self.running])
+        for group, allocator in enumerate(self.cache.allocators):
+            lengths = self.cache.lengths[group].tolist()
+            assert allocator.available_size() + sum(lengths) == allocator.size
+            table = self.cache.tables[group]
+            assert_conserved(allocator, [table[row, :length] for row, length in enumerate(lengths)])
+
+    @invariant()
+    def rows_hold_what_was_allocated(self) -> None:
+        """Each running request's row holds its tokens and slots in every group; every other row (free or
+        SGLang's padding row) holds nothing."""
+        full_lengths, lengths = torch.zeros_like(self.cache.full_lengths), torch.zeros_like(self.cache.lengths)
+        for running in self.running:
+            full_lengths[running.row] = running.seq_len
+            lengths[:, running.row] = torch.tensor(running.held)
+            assert torch.equal(self.pool.req_to_token[running.row, : running.seq_len].long(), running.full_slots)
+            for table, slots in zip(self.cache.tables, running.group_slots, strict=True):
+                assert torch.equal(table[running.row, : slots.numel()], slots)
+        assert torch.equal(self.cache.full_lengths, full_lengths)
+        assert torch.equal(self.cache.lengths, lengths)
+        assert not self.cache.lengths[:, self.pool.free_slots].any()
+
+    @invariant()
+    def decode_capacity_is_the_smallest_pool(self) -> None:
+        """A decode step of ``n`` tokens fits exactly when every pool, group 0 included, has ``n`` free slots."""
+        smallest = min(self.allocator.available_size(), *self.cache.available())
+        assert self.allocator.check_decode_capacity(num_tokens=smallest, tree_cache=None)
+        assert not self.allocator.check_decode_capacity(num_tokens=smallest + 1, tree_cache=None)
+
+    def teardown(self) -> None:
+        """Every request released: every pool is back to all of its slots."""
+        for running in list(self.running):
+            self._release(running)
+        assert self.allocator.available_size() == self.sizes[0]
+        assert self.cache.available() == self.sizes[1:]
+        assert self.cache.leaks() == []
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _reduce(self, running: Running, data: st.DataObject) -> None:
+        """The prefill's forward: each reduction keeps between its plan's lower and upper bound, never more than
+        the group before, and gives the slots reserved past them back to the group's pool."""
+        kept = running.seq_len
+        for group in range(1, len(running.plan.lengths)):
+            high, low = min(running.plan.lengths[group], kept), running.plan.lower[group]
+            assert low <= high, f"plan {running.plan} has no room for a non-increasing survivor count"
+            kept = data.draw(st.integers(low, high))
+            allocator = self.cache.allocators[group - 1]
+            free = allocator.available_size()
+            self.cache.trim(group, running.row, kept)
+            assert allocator.available_size() == free + running.held[group - 1] - kept
+            running.held[group - 1] = kept
+            running.group_slots[group - 1] = running.group_slots[group - 1][:kept]
+        running.reduced = True
+
+    def _release(self, running: Running) -> None:
+        """What SGLang does when a request leaves: its group-0 slots back to the allocator, its row (and with
+        it the row's slots in every later group) back to the request pool."""
+        free = self.cache.available()
+        self.allocator.free(self.pool.req_to_token[running.row, : running.seq_len].to(torch.int64))
+        self.pool.free_rows([running.row])
+        self.running.remove(running)
+        assert self.cache.available() == [before + held for before, held in zip(free, running.held, strict=True)]
+
+
+TestLayerGroupPools = LayerGroupPoolsMachine.TestCase
+TestLayerGroupPools.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
