@@ -27,9 +27,9 @@ class _Llava:
     """Mixed into both classes: installs the method on ``language_model.model`` and records spans."""
 
     def _install_lightkv(self) -> None:
-        self.lightkv_groups = install(self.language_model, "model", self.language_model, PRESET, self._image_spans)
+        self.lightkv_groups = install(self.language_model, "model", self.language_model, PRESET, self.image_spans)
 
-    def _image_spans(self, mm_inputs: object, seq_len: int) -> list[VisionSpan]:
+    def image_spans(self, mm_inputs: object, seq_len: int) -> list[VisionSpan]:
         """One request's vision spans from SGLang's ``image_offsets`` / ``image_pad_len``.
 
         Raises:
@@ -50,14 +50,14 @@ class _Llava:
             elif unpad and length == side * side + 1:  # a single-tile image: its base grid and one newline
                 spans.extend(layouts.place(layouts.llava_next_image(side, None), start))
             elif index < len(sizes) and unpad:
-                spans.extend(self._anyres_spans(start, length, sizes[index], side))
+                spans.extend(self.anyres_spans(start, length, sizes[index], side))
             else:
                 raise NotImplementedError(
                     f"lightkv does not know the layout of an image of {length} tokens (grid side {side})"
                 )
         return spans
 
-    def _anyres_spans(self, start: int, length: int, size: object, side: int) -> list[VisionSpan]:
+    def anyres_spans(self, start: int, length: int, size: object, side: int) -> list[VisionSpan]:
         tiles_wide, tiles_high = get_anyres_image_grid_shape(
             size, self.image_grid_pinpoints, self.vision_tower.config.image_size
         )
