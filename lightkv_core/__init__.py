@@ -1,22 +1,11 @@
 """lightkv_core: framework-agnostic LightKV vision-token compression (Triton kernels + PyTorch fallbacks).
 
-Public API:
-    lightkv_stage        one compression stage on a layer's output (see :mod:`lightkv_core.stage`)
-    plan_stage, StagePlan
-                         a stage's checked inputs and the arguments of its kernels (for tuning and benchmarks)
-    drop_tokens          keep only marked tokens (the compaction step of the dropping methods)
-    StageResult          what a stage returns
-    VisionSpan           an image's tokens in the sequence, with its grid
-    PrefillStats         per-layer KV accounting of a prefill, shared by every adapter
-    LightKVConfig        a schedule (merge_layers / merge_windows / merge_ratios), with PRESETS
-    plan_lengths, LengthPlan
-                         tokens one request holds in each layer group, from its spans alone (for a scheduler)
-    cross_attention_scores, window_best_match, merge_compact
-                         the three LightKV kernels, each with ``backend="auto"|"triton"|"torch"``
-    attention_statistics attention selected keys receive from selected queries (the statistics of
-                         FastV, PrefixKV, AirCache, LOOK-M), streamed, with the same ``backend`` choice
-    METHODS, method_by_name
-                         every compression method by name (see :mod:`lightkv_core.methods`)
+Public API (``__all__``; README, "Use", "Methods" and "Kernels"):
+    lightkv_stage, plan_stage, StagePlan, StageResult, VisionSpan, num_merged: one stage, its plan and its result
+    LightKVConfig, PRESETS, PRESET_DEPTHS: schedules and the released presets
+    METHODS, method_by_name, drop_tokens, PrefillStats: methods by name, the drop methods' compaction, KV accounting
+    plan_lengths, LengthPlan: KV tokens per layer group before the forward (for a scheduler)
+    cross_attention_scores, window_best_match, merge_compact, attention_statistics: the kernels (``backend=``)
 """
 
 from lightkv_core.compaction import StageResult, drop_tokens

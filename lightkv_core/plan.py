@@ -1,20 +1,9 @@
 """KV length plans: how many tokens one request holds in each layer group, known before its forward.
 
-A server's scheduler reserves KV memory per request before the prefill runs, so it needs the lengths
-that the scheduled reduction stages will produce from the request's vision spans alone (no hidden
-states). For LightKV (README, "Semantics") this module predicts
-:func:`~lightkv_core.stage.lightkv_stage` stage by stage:
-
-- ``layout="reference"``: windows depend only on each image's count of mergeable tokens (re-squared
-  every stage), so every window's count, hence the plan, is exact.
-- ``layout="default"``: a token's window comes from its original grid coordinates, and a merged token
-  takes the coordinates of the B token it merged into, which lies in the same window. The survivors of
-  an image are tracked as *regions*: rectangles of the original grid with an exact survivor count
-  (initially one per token). A stage whose windows each contain whole regions has exact window counts;
-  a merging window becomes one region (the bounding box of its previous regions) holding its survivors.
-  When a region straddles two of a stage's windows (band edges that do not nest, e.g. 6 then 4 windows
-  on 36 rows), the split of its survivors is unknown and the image falls back to bounds on its
-  survivor count for the remaining stages (see :func:`_bounded_stage`).
+A server's scheduler reserves KV memory per request before the prefill runs, so it needs the lengths that the
+scheduled reduction stages will produce from the request's vision spans alone (no hidden states). For LightKV,
+:func:`plan_lengths` predicts :func:`~lightkv_core.stage.lightkv_stage` stage by stage (how: its docstring; where
+the plan is exact and how tight its bounds are: README, "SGLang", "Memory").
 """
 
 from __future__ import annotations
@@ -68,6 +57,17 @@ class LengthPlan:
 def plan_lengths(spans: Sequence, schedule: LightKVConfig, seq_len: int) -> LengthPlan:
     """Tokens one sample holds in each layer group under the LightKV ``schedule``, before its forward.
 
+    - ``layout="reference"``: windows depend only on each image's count of mergeable tokens (re-squared
+      every stage), so every window's count, hence the plan, is exact.
+    - ``layout="default"``: a token's window comes from its original grid coordinates, and a merged token
+      takes the coordinates of the B token it merged into, which lies in the same window. The survivors of
+      an image are tracked as *regions*: rectangles of the original grid with an exact survivor count
+      (initially one per token). A stage whose windows each contain whole regions has exact window counts;
+      a merging window becomes one region (the bounding box of its previous regions) holding its survivors.
+      When a region straddles two of a stage's windows (band edges that do not nest, e.g. 6 then 4 windows
+      on 36 rows), the split of its survivors is unknown and the image falls back to bounds on its
+      survivor count for the remaining stages (see :func:`_bounded_stage`).
+
     Args:
         spans: the sample's vision spans (``VisionSpan`` or ``(start, end[, rows, cols])``), as given to
             :func:`~lightkv_core.stage.lightkv_stage` for its first stage.
@@ -78,7 +78,7 @@ def plan_lengths(spans: Sequence, schedule: LightKVConfig, seq_len: int) -> Leng
         A :class:`LengthPlan` with ``len(schedule.merge_layers) + 1`` groups: ``lengths[0] == seq_len``,
         ``lengths[k]`` is ``seq_len`` minus the vision tokens stages ``1..k`` remove. Exact in the
         reference layout; in the default layout exact unless an image's regions stop nesting in a
-        later stage's windows (see the module docstring), and then ``lengths`` are upper bounds and
+        later stage's windows (see above), and then ``lengths`` are upper bounds and
         ``lower`` lower bounds.
 
     Raises:

@@ -1,32 +1,10 @@
 """Grouping (window matching) and merge + compaction kernels against plain PyTorch, side by side in one run.
 
-Every kernel is timed on the very inputs a LightKV stage hands it: ``plan_stage`` plans each stage on random hidden
-states of width 4096 (a 7B model), giving the arguments of ``window_best_match`` and ``merge_compact``.
-The prompts are LLaVA-1.5's (35 text tokens, one 24x24 image, a 24-token question: 635 tokens) and LLaVA-NeXT's
-(35, five 24x24 images, 100: 3,015 tokens), batch 1, under the released schedule: windows 4, 2, 1 with ratio 0.5,
-each stage on the survivors of the one before. float16 on a GPU, float32 on a CPU.
+Each kernel runs on the very inputs a LightKV stage hands it (:func:`build_cases`): ``triton`` (GPU only), the
+``torch`` fallback (every ratio's baseline) and ``plain`` (:mod:`lightkv_perf.kernels_plain`). Prompts, checks,
+commands and recorded results: ``perf/README.md``, "Grouping and merge kernels".
 
-Implementations of each kernel:
-
-- ``triton``: the library's Triton kernel, timed only where it runs natively (a CUDA GPU), never interpreted;
-- ``torch``: the library's PyTorch fallback (``backend="torch"``), the baseline of every ratio;
-- ``plain``: PyTorch as released token-merging (ToMe-style) code writes it. Grouping: per image, L2-normalise the
-  A and B features, one dense ``A @ B.T`` over the whole image, ``-inf`` where the pair crosses a window,
-  ``max(dim=-1)``. Merge: weight every row, ``index_add`` the merged A rows into their B rows over the full
-  sequence, then a boolean-mask gather of the kept rows (no CSR).
-
-Before timing, every implementation's output is checked against the fallback's (``lightkv_core.kernels.agreement``:
-best-match similarities within rounding, so that ties may pick either token; merged rows within rounding), so no
-ratio compares wrong code.
-
-    .venv/bin/python -m lightkv_perf.kernels              # 25 rounds: about 20 s on a CPU
-    .venv/bin/python -m lightkv_perf.kernels --quick      # 5 rounds: about 10 s
-    .venv/bin/python -m lightkv_perf.kernels --threads 1  # one CPU thread
-
-Where other work shares the CPU cores, run with ``--threads 1``: with more threads than free cores the fallback's
-many small per-window matmuls stall (up to 100x), which makes the ratios meaningless.
-
-Writes ``perf/results/kernels-<device>.json`` and ``.png``. On a CPU only the ratios are meaningful.
+    .venv/bin/python -m lightkv_perf.kernels --threads 1  # where other work shares the CPU cores
 """
 
 from __future__ import annotations

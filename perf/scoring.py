@@ -1,27 +1,10 @@
 """Prompt-to-vision scoring: the Triton kernel vs the released code's eager approach vs plain PyTorch.
 
-Every implementation computes the same score ``a[i] = sum_h sum_t softmax_i(s q[h, i] . k[h, t])`` (the softmax
-runs over the queries ``i`` of each guide column ``t``) for one prompt of ``S`` tokens whose last
-``T`` tokens guide:
+Implementations ``eager``, ``column_softmax``, ``torch`` (lightkv's fallback) and ``triton`` (GPU only), each checked
+against ``torch`` before it is timed. What each does, what is measured and the recorded results:
+``perf/README.md``, "Scoring kernel".
 
-* ``eager``: as the released code does it, materialise the ``H x S x S`` attention logits, softmax over the
-  queries, slice the guide columns, sum;
-* ``column_softmax``: plain PyTorch without the ``S x S`` matrix: logits against the guide keys only
-  (``H x S x T``), softmax over the queries, sum;
-* ``torch``: lightkv's PyTorch fallback (``cross_attention_scores(..., backend="torch")``, two passes over query
-  chunks);
-* ``triton``: lightkv's Triton kernel (two streaming passes, launch config from the tuning cache or the default);
-  only on a GPU (the interpreter is not timed).
-
-All implementations are checked against ``torch`` before they are timed. Time is the median over repeats (on a GPU
-Triton's ``do_bench``); peak memory is what a call allocates beyond its inputs, output included. On a GPU each row
-also gets the bandwidth floor: the bytes that must be read once (``q``, the guide keys, the output) over the
-device's measured copy bandwidth.
-
-    lightkv bench scoring [--quick]      # quick: eager once per shape, and not at S=6000 on a CPU
-
-Writes ``perf/results/scoring-<device>.json`` (rows ``{"S", "H", "T", "impl", "time_s", "peak_bytes"}``) and
-``.png``. On a CPU only the ratios between implementations are meaningful.
+    lightkv bench scoring [--quick]      # quick: on a CPU, eager once per shape and not above S=2880
 """
 
 from __future__ import annotations

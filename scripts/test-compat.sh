@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test || exit 1
-TESTS=(tests/adapters/test_hf_*.py tests/adapters/test_reference_decoder.py tests/tools/test_perf_prefill.py)
+TESTS=(tests/adapters/test_hf_*.py tests/adapters/test_reference_decoder*.py tests/tools/test_perf_prefill.py)
 if [ $# -gt 0 ]; then
     VERSIONS=("$@")
     LABELS=("$@")

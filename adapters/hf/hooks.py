@@ -1,22 +1,9 @@
 """``apply_lightkv`` / ``remove_lightkv`` / ``with lightkv(model)``: the hooks that run a compression method
 inside a stock transformers model.
 
-What the hooks do, per forward of the text model:
-
-* **Prefill** (empty cache, or no cache): the multimodal model's pre-hook finds the vision spans in
-  ``input_ids``; the attention wrapper (:mod:`.attention`) captures the post-RoPE ``q``/``k`` of each
-  scheduled layer; that layer's forward hook hands its output to the method (``lightkv_core``), which
-  returns the shorter hidden states. Every later layer's pre-hook swaps in the mask, rotary ``cos``/``sin``
-  and position ids gathered at the survivors' original indices (positions stay original, so
-  ``generate()``'s own position bookkeeping, which reads the full-length layer 0, stays right).
-* **Post-prefill eviction** (PrefixKV, AirCache, LOOK-M): every layer's ``q``/``k`` is captured and the
-  method keeps a few statistics of it; once the text model has run, each layer's cache is replaced by the
-  method's compacted one (layers may end at different lengths). The prefill's own outputs are untouched.
-* **Decode** on a compressed cache: nothing merges; each shortened layer's mask is gathered to the columns
-  that layer holds (its prefill survivors, then every decoded token).
-
-Batches are left-padded. Samples whose survivor counts differ are padded on the left with *dead slots*:
-zero hidden states that every real query masks out (a dead query sees only itself, so no row is empty).
+At layer 0 of every forward of the text model they decide between a prefill (empty cache, or none), a decode step
+on a compressed cache, and a forward they leave alone (:meth:`_Adapter._start`). What the hooks do in each, and
+the limits: README, "Transformers".
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """A minimal Llama-style decoder with in-prefill token reduction: the example custom engines copy.
 
-Plain PyTorch: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU. Parameter names match
-Hugging Face ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``, ...), so
-the same state dict loads in both. What is specific to KV compression is marked ``COMPRESSION HOOK``:
-
-1. the layer at a scheduled index hands back the post-RoPE ``q``/``k`` it used;
-2. right after that layer (which has already cached its full KV) an in-prefill method
-   (:class:`PrefillReduction`) shortens the hidden states, and the position ids, mask and vision spans
-   follow the survivors; a post-prefill method (:class:`KVEviction`) instead observes every layer's
-   ``q``/``k`` and, once the prefill is done, compacts each layer's cache;
-3. each layer's cache therefore has its own length; decoding appends one slot to every layer and
-   never reduces.
-
-Batches are left-padded: every sample's last token sits at the last slot in every layer, before and
-after a reduction, so decoding appends in the same column for all samples. ``valid`` masks mark the
-padding slots in each layer's cache.
+Plain PyTorch, with Hugging Face ``LlamaForCausalLM``'s parameter names (``model.layers.0.self_attn.q_proj.weight``,
+``lm_head.weight``, ...). What is specific to KV compression is marked ``COMPRESSION HOOK``; README, "The reference
+decoder and the tiny LVLM".
 """
 
 from __future__ import annotations

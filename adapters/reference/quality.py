@@ -2,23 +2,8 @@
 
     lightkv eval [--per-type 100] [--out perf/results]
 
-Retention is measured the same way for every method: vision tokens held in the KV, summed over layers,
-over (original vision tokens x layers), from the decoder's own per-layer counts. Each method is set to
-a target retention as follows (all schedules are deterministic):
-
-- LightKV variants: the released LLaVA schedule (12-18-24 of 32 layers, windows 4-2-1) scaled to the
-  model's depth, with one ratio for every stage, the smallest in [0, 0.5] whose planned retention is
-  within ``TOLERANCE`` of the target. If even 0.5 keeps too much, every stage moves one layer earlier
-  (staying distinct and >= 0); once the stages sit at the first layers, a stage with window 1 is added
-  after the last. A target still out of reach (each stage at most halves a window, layer 0 always
-  holds the full KV) is reported as null.
-- FastV and ``random-fastv`` (FastV's selection replaced by a random one): prune after layer ``K - 1``,
-  with the released ``K = 2`` of 32 layers scaled to the depth (at least layer 0), keeping the count that
-  meets the target.
-- ``random``: random dropping on the input embeddings, before layer 0, so every layer holds the target
-  fraction.
-- PrefixKV, AirCache, LOOK-M (post-prefill eviction): their ``retention`` is the target, met exactly
-  (the prefill runs in full, so they save KV memory but no prefill compute).
+How retention is measured and how each method is set to a target: ``perf/README.md``, "Quality: accuracy vs
+vision-token retention".
 """
 
 from __future__ import annotations
@@ -96,7 +81,14 @@ def planned_retention(config: LightKVConfig, num_layers: int, grid: tuple[int, i
 
 
 def lightkv_schedule(num_layers: int, target: float, grid: tuple[int, int], **options: str) -> LightKVConfig | None:
-    """The LightKV schedule for a retention ``target`` (see the module docstring), or ``None``."""
+    """The LightKV schedule for a retention ``target``, or ``None`` where it is out of reach.
+
+    The released LLaVA schedule scaled to ``num_layers``, with one ratio for every stage: the smallest in
+    [0, 0.5] whose planned retention is within ``TOLERANCE`` of the target. If even 0.5 keeps too much, every
+    stage moves one layer earlier (staying distinct and >= 0); once the stages sit at the first layers, a stage
+    with window 1 is added after the last. A target still out of reach (each stage at most halves a window,
+    layer 0 always holds the full KV) gives ``None``.
+    """
     base = PRESETS["llava-1.5"]
     config = replace(base, **options).scaled_to(num_layers, PRESET_DEPTHS["llava-1.5"])
     while True:

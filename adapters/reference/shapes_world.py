@@ -1,21 +1,8 @@
 """A synthetic, deterministic visual-QA world: coloured shapes on textured backgrounds.
 
-An image is ``GRID x GRID`` patches of ``PATCH x PATCH`` RGB pixels (64 x 64 pixels, 256 vision tokens).
-It is cut into ``CELLS x CELLS`` cells of 4 x 4 patches; each object sits inside its own cell. An object
-has a colour (unique within its image, so "the red object" names it), a shape (drawn as a glyph in every
-patch it covers) and a size (1 x 1, 2 x 2 or 3 x 3 patches). Backgrounds are dim, grey textures (stripes,
-checks, noise) with pixel noise.
-
-Question types (every answer ends with ``.``):
-- ``relation`` (two hops): "what colour is the object left of the red object ?" -> the colour of the
-  object in the neighbouring cell in that direction (left / right / above / below).
-- ``describe`` (multi-token): "describe the green object ?" -> its size, colour and shape, e.g.
-  "large green cross .".
-- ``count``: "how many circle objects are there ?" -> a number.
-- ``size``: "what size is the red object ?" -> small / medium / large (needs the object's extent).
-- ``shape``: "what shape is the red object ?" -> square / circle / triangle / cross.
-
-Everything is a pure function of an integer seed, so held-out sets are fixed.
+An image is ``GRID x GRID`` patches of ``PATCH x PATCH`` RGB pixels, cut into ``CELLS x CELLS`` cells of 4 x 4
+patches, one object per cell. Everything is a pure function of an integer seed. The objects and the question types:
+README, "The reference decoder and the tiny LVLM".
 """
 
 from __future__ import annotations

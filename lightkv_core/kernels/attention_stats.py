@@ -1,17 +1,8 @@
-"""Attention received by selected keys from selected queries (FastV-style statistics).
+"""Attention received by selected keys from selected queries (FastV-style statistics): ``attention_statistics``.
 
-For every sample ``b``, head ``h`` and selected query row ``i`` the causal (optionally) row softmax runs
-over the allowed keys ``j`` (``key_mask[b, j]`` and, if causal, ``j <= i``), and the probabilities of the
-selected key columns are summed over the selected query rows::
-
-    LSE[b, h, i] = logsumexp_{j allowed}( s * q[b, h, i] . k[b, g(h), j] )
-    out[b, h, c] = sum_{i in query_index[b]} exp( s * q[b, h, i] . k[b, g(h), key_index[b, c]] - LSE[b, h, i] )
-
-(the term is 0 where key ``key_index[b, c]`` is not allowed for row ``i``; a row with no allowed key adds
-nothing). The Triton kernel streams in two passes (row log-sum-exp over all key tiles, then column sums
-over query tiles, deterministic, no atomics) and never materialises the ``S x S`` (nor ``Q x S``)
-matrix: beyond its inputs it holds ``LSE`` of ``B * H * Q`` floats and the ``B * H * C`` output. The
-fallback does the same two passes in query chunks, holding ``B x H x chunk x S`` floats at a time.
+Row softmax (causal if asked, over the keys ``key_mask`` allows), summed over the selected query rows at the
+selected key columns. Two streaming passes that never materialise the ``S x S`` (nor ``Q x S``) matrix, and a
+PyTorch fallback; README, "Kernels" and "Methods".
 """
 
 from __future__ import annotations
@@ -239,7 +230,13 @@ def attention_statistics(
     heads: str = "per_head",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Post-softmax attention that selected key columns receive, summed over selected query rows.
+    """Post-softmax attention that selected key columns receive, summed over selected query rows::
+
+        LSE[b, h, i] = logsumexp_{j allowed}( s * q[b, h, i] . k[b, g(h), j] )
+        out[b, h, c] = sum_{i in query_index[b]} exp( s * q[b, h, i] . k[b, g(h), key_index[b, c]] - LSE[b, h, i] )
+
+    where key ``j`` is allowed for row ``i`` if ``key_mask[b, j]`` and, if causal, ``j <= i`` (a key not allowed
+    adds 0; a row with no allowed key adds nothing).
 
     Args:
         q: ``(B, H, S, d)`` post-RoPE queries (fp16/bf16/fp32, any strides).

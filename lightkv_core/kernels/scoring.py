@@ -1,19 +1,9 @@
 """Prompt-to-vision cross-attention scoring (README, "Semantics" and "Kernels").
 
-For every head ``h`` and guide token ``t`` the attention column is normalised over all real query
-positions ``i`` of the sample, with no causal mask, and every row then sums its probabilities::
-
-    Z[h, t] = logsumexp_i( s * q[h, i] . k[g(h), t] )
-    a[i]    = sum_h sum_t exp( s * q[h, i] . k[g(h), t] - Z[h, t] )
-
-The Triton kernels stream in two passes and never materialise the ``S x S`` (or even ``S x T``) matrix.
-Pass 1 splits the queries into chunks of ``SPLIT_S`` and writes one partial log-sum-exp per chunk
-(``B * H * ceil(S / SPLIT_S) * T`` floats), so a short prompt with few heads still fills the GPU; pass 2
-combines the partials into ``Z`` and sums the rows, each program taking ``HEADS_PER_PROGRAM`` heads and
-writing its partial row sums (``B * ceil(H / HEADS_PER_PROGRAM) * S`` floats), added up afterwards. Tile sizes
-come from :mod:`lightkv_core.kernels.tuning` (``lightkv autotune``). The fallback computes the
-``H x S x T`` logits once when they fit in its chunk budget, and otherwise the same two passes over query chunks,
-holding ``H x chunk x T`` floats at a time.
+For every head and guide token the attention column is normalised over all real queries of the sample, with no
+causal mask, and every row then sums its probabilities (spec section 1). Two streaming Triton passes, neither of
+which materialises the ``S x S`` (or even ``S x T``) matrix, and a PyTorch fallback; tile sizes from
+:mod:`lightkv_core.kernels.tuning`.
 """
 
 from __future__ import annotations
@@ -88,7 +78,8 @@ if TRITON_AVAILABLE:
         DOT_MODE: tl.constexpr,
     ):
         """Pass 1: the log-sum-exp of one chunk of ``SPLIT_S`` queries, for one (sample, head) and one tile of
-        guide tokens (``-inf`` where the chunk holds no real query)."""
+        guide tokens (``-inf`` where the chunk holds no real query). One partial per chunk
+        (``B * H * ceil(S / SPLIT_S) * T`` floats) lets a short prompt with few heads still fill the GPU."""
         pid_bh = tl.program_id(0)
         pid_t = tl.program_id(1)
         split = tl.program_id(2)
@@ -168,7 +159,8 @@ if TRITON_AVAILABLE:
         DOT_MODE: tl.constexpr,
     ):
         """Pass 2: the part of a[b, i] from ``HEADS_PER_PROGRAM`` heads, for one tile of query rows, summed over
-        those heads and all guide tokens."""
+        those heads and all guide tokens, with ``Z`` combined from pass 1's partials. The partial row sums
+        (``B * ceil(H / HEADS_PER_PROGRAM) * S`` floats) are added up after the launch."""
         b = tl.program_id(0)
         pid_s = tl.program_id(1)
         head_block = tl.program_id(2)
@@ -237,7 +229,10 @@ def cross_attention_scores(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Prompt-to-vision cross-attention score of every token.
+    """Prompt-to-vision cross-attention score of every token::
+
+        Z[h, t] = logsumexp_i( s * q[h, i] . k[g(h), t] )          i over the sample's real queries
+        a[i]    = sum_h sum_t exp( s * q[h, i] . k[g(h), t] - Z[h, t] )
 
     Args:
         q: ``(B, H, S, d)`` post-RoPE queries (fp16/bf16/fp32, any strides).

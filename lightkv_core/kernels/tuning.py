@@ -1,21 +1,9 @@
 """Launch configurations of the Triton kernels: defaults, the space ``lightkv autotune`` searches, and the
 per-device cache of tuned configurations the kernels read at launch.
 
-A *config* is a dict of a kernel's tile sizes (its ``tl.constexpr`` block parameters) plus ``num_warps`` and
-``num_stages``. Each kernel has one :class:`TunableKernel` entry in :data:`KERNELS` with its default config and,
-per parameter, the values autotuning may choose. Tuned configs are looked up by a *shape key*: the dimensions
-that decide the best tiling, with token counts rounded up to a power of two, so one tuned entry serves nearby
-shapes (e.g. every prompt of 2,049..4,096 tokens).
-
-The cache is one JSON file per device, ``<cache dir>/<device slug>.json``, where the cache dir is
-``$LIGHTKV_CACHE_DIR`` or ``~/.cache/lightkv``::
-
-    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
-     "kernels": {"scoring.column_lse": {"S=4096,T=128,H=32,d=128,dtype=float16":
-                                        {"config": {...}, "time_s": ..., "default_time_s": ...}}}}
-
-A shape with no entry launches with the default config. A cache file that cannot be read, or an entry whose
-config is not in the kernel's space, is an error that names the file (rerun ``lightkv autotune`` or delete it).
+A *config* is a kernel's tile sizes (its ``tl.constexpr`` block parameters) plus ``num_warps`` and ``num_stages``;
+each kernel has one :class:`TunableKernel` in :data:`KERNELS`. Shape keys, the cache file and its errors:
+``perf/README.md``, "Autotuning".
 """
 
 from __future__ import annotations
@@ -29,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+# The cache is one JSON file per device, <cache dir>/<device slug>.json (cache_path):
+#     {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
+#      "kernels": {"scoring.column_lse": {"S=4096,T=128,H=32,d=128,dtype=float16":
+#                                         {"config": {...}, "time_s": ..., "default_time_s": ...}}}}
 CACHE_FORMAT = 1
 LAUNCH_PARAMS = ("num_warps", "num_stages")
 

@@ -1,29 +1,9 @@
 """Per-window bipartite matching (README, "Semantics" and "Kernels"): for every A token, its most similar B token.
 
-Windows are given in CSR form over flattened rows of ``x`` (all samples, all images, one launch):
-window ``w`` holds A tokens ``a_rows[a_offsets[w]:a_offsets[w + 1]]`` and B tokens
-``b_rows[b_offsets[w]:b_offsets[w + 1]]``. Similarity is cosine in float32::
-
-    c(a, b) = x_a . x_b / (|x_a| |x_b| + 1e-8)
-
-``best[a]`` is the position in ``b_rows`` of ``argmax_b c(a, b)`` (ties: lowest position) and
-``sim[a]`` the maximum.
-
-Exact copies of a B vector tie, so the lowest copy must win wherever the copies sit (on either side of a
-tile boundary, at any offset of the window in the batch):
-
-* The Triton kernel runs one program per (window, tile of A tokens) and streams the window's B tokens in
-  tiles (tile sizes from :mod:`lightkv_core.kernels.tuning`). A similarity is a function of the two vectors
-  alone, never of their positions: the kernel forms the dot products from elementwise
-  float32 products summed over ``BLOCK_D`` slices (``tl.sum`` reduces every (a, b) pair with the same
-  tree) and adds the slices in order, instead of ``tl.dot``: a matrix multiply may round a column
-  differently by its place in the tile (BLAS under the interpreter does), and then a copy of a vector
-  after a tile boundary could beat the same vector before it. The products are few beside a prefill's
-  (LLaVA-NeXT's first stage, 2,880 vision tokens in 16 windows at D = 4,096: about 1 GFLOP, against
-  about 40 TFLOP for a 7B model's prefill of that prompt), so tensor cores would not pay here.
-* The fallback computes the cosines with one float64 matmul per window, rounded to float32; a matmul
-  may also round a column by its position, so the best B token then moves to the lowest position in its
-  window that holds exactly the same vector.
+Windows are given in CSR form over the flattened rows of ``x`` (all samples, all images, one launch). Similarity is
+cosine in float32, ``x_a . x_b / (|x_a| |x_b| + 1e-8)``; ``best[a]`` is the position in ``b_rows`` of the best B
+token (ties: lowest position) and ``sim[a]`` its cosine. How the tie rule survives tiling: README, "Kernels", the
+comment on the Triton kernel and :func:`window_best_match_torch`.
 """
 
 from __future__ import annotations
@@ -47,6 +27,14 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    # One program per (window, tile of A tokens); the window's B tokens stream in tiles. Exact copies of a B vector
+    # must tie wherever they sit (either side of a tile boundary, any offset of the window in the batch), so a
+    # similarity depends on the two vectors alone, never on their positions: the dot products are elementwise
+    # float32 products summed over BLOCK_D slices (tl.sum reduces every (a, b) pair with the same tree), the slices
+    # added in order. tl.dot may round a column differently by its place in the tile (BLAS under the interpreter
+    # does), and then a copy after a tile boundary could beat the same vector before it. The products are few beside
+    # a prefill's (LLaVA-NeXT's first stage, 2,880 vision tokens in 16 windows at D = 4,096: about 1 GFLOP, against
+    # about 40 TFLOP for a 7B model's prefill of that prompt), so tensor cores would not pay here.
     @triton.jit
     def _window_match_kernel(
         x_ptr,

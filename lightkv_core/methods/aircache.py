@@ -1,16 +1,8 @@
 """AirCache (Huang et al., 2025): vision KV kept by an elite observation window, with layer budgets from the
 strength and skewness of each layer's importance distribution.
 
-There is no public code. Where the paper leaves a choice open, this file chooses as follows:
-
-* the elite window is chosen per layer, from that layer's attention of the last real token (averaged over
-  heads, softmax over every real key it sees), among the text tokens (every real token outside a vision
-  span, the last token included);
-* an elite query's attention to a vision key is a softmax over the vision keys and the elite keys it can
-  see (causal), averaged over heads; a key's importance is the mean over elite queries;
-* a layer's *strength* is the sum of its vision importances and its *skewness* the third standardised
-  moment of them (0 where they are all equal); negative skewness counts as 0. Each is normalised to sum
-  1 over layers (all zero: equal shares) and a layer's budget is proportional to their mean.
+There is no public code; the choices made where the paper is open are in :class:`AirCache`'s docstring; README,
+"Methods".
 """
 
 from __future__ import annotations
@@ -58,6 +50,17 @@ def layer_weights(importance: torch.Tensor) -> list[float]:
 @dataclass(frozen=True)
 class AirCache(KVEviction):
     """AirCache: keep each layer's most important vision keys, ``retention`` of the vision KV over all layers.
+
+    Where the paper leaves a choice open (there is no public code), this class chooses as follows:
+
+    * the elite window is chosen per layer, from that layer's attention of the last real token (averaged over
+      heads, softmax over every real key it sees), among the text tokens (every real token outside a vision
+      span, the last token included);
+    * an elite query's attention to a vision key is a softmax over the vision keys and the elite keys it can
+      see (causal), averaged over heads; a key's importance is the mean over elite queries;
+    * a layer's *strength* is the sum of its vision importances and its *skewness* the third standardised
+      moment of them (0 where they are all equal); negative skewness counts as 0. Each is normalised to sum
+      1 over layers (all zero: equal shares) and a layer's budget is proportional to their mean.
 
     ``alpha``: a text token joins the elite window when the last token's attention to it is at least
     ``alpha`` times the largest such attention. Non-vision tokens and structural vision tokens are kept.

@@ -1,22 +1,6 @@
 """LOOK-M (Wan et al., 2024): text-prior KV eviction, with every evicted entry merged into a kept one.
 
-Per layer and KV head: every text token and the last ``recent`` real tokens are kept; the other vision
-tokens are ranked by the attention they receive (post-softmax, causal, summed over every real query,
-averaged over the query heads that share the KV head) and the top ones are kept, so that the layer holds
-exactly its share of the budget (the released code can exceed it). Each evicted key is then merged,
-with its value, into the kept key of the same head it is most cosine-similar to. For a kept entry ``c``
-receiving the evicted set ``M(c)`` (keys and values alike, in float32):
-
-* ``"averaged"``: ``x_c <- (x_c + sum_e x_e) / (1 + |M(c)|)``;
-* ``"pivotal"`` (default): ``x_c <- (x_c + mean_e x_e) / 2``, the kept entry is the pivot and holds half
-  the weight whatever the number merged;
-* ``"weighted"``: ``x_c <- (x_c + sum_e w_e x_e) / (1 + sum_e w_e)`` with ``w_e`` the cosine similarity of
-  ``e`` to ``c`` (negative counts as 0);
-* ``"none"``: eviction only.
-
-Budget: ``retention`` of the mergeable vision tokens over all layers, split equally over layers (counts
-differ by at most one). Vision tokens inside the recent window count toward a layer's share; if they
-alone exceed it, the most recent of them are kept.
+The choices made where the paper is open are in :class:`LookM`'s docstring; README, "Methods".
 """
 
 from __future__ import annotations
@@ -79,6 +63,24 @@ def merge_into_pivots(
 @dataclass(frozen=True)
 class LookM(KVEviction):
     """LOOK-M: keep text and a recent window, the most-attended vision tokens per head, merge the rest.
+
+    Per layer and KV head: every text token and the last ``recent`` real tokens are kept; the other vision
+    tokens are ranked by the attention they receive (post-softmax, causal, summed over every real query,
+    averaged over the query heads that share the KV head) and the top ones are kept, so that the layer holds
+    exactly its share of the budget (the released code can exceed it). Each evicted key is then merged,
+    with its value, into the kept key of the same head it is most cosine-similar to. For a kept entry ``c``
+    receiving the evicted set ``M(c)`` (keys and values alike, in float32):
+
+    * ``"averaged"``: ``x_c <- (x_c + sum_e x_e) / (1 + |M(c)|)``;
+    * ``"pivotal"`` (default): ``x_c <- (x_c + mean_e x_e) / 2``, the kept entry is the pivot and holds half
+      the weight whatever the number merged;
+    * ``"weighted"``: ``x_c <- (x_c + sum_e w_e x_e) / (1 + sum_e w_e)`` with ``w_e`` the cosine similarity of
+      ``e`` to ``c`` (negative counts as 0);
+    * ``"none"``: eviction only.
+
+    Budget: ``retention`` of the mergeable vision tokens over all layers, split equally over layers (counts
+    differ by at most one). Vision tokens inside the recent window count toward a layer's share; if they
+    alone exceed it, the most recent of them are kept.
 
     ``recent``: real tokens at the end of the prompt always kept (the released code uses a window of this
     kind; 8 fits short VQA prompts). ``merge``: one of :data:`MERGES`.

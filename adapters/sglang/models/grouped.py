@@ -1,22 +1,7 @@
 """The decoder loop of a SGLang text model with in-prefill token reduction, and the layer-group views that let
-later layers read and write only the survivors' KV slots.
+later layers read and write only the survivors' KV slots (:class:`LayerGroups`).
 
-Layers are split into *groups* at the method's reduce layers: group 0 runs up to and including the first
-reduce layer on the full sequence, group ``g`` runs after the ``g``-th reduction on its survivors. A request
-owns the same KV slots as in stock SGLang (one per prompt token plus one per decoded token; the single pool
-gives every slot storage in every layer). Group ``g`` sees, per request:
-
-* its survivors, each writing its K/V into the slot of its own prompt token (a merged token into its B
-  token's), in a per-group request-to-token table whose row lists the survivors' slots then the decoded
-  tokens' slots;
-* ``seq_lens`` shortened by the tokens the request dropped before the group (its *dropped* count, kept per
-  request-pool row from its prefill to its last decode step);
-* the survivors' original positions (M-RoPE included), so decoding continues at the stock positions.
-
-In prefill the hidden states are packed (``(N, D)``, requests one after another) as SGLang passes them; the
-method sees them left-padded to ``(B, S, D)`` and its output is packed again. The ``ForwardBatch`` a group's
-layers get is a shallow copy of the real one with those fields replaced; the attention backend is pointed at
-the group's table while the group runs (:func:`_use_table`). Logits are taken from the last group's view.
+README, "SGLang" ("What it does", and "Memory" for the layer-group pools).
 """
 
 from __future__ import annotations
@@ -67,6 +52,23 @@ class _Prefill:
 
 class LayerGroups:
     """The reduction state of one text model (one per model instance, shared by its forward calls).
+
+    Layers are split into *groups* at the method's reduce layers: group 0 runs up to and including the first
+    reduce layer on the full sequence, group ``g`` runs after the ``g``-th reduction on its survivors. A request
+    owns the same KV slots as in stock SGLang (one per prompt token plus one per decoded token; the single pool
+    gives every slot storage in every layer). Group ``g`` sees, per request:
+
+    * its survivors, each writing its K/V into the slot of its own prompt token (a merged token into its B
+      token's), in a per-group request-to-token table whose row lists the survivors' slots then the decoded
+      tokens' slots;
+    * ``seq_lens`` shortened by the tokens the request dropped before the group (its *dropped* count, kept per
+      request-pool row from its prefill to its last decode step);
+    * the survivors' original positions (M-RoPE included), so decoding continues at the stock positions.
+
+    In prefill the hidden states are packed (``(N, D)``, requests one after another) as SGLang passes them; the
+    method sees them left-padded to ``(B, S, D)`` and its output is packed again. The ``ForwardBatch`` a group's
+    layers get is a shallow copy of the real one with those fields replaced; the attention backend is pointed at
+    the group's table while the group runs (:func:`_use_table`). Logits are taken from the last group's view.
 
     Args:
         text_model: SGLang's ``Qwen2Model`` / ``LlamaModel`` (``layers``, ``embed_tokens``, ``norm``).
