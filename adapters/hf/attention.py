@@ -62,3 +62,32 @@ def register() -> None:
     AttentionInterface.register("lightkv_eager", lightkv_eager)
     AttentionMaskInterface.register("lightkv_sdpa", sdpa_mask)
     AttentionMaskInterface.register("lightkv_eager", eager_mask)
+
+
+def use_wrappers(configs: list[object]) -> list[tuple[object, str]]:
+    """Point every distinct config among ``configs`` (a text model's and its layers') at the capturing wrapper of
+    its attention implementation; returns ``(config, stock implementation)`` pairs for :func:`restore`.
+
+    Raises:
+        NotImplementedError for an implementation lightkv does not wrap (before changing any config).
+    """
+    register()
+    distinct = list({id(config): config for config in configs}.values())
+    swapped = []
+    for config in distinct:
+        implementation = config._attn_implementation
+        if implementation not in WRAPPED:
+            raise NotImplementedError(
+                f"lightkv wraps the {sorted(WRAPPED)} attention implementations, not {implementation!r}: load the "
+                "model with attn_implementation='sdpa' or 'eager'"
+            )
+        swapped.append((config, implementation))
+    for config, implementation in swapped:
+        config._attn_implementation = WRAPPED[implementation]
+    return swapped
+
+
+def restore(swapped: list[tuple[object, str]]) -> None:
+    """Give every config its stock attention implementation back (what :func:`use_wrappers` returned)."""
+    for config, implementation in swapped:
+        config._attn_implementation = implementation

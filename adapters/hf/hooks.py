@@ -145,7 +145,8 @@ class _Adapter:
         self.recorded_grids: dict[str, torch.Tensor] = {}
         self.wrapped_methods = [self._record_grids(method, argument) for method, argument in family.grid_arguments]
 
-        self.config_implementations = self._swap_attention()
+        configs = [text_model.config, *(layer.self_attn.config for layer in self.layers)]
+        self.config_implementations = attention.use_wrappers(configs)
         self.handles = [
             model.register_forward_pre_hook(self._before_model, with_kwargs=True),
             model.model.register_forward_pre_hook(self._before_multimodal, with_kwargs=True),
@@ -165,8 +166,7 @@ class _Adapter:
             handle.remove()
         for index in self.reduce_layers:
             attention.stop_capture(self.layers[index].self_attn)
-        for config, implementation in self.config_implementations:
-            config._attn_implementation = implementation
+        attention.restore(self.config_implementations)
         for name in self.wrapped_methods:
             delattr(self.model.model, name)
         del self.model.lightkv_stats
@@ -189,25 +189,6 @@ class _Adapter:
 
         setattr(base, method, recording)
         return method
-
-    def _swap_attention(self) -> list[tuple[object, str]]:
-        """Point the text model's attention at the capturing wrappers; returns what to restore."""
-        attention.register()
-        configs = {id(self.text_model.config): self.text_model.config}
-        for layer in self.layers:
-            configs.setdefault(id(layer.self_attn.config), layer.self_attn.config)
-        swapped = []
-        for config in configs.values():
-            implementation = config._attn_implementation
-            if implementation not in attention.WRAPPED:
-                raise NotImplementedError(
-                    f"lightkv wraps the {sorted(attention.WRAPPED)} attention implementations, not "
-                    f"{implementation!r}: load the model with attn_implementation='sdpa' or 'eager'"
-                )
-            swapped.append((config, implementation))
-        for config, implementation in swapped:
-            config._attn_implementation = attention.WRAPPED[implementation]
-        return swapped
 
     # --- model-level hooks -------------------------------------------------------------------------
 
