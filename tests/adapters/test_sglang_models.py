@@ -204,3 +204,14 @@ def test_sglang_matches_transformers(saved, method, pools):
     assert all(list(held) == sorted(held, reverse=True) for held in run.held)
     assert run.free_after_release == sizes[1:]
     assert run.leaks == []
+
+
+@pytest.mark.parametrize("method", ["lightkv", "fastv"])
+def test_output_logprobs_of_compressed_prompts(saved, method):
+    """A request asking for its output tokens' logprobs (``"logprobs": true``) used to bring the scheduler down
+    (the compressed view asked for input logprobs of every kept token); it now runs as without logprobs."""
+    model, directory, inputs, requests = saved
+    expected_tokens, _ = _transformers(model, inputs, method)
+    run = run_in_child(directory, method, requests, 2, "auto", logprobs=True)
+    assert torch.equal(run.tokens, expected_tokens[:, :2])
+    assert run.dropped[0] > 0 and run.leaks == []

@@ -51,17 +51,22 @@ class Run:
     leaks: list[str] = field(default_factory=list)
 
 
-def run_in_child(model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto") -> Run:
+def run_in_child(
+    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto", logprobs: bool = False
+) -> Run:
     """:func:`run` in a spawned process, so that every run starts from a clean SGLang."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(run, (model_dir, method, requests, steps, pools))
+        return pool.apply(run, (model_dir, method, requests, steps, pools, logprobs))
 
 
-def run(model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto") -> Run:
+def run(
+    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto", logprobs: bool = False
+) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
-    in ``model_dir``. The plugin's hooks are applied as SGLang applies them in a server process."""
+    in ``model_dir``. The plugin's hooks are applied as SGLang applies them in a server process. ``logprobs``:
+    every request asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs)."""
     from lightkv_adapters.sglang import cpu_env
 
     cpu_env.install()
@@ -85,6 +90,7 @@ def run(model_dir: str, method: str, requests: list[Request], steps: int, pools:
         req.multimodal_inputs = mm_inputs
         req.full_untruncated_fill_ids = req.origin_input_ids
         req.logprob_start_len = -1
+        req.return_logprob = logprobs
         req.extend_end = len(padded)
         reqs.append(req)
     with torch.no_grad():

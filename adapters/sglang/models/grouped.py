@@ -301,7 +301,7 @@ class LayerGroups:
         view.extend_seq_lens_cpu = list(prefill.lengths)
         view.extend_start_loc = torch.cumsum(view.extend_seq_lens, 0) - view.extend_seq_lens
         view.extend_num_tokens = view.seq_lens_sum
-        view.extend_logprob_start_lens_cpu = [0] * len(prefill.lengths)
+        view.extend_logprob_start_lens_cpu = _logprob_starts(forward_batch, prefill.lengths)
         view.num_token_non_padded = None
         view.global_num_token_non_padded_cpu = view.seq_lens_sum
         view.orig_seq_lens = None
@@ -348,6 +348,17 @@ def _use_table(backend: object, pool: object, view: object) -> None:
     raise NotImplementedError(
         f"lightkv layer groups support the torch_native and triton attention backends, not {type(backend).__name__}"
     )
+
+
+def _logprob_starts(forward_batch: object, lengths: list[int]) -> list[int]:
+    """Where each request's input logprobs start in the group's view: unchanged for a request the reduction left
+    whole; for a shortened one its new length, i.e. none (a compressed prompt never asks for input logprobs, see
+    :meth:`LayerGroups._start_prefill`), so the tokens whose logprobs SGLang computes stay those it asked for."""
+    starts = forward_batch.extend_logprob_start_lens_cpu or forward_batch.extend_seq_lens_cpu
+    return [
+        start if new == old else new
+        for start, old, new in zip(starts, forward_batch.extend_seq_lens_cpu, lengths, strict=True)
+    ]
 
 
 def _left_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
