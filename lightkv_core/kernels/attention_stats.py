@@ -77,7 +77,7 @@ if TRITON_AVAILABLE:
         entry is unused or its row has no allowed key)."""
         pid_bh = tl.program_id(0)
         pid_q = tl.program_id(1)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * sqb passes 2**31 on large batches
         h = pid_bh % H
         kv_head = h // GROUP
         q_offs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -148,7 +148,7 @@ if TRITON_AVAILABLE:
         query entry."""
         pid_bh = tl.program_id(0)
         pid_c = tl.program_id(1)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * sqb passes 2**31 on large batches
         h = pid_bh % H
         kv_head = h // GROUP
         c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -47,7 +47,7 @@ if TRITON_AVAILABLE:
         sod,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * son passes 2**31 on long outputs
         d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_valid = d_offs < D
         target = tl.load(out_rows_ptr + row)

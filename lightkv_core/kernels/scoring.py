@@ -83,7 +83,7 @@ if TRITON_AVAILABLE:
         pid_bh = tl.program_id(0)
         pid_t = tl.program_id(1)
         split = tl.program_id(2)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * sqb passes 2**31 on large batches
         h = pid_bh % H
         kv_head = h // GROUP
         count = tl.load(count_ptr + b)
@@ -161,7 +161,7 @@ if TRITON_AVAILABLE:
         """Pass 2: the part of a[b, i] from ``HEADS_PER_PROGRAM`` heads, for one tile of query rows, summed over
         those heads and all guide tokens, with ``Z`` combined from pass 1's partials. The partial row sums
         (``B * ceil(H / HEADS_PER_PROGRAM) * S`` floats) are added up after the launch."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * sqb passes 2**31 on large batches
         pid_s = tl.program_id(1)
         head_block = tl.program_id(2)
         count = tl.load(count_ptr + b)
