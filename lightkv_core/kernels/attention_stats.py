@@ -12,6 +12,7 @@ import math
 import torch
 
 from lightkv_core.kernels.launch import (
+    FP_FUSION,
     TRITON_AVAILABLE,
     check_float,
     check_index,
@@ -46,7 +47,7 @@ if TRITON_AVAILABLE:
         return tile, rows, used
 
     @triton.jit
-    def _row_lse_kernel(
+    def row_lse_kernel(
         q_ptr,
         k_ptr,
         qidx_ptr,
@@ -115,7 +116,7 @@ if TRITON_AVAILABLE:
         tl.store(lse_ptr + (b * H + h) * Q + q_offs, lse, mask=q_offs < Q)
 
     @triton.jit
-    def _column_sum_kernel(
+    def column_sum_kernel(
         q_ptr,
         k_ptr,
         qidx_ptr,
@@ -307,11 +308,16 @@ def attention_statistics_triton(
         *q.stride(),
         *k.stride(),
     )
-    fixed = dict(CAUSAL=causal, BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype))
-    _row_lse_kernel[(batch * n_heads, triton.cdiv(n_query, lse_config["BLOCK_Q"]))](
+    fixed = dict(
+        CAUSAL=causal,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        DOT_MODE=dot_mode(q.dtype),
+        enable_fp_fusion=FP_FUSION,
+    )
+    row_lse_kernel[(batch * n_heads, triton.cdiv(n_query, lse_config["BLOCK_Q"]))](
         q, k, rows, mask, lse, *common, **lse_config, **fixed
     )
-    _column_sum_kernel[(batch * n_heads, triton.cdiv(n_key, sum_config["BLOCK_C"]))](
+    column_sum_kernel[(batch * n_heads, triton.cdiv(n_key, sum_config["BLOCK_C"]))](
         q, k, rows, cols, mask, lse, out, *common, **sum_config, **fixed
     )
     return out

@@ -15,6 +15,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is not ins
     TRITON_AVAILABLE = False
 
 BACKENDS = ("auto", "triton", "torch")
+
+#: Launch option of every kernel: Triton fuses ``a * b + c`` into FMAs by default and warns (3.9) that the default
+#: flips in 3.10; the kernels were written, checked and tuned with fusion on, so every launch asks for it.
+FP_FUSION = True
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from lightkv_core.kernels.launch import (
+    FP_FUSION,
     TRITON_AVAILABLE,
     check_csr,
     check_float,
@@ -33,7 +34,7 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _merge_compact_kernel(
+    def merge_compact_kernel(
         x_ptr,
         w_ptr,
         out_rows_ptr,
@@ -133,7 +134,7 @@ def merge_compact_triton(
         return out
     if config is None:
         config = launch_config("merge_compact", x.device, D=x.shape[1], dtype=dtype_name(x.dtype))
-    _merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], config["BLOCK_D"]))](
+    merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], config["BLOCK_D"]))](
         x,
         weights.contiguous(),
         out_rows.long().contiguous(),
@@ -146,6 +147,7 @@ def merge_compact_triton(
         out.stride(0),
         out.stride(1),
         **config,
+        enable_fp_fusion=FP_FUSION,
     )
     return out
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from lightkv_core.kernels.launch import (
+    FP_FUSION,
     TRITON_AVAILABLE,
     check_float,
     check_index,
@@ -294,7 +295,7 @@ def cross_attention_scores_triton(
         *q.stride(),
         *k.stride(),
     )
-    fixed = dict(BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype))
+    fixed = dict(BLOCK_D=max(16, next_power_of_2(head_dim)), DOT_MODE=dot_mode(q.dtype), enable_fp_fusion=FP_FUSION)
     column_lse_kernel[(batch * heads, triton.cdiv(width, lse_config["BLOCK_T"]), num_splits)](
         q, k, guides, counts, mask, lse, *common, **lse_config, **fixed
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lightkv_core.kernels.launch import (
+    FP_FUSION,
     TRITON_AVAILABLE,
     check_csr,
     check_float,
@@ -36,7 +37,7 @@ if TRITON_AVAILABLE:
     # a prefill's (LLaVA-NeXT's first stage, 2,880 vision tokens in 16 windows at D = 4,096: about 1 GFLOP, against
     # about 40 TFLOP for a 7B model's prefill of that prompt), so tensor cores would not pay here.
     @triton.jit
-    def _window_match_kernel(
+    def window_match_kernel(
         x_ptr,
         a_rows_ptr,
         a_offsets_ptr,
@@ -169,7 +170,7 @@ def window_best_match_triton(
     first_tile = torch.cumsum(tiles_per_window, 0) - tiles_per_window
     tile_rank = torch.arange(tile_window.numel(), device=x.device) - first_tile[tile_window]
     tile_start = a_offsets[:-1][tile_window] + tile_rank * block_a
-    _window_match_kernel[(tile_window.numel(),)](
+    window_match_kernel[(tile_window.numel(),)](
         x,
         a_rows.long().contiguous(),
         a_offsets.contiguous(),
@@ -183,6 +184,7 @@ def window_best_match_triton(
         x.stride(0),
         x.stride(1),
         **config,
+        enable_fp_fusion=FP_FUSION,
     )
     return best, sim
 

@@ -264,5 +264,5 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
             def __getitem__(self, grid):
                 raise AssertionError("auto must not pick Triton for CPU tensors without the interpreter")
 
-        monkeypatch.setattr(merge_mod, "_merge_compact_kernel", NoLaunch())
+        monkeypatch.setattr(merge_mod, "merge_compact_kernel", NoLaunch())
     assert torch.equal(merge_compact(**args, backend="auto"), merge_compact(**args, backend="torch"))
