@@ -51,7 +51,7 @@ if TRITON_AVAILABLE:
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * son passes 2**31 on long outputs
         d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_valid = d_offs < D
-        target = tl.load(out_rows_ptr + row).to(tl.int64)  # 64-bit offsets, also from int32 row lists
+        target = tl.load(out_rows_ptr + row)
         real = (tl.zeros([BLOCK_D], tl.int64) + target) >= 0
         x_target = tl.load(x_ptr + target * sxn + d_offs * sxd, mask=d_valid & real, other=0.0)
         src_begin = tl.load(src_offsets_ptr + row)
@@ -61,7 +61,7 @@ if TRITON_AVAILABLE:
         acc = weight * x_target.to(tl.float32)
         total = weight
         for j in range(src_begin, src_end):
-            src = tl.load(src_rows_ptr + j).to(tl.int64)
+            src = tl.load(src_rows_ptr + j)
             w_src = tl.load(w_ptr + src)
             acc += w_src * tl.load(x_ptr + src * sxn + d_offs * sxd, mask=d_valid, other=0.0).to(tl.float32)
             total += w_src

@@ -58,7 +58,7 @@ if TRITON_AVAILABLE:
         window = tl.load(tile_window_ptr + tile)
         a_pos = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_A)
         a_valid = a_pos < tl.load(a_offsets_ptr + window + 1)
-        a_rows = tl.load(a_rows_ptr + a_pos, mask=a_valid, other=0).to(tl.int64)
+        a_rows = tl.load(a_rows_ptr + a_pos, mask=a_valid, other=0)
         b_begin = tl.load(b_offsets_ptr + window)
         b_end = tl.load(b_offsets_ptr + window + 1)
         best_sim = tl.full([BLOCK_A], float("-inf"), tl.float32)
@@ -66,7 +66,7 @@ if TRITON_AVAILABLE:
         for b_start in range(b_begin, b_end, BLOCK_B):
             b_pos = b_start + tl.arange(0, BLOCK_B)
             b_valid = b_pos < b_end
-            b_rows = tl.load(b_rows_ptr + b_pos, mask=b_valid, other=0).to(tl.int64)
+            b_rows = tl.load(b_rows_ptr + b_pos, mask=b_valid, other=0)
             dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
             a_sq = tl.zeros([BLOCK_A], tl.float32)
             b_sq = tl.zeros([BLOCK_B], tl.float32)
