@@ -146,19 +146,22 @@ def build_cases(
 
 
 def check_window_match(
-    match_args: tuple[torch.Tensor, ...], result: tuple[torch.Tensor, torch.Tensor], reference: tuple, name: str
+    match_args: tuple[torch.Tensor, ...],
+    result: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple,
+    name: str,
+    plain: bool = False,
 ) -> int:
     """:func:`~lightkv_core.kernels.agreement.check_window_match` of ``result`` against the fallback's ``reference``
-    (the ``plain`` implementation computes in the inputs' dtype: three roundings to it, the two normalised rows and
-    the similarity); returns how many best matches differ (ties).
+    (``plain``: the ToMe-style baseline, which computes in the inputs' dtype: three roundings to it, the two
+    normalised rows and the similarity); returns how many best matches differ (ties).
 
     Raises:
         RuntimeError: naming ``name`` and what disagrees.
     """
-    roundings = 3 if name.startswith("plain") else 1
-    output_dtype = match_args[0].dtype if name.startswith("plain") else torch.float32
+    rounded_to = (match_args[0].dtype, 3) if plain else (torch.float32, 1)
     try:
-        return agreement.check_window_match(match_args, result, reference, output_dtype, roundings)
+        return agreement.check_window_match(match_args, result, reference, *rounded_to)
     except agreement.KernelMismatch as error:
         raise RuntimeError(f"{name}: {error}") from error
 
@@ -243,7 +246,8 @@ def measure(kernel: str, case: StageCase, run_triton: bool, repeats: int) -> tup
     for impl, fn in impls.items():
         name = f"{impl} {kernel} ({case.prompt}, stage {case.stage})"
         if kernel == "window_match":
-            checked[impl] = {"index_mismatches": check_window_match(case.match_args, fn(), reference, name)}
+            mismatches = check_window_match(case.match_args, fn(), reference, name, plain=impl == "plain")
+            checked[impl] = {"index_mismatches": mismatches}
         else:
             checked[impl] = {"max_abs_diff": check_merge(fn(), reference, case.merge_args[3], name)}
     times = interleaved_seconds(impls, repeats)

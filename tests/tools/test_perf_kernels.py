@@ -48,7 +48,7 @@ def test_plain_baselines_agree_with_the_kernels(cases, backend):
             torch.testing.assert_close(plain_sim, sim, rtol=0, atol=1e-5)
             torch.testing.assert_close(plain_merged, merged, rtol=1e-5, atol=1e-6)
         else:
-            bench.check_window_match(case.match_args, (plain_best, plain_sim), (best, sim), "plain")
+            bench.check_window_match(case.match_args, (plain_best, plain_sim), (best, sim), "plain", plain=True)
             bench.check_merge(plain_merged, merged, case.merge_args[3], "plain")
         keep = case.merged_into < 0
         assert merged.shape == (int(keep.sum()), HIDDEN)
