@@ -14,7 +14,7 @@ import torch
 from lightkv_core.config import resolve_position_mode
 from lightkv_core.kernels import merge_compact
 from lightkv_core.kernels.launch import check_float
-from lightkv_core.spans import VisionSpan, check_tokens
+from lightkv_core.spans import VisionSpan, check_on_host, check_real, default_position_ids
 
 
 @dataclass
@@ -85,22 +85,57 @@ def drop_tokens(
         raise ValueError(f"keep must be a ({batch}, {seq}) bool tensor")
     check_padding_side(padding_side)
     mode = resolve_position_mode(positions, "default")
-    single, per_sample, real, position_ids = check_tokens(spans, attention_mask, position_ids, hidden)
-    merged_into = torch.full((batch, seq), -1, dtype=torch.long)
-    keep = real.cpu() & keep.cpu()
+    checked = check_on_host(spans, attention_mask, position_ids, hidden)
+    merged_into = torch.full((batch, seq), -1, dtype=torch.long, device=hidden.device)
+    real, kept, merged_into, _ = read_choice(checked.real, merged_into, keep=keep.to(hidden.device))
+    check_real(checked.per_sample, real)
     return compact(
         hidden,
-        keep,
+        kept,
         merged_into,
         None,
         None,
-        position_ids,
-        per_sample,
-        single=single,
+        default_position_ids(real) if checked.position_ids is None else checked.position_ids,
+        checked.per_sample,
+        single=checked.single,
         mode=mode,
         padding_side=padding_side,
         backend="torch",
     )
+
+
+#: Codes of :func:`read_choice`'s copy: a token that stays is -1, a merged one the index of its B token.
+PADDING, DROPPED = -2, -3
+
+
+def read_choice(
+    real: torch.Tensor,
+    merged_into: torch.Tensor,
+    *,
+    keep: torch.Tensor | None = None,
+    flags: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stage's one host synchronisation: one device-to-host copy of everything the host needs.
+
+    Args:
+        real: ``(B, S)`` bool real tokens; merged_into: ``(B, S)`` int64 B token each token merges into, or -1.
+        keep: ``(B, S)`` bool tokens a dropping method keeps (``None``: every real token not merged).
+        flags: ``(F,)`` bool or integer values to bring along (e.g. finiteness checks), or ``None``.
+
+    Returns:
+        Host tensors ``(real (B, S) bool, keep (B, S) bool, merged_into (B, S) int64 (-1 where not merged),
+        flags (F,) int64)``.
+    """
+    batch, seq = real.shape
+    codes = torch.where(real, merged_into, PADDING)
+    if keep is not None:
+        codes = torch.where(real & ~keep & (merged_into < 0), DROPPED, codes)
+    payload = codes.reshape(-1)
+    if flags is not None:
+        payload = torch.cat([payload, flags.reshape(-1).long()])
+    host = payload.cpu()
+    codes = host[: batch * seq].view(batch, seq)
+    return codes != PADDING, codes == -1, codes.clamp(min=-1), host[batch * seq :]
 
 
 def compact(
@@ -121,19 +156,19 @@ def compact(
     a padded shorter batch, carrying positions and spans along.
 
     Args:
-        hidden: ``(B, S, D)``; keep: ``(B, S)`` bool (CPU); merged_into: ``(B, S)`` int64 (CPU).
+        hidden: ``(B, S, D)``; keep: ``(B, S)`` bool (host); merged_into: ``(B, S)`` int64 (host).
         weights: ``(B, S)`` merge weights, or ``None`` for uniform; scores: returned as the result's ``scores``.
-        position_ids: ``(B, S)`` or ``(3, B, S)`` int64 (CPU); per_sample: the checked spans.
+        position_ids: ``(B, S)`` or ``(3, B, S)`` int64 (any device); per_sample: the checked spans.
         single: whether spans came in single-sample form; mode: ``"original"`` or ``"compact"`` positions.
     """
     batch, seq, dim = hidden.shape
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max()) if batch else 0
     lists = merge_lists(keep, merged_into, padding_side)
-    new_hidden = merge_compact(*_on_device(hidden, weights, lists), backend=backend).view(batch, out_len, dim)
+    new_hidden = merge_compact(*_merge_inputs(hidden, weights, lists), backend=backend).view(batch, out_len, dim)
     out_rows = lists[0]
     kept_padded = torch.where(out_rows >= 0, out_rows % max(seq, 1), -1).view(batch, out_len)
-    new_positions = _new_positions(position_ids, kept_padded, mode)
+    new_positions = _new_positions(position_ids, kept_padded.to(position_ids.device), mode)
     new_spans = [
         _new_spans(sample_spans, keep[b], int(out_len - lengths[b]) if padding_side == "left" else 0)
         for b, sample_spans in enumerate(per_sample)
@@ -159,13 +194,13 @@ def merge_arguments(
     weights: torch.Tensor | None,
     padding_side: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The arguments of :func:`~lightkv_core.kernels.merge_compact` for a stage's choice, on ``hidden``'s device:
-    ``(rows (B * S, D), weights (B * S,) float32, out_rows, src_offsets, src_rows)`` (see :func:`merge_lists`;
-    ``weights=None``: uniform)."""
-    return _on_device(hidden, weights, merge_lists(keep, merged_into, padding_side))
+    """The arguments of :func:`~lightkv_core.kernels.merge_compact` for a stage's choice:
+    ``(rows (B * S, D), weights (B * S,) float32, out_rows, src_offsets, src_rows)``, the index lists on ``keep``'s
+    device (see :func:`merge_lists`; ``weights=None``: uniform)."""
+    return _merge_inputs(hidden, weights, merge_lists(keep, merged_into, padding_side))
 
 
-def _on_device(
+def _merge_inputs(
     hidden: torch.Tensor, weights: torch.Tensor | None, lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq, dim = hidden.shape
@@ -173,19 +208,13 @@ def _on_device(
     if weights is None:
         weights = torch.ones(batch, seq, device=device)
     out_rows, src_offsets, sources = lists
-    return (
-        hidden.reshape(batch * seq, dim),
-        weights.reshape(-1).float().contiguous(),
-        out_rows.to(device),
-        src_offsets.to(device),
-        sources.to(device),
-    )
+    return hidden.reshape(batch * seq, dim), weights.reshape(-1).float().contiguous(), out_rows, src_offsets, sources
 
 
 def merge_lists(
     keep: torch.Tensor, merged_into: torch.Tensor, padding_side: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The index lists of :func:`~lightkv_core.kernels.merge_compact` for a stage's choice (CPU tensors).
+    """The index lists of :func:`~lightkv_core.kernels.merge_compact` for a stage's choice (on ``keep``'s device).
 
     Args:
         keep: ``(B, S)`` bool, the tokens that stay (each sample's survivors go to a row of ``max(keep.sum(1))``
@@ -198,22 +227,24 @@ def merge_lists(
         ``src_offsets`` ``(B * L + 1,)`` / ``src_rows`` of the flat rows merged into each slot.
     """
     batch, seq = keep.shape
+    device = keep.device
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max()) if batch else 0
     slot_of = torch.cumsum(keep, dim=1) - 1
     if padding_side == "left":
         slot_of = slot_of + (out_len - lengths)[:, None]
-    flat_slot = slot_of + torch.arange(batch)[:, None] * out_len
-    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long)
-    out_rows[flat_slot[keep]] = torch.arange(batch * seq).view(batch, seq)[keep]
+    sample_start = torch.arange(batch, device=device)[:, None]
+    flat_slot = slot_of + sample_start * out_len
+    out_rows = torch.full((batch * out_len,), -1, dtype=torch.long, device=device)
+    out_rows[flat_slot[keep]] = torch.arange(batch * seq, device=device).view(batch, seq)[keep]
 
     merged_mask = merged_into >= 0
-    sources = (torch.arange(batch)[:, None] * seq + torch.arange(seq)[None, :])[merged_mask]
-    targets = (torch.arange(batch)[:, None] * seq + merged_into.clamp(min=0))[merged_mask]
+    sources = (sample_start * seq + torch.arange(seq, device=device)[None, :])[merged_mask]
+    targets = (sample_start * seq + merged_into.clamp(min=0))[merged_mask]
     receiver = flat_slot.view(-1)[targets]
     order = torch.argsort(receiver * (batch * seq) + sources)
     sources, receiver = sources[order], receiver[order]
-    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long)
+    src_offsets = torch.zeros(batch * out_len + 1, dtype=torch.long, device=device)
     src_offsets[1:] = torch.cumsum(torch.bincount(receiver, minlength=batch * out_len), 0)
     return out_rows, src_offsets, sources
 

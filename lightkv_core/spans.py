@@ -186,10 +186,63 @@ def check_sample_spans(spans: Sequence, seq_len: int) -> list[VisionSpan]:
     return sample
 
 
+@dataclass
+class TokenCheck:
+    """A batch's spans, mask and position ids after the checks that need no device data (:func:`check_on_host`).
+
+    Attributes:
+        single: whether spans came in single-sample form.
+        per_sample: one list of :class:`VisionSpan` per sample, each inside ``[0, S)``, sorted, matching its grid.
+        real: ``(B, S)`` bool real tokens on the inputs' device (not yet known to be one run per sample).
+        position_ids: ``(B, S)`` or ``(3, B, S)`` int64 given position ids on their own device, or ``None``.
+    """
+
+    single: bool
+    per_sample: list[list[VisionSpan]]
+    real: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+def check_on_host(
+    spans: Sequence, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, hidden: torch.Tensor
+) -> TokenCheck:
+    """Every check of :func:`check_tokens` that reads no device data (shapes, dtypes, spans against the sequence
+    and their grids); what the mask holds is checked later by :func:`check_real` on a host copy of it."""
+    batch, seq = hidden.shape[:2]
+    single, per_sample = normalise_spans(spans, batch)
+    real = _check_mask(attention_mask, batch, seq, hidden.device)
+    for b, sample_spans in enumerate(per_sample):
+        validate_spans(sample_spans, seq, 0, seq, b)
+    return TokenCheck(single, per_sample, real, _check_position_ids(position_ids, batch, seq))
+
+
+def check_real(per_sample: Sequence[Sequence[VisionSpan]], real: torch.Tensor) -> None:
+    """Each sample's real tokens ``real`` ``(B, S)`` bool (host) are one contiguous run and hold its spans.
+
+    Raises:
+        ValueError naming the sample (and the span) and the problem.
+    """
+    for b, (start, end) in enumerate(_real_bounds(real)):
+        for index, span in enumerate(per_sample[b]):
+            if span.start < start or span.end > end:
+                raise ValueError(
+                    f"sample {b}, vision span {index} [{span.start}, {span.end}): covers padding "
+                    f"(real tokens are [{start}, {end}))"
+                )
+
+
+def default_position_ids(real: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` int64 ordinal of every real token of ``real`` ``(B, S)`` bool (padding: 0)."""
+    return (torch.cumsum(real.long(), dim=1) - 1).clamp(min=0)
+
+
 def check_tokens(
     spans: Sequence, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, hidden: torch.Tensor
 ) -> tuple[bool, list[list[VisionSpan]], torch.Tensor, torch.Tensor]:
     """A batch's spans, mask and position ids, each checked against ``hidden`` ``(B, S, D)``.
+
+    Reads the mask on the host at once; the stage (:mod:`lightkv_core.stage`) uses :func:`check_on_host` and
+    :func:`check_real` instead, so that the read joins its one host synchronisation.
 
     Args:
         spans: as :func:`normalise_spans` takes them.
@@ -199,13 +252,11 @@ def check_tokens(
     Returns:
         ``(single, per_sample spans, real (B, S) bool on hidden's device, position ids (CPU int64))``.
     """
-    batch, seq = hidden.shape[:2]
-    single, per_sample = normalise_spans(spans, batch)
-    real = _check_mask(attention_mask, batch, seq, hidden.device)
-    bounds = _real_bounds(real)
-    for b, sample_spans in enumerate(per_sample):
-        validate_spans(sample_spans, seq, bounds[b][0], bounds[b][1], b)
-    return single, per_sample, real, _check_position_ids(position_ids, real, batch, seq)
+    checked = check_on_host(spans, attention_mask, position_ids, hidden)
+    real_host = checked.real.cpu()
+    check_real(checked.per_sample, real_host)
+    positions = default_position_ids(real_host) if checked.position_ids is None else checked.position_ids.cpu()
+    return checked.single, checked.per_sample, checked.real, positions
 
 
 def _check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -217,9 +268,9 @@ def _check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, devic
 
 
 def _real_bounds(real: torch.Tensor) -> list[tuple[int, int]]:
-    """``[start, end)`` of each sample's real tokens; they must be one contiguous run."""
+    """``[start, end)`` of each sample's real tokens (``real`` on the host); they must be one contiguous run."""
     bounds = []
-    for b, row in enumerate(real.cpu()):
+    for b, row in enumerate(real):
         index = row.nonzero().squeeze(1)
         if index.numel() == 0:
             bounds.append((0, 0))
@@ -231,10 +282,10 @@ def _real_bounds(real: torch.Tensor) -> list[tuple[int, int]]:
     return bounds
 
 
-def _check_position_ids(position_ids: torch.Tensor | None, real: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """``(B, S)`` or ``(3, B, S)`` int64 position ids on the CPU."""
+def _check_position_ids(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+    """``(B, S)`` or ``(3, B, S)`` int64 position ids on their own device (``None`` stays ``None``)."""
     if position_ids is None:
-        return (torch.cumsum(real.cpu().long(), dim=1) - 1).clamp(min=0)
+        return None
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
         raise TypeError("position_ids must be an integer tensor")
     if position_ids.dim() == 1 and batch == 1:
@@ -243,4 +294,4 @@ def _check_position_ids(position_ids: torch.Tensor | None, real: torch.Tensor, b
         raise ValueError(
             f"position_ids must be ({batch}, {seq}) or (3, {batch}, {seq}), got {tuple(position_ids.shape)}"
         )
-    return position_ids.cpu().long()
+    return position_ids.long()

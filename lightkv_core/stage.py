@@ -1,23 +1,27 @@
 """One LightKV compression stage: score, window, match, merge, compact (README, "Semantics").
 
 The stage runs on the output hidden states of a scheduled decoder layer, with that layer's post-RoPE ``q`` and
-``k``. :func:`plan_stage` checks the inputs and plans on the host (windows, A/B sets, guide tokens), giving the
-arguments of the three kernels of :mod:`lightkv_core.kernels`; :func:`lightkv_stage` runs them and compacts.
+``k``. :func:`plan_stage` checks the inputs and plans the windows and A/B sets on the host from the spans (host
+data), and the guide tokens on the device, giving the arguments of the three kernels of :mod:`lightkv_core.kernels`;
+:func:`lightkv_stage` runs them, chooses the merges on the device, reads the choice back once
+(:func:`~lightkv_core.compaction.read_choice`: the stage's one host synchronisation, where the checks that need the
+mask and the finiteness of the inputs are also decided) and compacts.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lightkv_core.compaction import StageResult, check_padding_side, compact
+from lightkv_core.compaction import StageResult, check_padding_side, compact, read_choice
 from lightkv_core.config import GUIDES, LAYOUTS, resolve_position_mode
 from lightkv_core.kernels import cross_attention_scores, window_best_match
 from lightkv_core.kernels.launch import check_float
-from lightkv_core.spans import VisionSpan, check_tokens
+from lightkv_core.spans import VisionSpan, check_on_host, check_real, default_position_ids, vision_token_mask
 from lightkv_core.windows import WindowPlan, choose_merges, plan_windows
 
 
@@ -25,24 +29,32 @@ from lightkv_core.windows import WindowPlan, choose_merges, plan_windows
 class StagePlan:
     """A stage's checked inputs and the arguments its kernels are launched with.
 
+    The mask is not yet known to be one run of real tokens per sample holding the spans, nor the guide tokens to be
+    there, nor the inputs to be finite: :func:`lightkv_stage` decides those from its one read of the device
+    (:func:`check_stage`).
+
     Attributes:
         single: whether ``spans`` came in single-sample form.
         per_sample: one list of checked spans per sample.
         real: ``(B, S)`` bool real tokens (on the inputs' device).
-        position_ids: ``(B, S)`` or ``(3, B, S)`` int64 input position ids (CPU).
+        position_ids: ``(B, S)`` or ``(3, B, S)`` int64 given position ids (their device), or ``None`` (ordinals).
         position_mode: ``"original"`` or ``"compact"``.
-        windows: the A/B sets of every window.
+        guide: the guide tokens' choice (``"all_text"``, ``"prompt"`` or ``"none"``).
+        windows: the A/B sets of every window (host).
         score_arguments: ``(q, k, guide_index, guide_count, query_mask, scale)`` of
-            :func:`~lightkv_core.kernels.cross_attention_scores`, or ``None`` (nothing merges, or ``guide="none"``).
+            :func:`~lightkv_core.kernels.cross_attention_scores` (on the device), or ``None`` (nothing merges, or
+            ``guide="none"``).
         match_arguments: ``(rows (B * S, D), a_rows, a_offsets, b_rows, b_offsets)`` of
-            :func:`~lightkv_core.kernels.window_best_match`, or ``None`` when nothing merges.
+            :func:`~lightkv_core.kernels.window_best_match` (the index lists on the host), or ``None`` when nothing
+            merges.
     """
 
     single: bool
     per_sample: list[list[VisionSpan]]
     real: torch.Tensor
-    position_ids: torch.Tensor
+    position_ids: torch.Tensor | None
     position_mode: str
+    guide: str
     windows: WindowPlan
     score_arguments: tuple | None
     match_arguments: tuple | None
@@ -64,7 +76,8 @@ def plan_stage(
     attention_mask: torch.Tensor | None = None,
     padding_side: str = "right",
 ) -> StagePlan:
-    """Check a stage's inputs and plan it (arguments as :func:`lightkv_stage`). Raises what it raises."""
+    """Check a stage's inputs and plan it (arguments as :func:`lightkv_stage`). Raises what it raises, except for
+    the checks that need device data (see :class:`StagePlan`). Reads nothing back from the device."""
     batch, seq, _ = _check_tensors(hidden, q, k)
     window = _check_window(window)
     ratio = _check_ratio(ratio)
@@ -76,23 +89,33 @@ def plan_stage(
     if isinstance(positions, torch.Tensor):
         raise TypeError("positions is the positions mode ('original' or 'compact'): pass position ids as position_ids")
     mode = resolve_position_mode(positions, layout)
-    single, per_sample, real, position_ids = check_tokens(spans, attention_mask, position_ids, hidden)
+    checked = check_on_host(spans, attention_mask, position_ids, hidden)
+    per_sample = checked.per_sample
     windows = plan_windows(per_sample, seq, window, ratio, layout)
     score_arguments = match_arguments = None
     if windows.merges_anything:
         if guide != "none":
-            guide_index, guide_count = _guide_tokens(per_sample, real, windows.samples_merging, guide)
-            device = q.device
-            score_arguments = (q, k, guide_index.to(device), guide_count.to(device), real, scale)
-        device = hidden.device
+            guide_index, guide_count = _guide_tokens(per_sample, checked.real, windows.samples_merging, guide)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            score_arguments = (q, k, guide_index, guide_count, checked.real, scale)
         match_arguments = (
             hidden.reshape(batch * seq, -1),
-            windows.a_rows.to(device),
-            windows.a_offsets.to(device),
-            windows.b_rows.to(device),
-            windows.b_offsets.to(device),
+            windows.a_rows,
+            windows.a_offsets,
+            windows.b_rows,
+            windows.b_offsets,
         )
-    return StagePlan(single, per_sample, real, position_ids, mode, windows, score_arguments, match_arguments)
+    return StagePlan(
+        checked.single,
+        per_sample,
+        checked.real,
+        checked.position_ids,
+        mode,
+        guide,
+        windows,
+        score_arguments,
+        match_arguments,
+    )
 
 
 def lightkv_stage(
@@ -158,17 +181,18 @@ def lightkv_stage(
         padding_side=padding_side,
     )
     batch, seq, _ = hidden.shape
-    merged_into = torch.full((batch, seq), -1, dtype=torch.long)
-    scores = None
+    merged_into = torch.full((batch, seq), -1, dtype=torch.long, device=hidden.device)
+    scores = finite = None
     if plan.match_arguments is not None:
         if plan.score_arguments is None:
             scores = torch.ones(batch, seq, dtype=torch.float32, device=q.device)
         else:
-            scores = cross_attention_scores(*plan.score_arguments, backend=backend)
-        _check_finite(plan, scores)
+            scores = cross_attention_scores(*plan.score_arguments, backend=backend, check_indices=False)
         best, sim = window_best_match(*plan.match_arguments, backend=backend)
         merged_into = choose_merges(plan.windows, best, sim, batch, seq)
-    keep = plan.real.cpu() & (merged_into < 0)
+        finite = _finite_flags(plan, scores)
+    real, keep, merged_into, flags = read_choice(plan.real, merged_into, flags=finite)
+    check_stage(plan, real, flags)
     weights = scores if scores is not None and guide != "none" else None
     return compact(
         hidden,
@@ -176,7 +200,7 @@ def lightkv_stage(
         merged_into,
         weights,
         scores,
-        plan.position_ids,
+        default_position_ids(real) if plan.position_ids is None else plan.position_ids,
         plan.per_sample,
         single=plan.single,
         mode=plan.position_mode,
@@ -221,31 +245,52 @@ def _check_ratio(ratio: object) -> float:
 def _guide_tokens(
     per_sample: list[list[VisionSpan]], real: torch.Tensor, samples_merging: list[bool], guide: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(guide_index (B, T), guide_count (B,))`` int64 (CPU): each sample's guide tokens, none for samples that
-    merge nothing."""
-    guides = []
-    real_cpu = real.cpu()
-    for b, sample_spans in enumerate(per_sample):
-        is_guide = real_cpu[b].clone()
-        for span in sample_spans:
-            is_guide[span.start : span.end] = False
-        if guide == "prompt" and sample_spans:
-            is_guide[: sample_spans[-1].end] = False
-        index = is_guide.nonzero().squeeze(1)
-        if samples_merging[b] and index.numel() == 0:
-            raise ValueError(f"sample {b} has no guide tokens for guide={guide!r} (no text outside its images)")
-        guides.append(index if samples_merging[b] else index[:0])
-    width = max(1, max(g.numel() for g in guides))
-    guide_index = torch.zeros(len(per_sample), width, dtype=torch.long)
-    for b, index in enumerate(guides):
-        guide_index[b, : index.numel()] = index
-    return guide_index, torch.tensor([g.numel() for g in guides], dtype=torch.long)
+    """``(guide_index (B, T), guide_count (B,))`` int64 on ``real``'s device: each sample's guide tokens in order
+    (real tokens outside its images; with ``guide="prompt"`` only those after its last image), none for samples
+    that merge nothing. ``T`` is the most guide tokens a sample could have (padding aside), known from the spans."""
+    batch, seq = real.shape
+    device = real.device
+    never_guide = vision_token_mask(per_sample, seq, "cpu")
+    if guide == "prompt":
+        for b, sample_spans in enumerate(per_sample):
+            if sample_spans:
+                never_guide[b, : sample_spans[-1].end] = True
+    width = max(1, seq - int(never_guide.sum(dim=1).min()))
+    allowed = ~never_guide & torch.tensor(samples_merging, dtype=torch.bool)[:, None]
+    is_guide = real & allowed.to(device)
+    column = torch.where(is_guide, torch.cumsum(is_guide, dim=1) - 1, width)
+    guide_index = torch.zeros(batch, width + 1, dtype=torch.long, device=device)
+    guide_index.scatter_(1, column, torch.arange(seq, device=device).expand(batch, seq))
+    return guide_index[:, :width], is_guide.sum(dim=1)
 
 
-def _check_finite(plan: StagePlan, scores: torch.Tensor) -> None:
+def _finite_flags(plan: StagePlan, scores: torch.Tensor) -> torch.Tensor:
+    """``(2,)`` bool on the device: the scores, and the hidden states, of the tokens that may merge are finite."""
     rows, a_rows, _, b_rows, _ = plan.match_arguments
-    involved = torch.cat([a_rows, b_rows])
-    if not bool(torch.isfinite(scores.view(-1)[involved]).all()):
+    involved = torch.cat([a_rows, b_rows]).to(rows.device)
+    return torch.stack([torch.isfinite(scores.view(-1)[involved]).all(), torch.isfinite(rows[involved]).all()])
+
+
+def check_stage(plan: StagePlan, real: torch.Tensor, flags: torch.Tensor) -> None:
+    """The checks of a stage that need device data, from the host copies of ``real`` ``(B, S)`` bool and of
+    :func:`_finite_flags` (empty when nothing merges). Raises ValueError naming the problem."""
+    check_real(plan.per_sample, real)
+    if plan.match_arguments is None:
+        return
+    if plan.guide != "none":
+        for b, sample_spans in enumerate(plan.per_sample):
+            if not plan.windows.samples_merging[b]:
+                continue
+            outside = real[b].clone()
+            for span in sample_spans:
+                outside[span.start : span.end] = False
+            if plan.guide == "prompt" and sample_spans:
+                outside[: sample_spans[-1].end] = False
+            if not bool(outside.any()):
+                raise ValueError(
+                    f"sample {b} has no guide tokens for guide={plan.guide!r} (no text outside its images)"
+                )
+    if not bool(flags[0]):
         raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
-    if not bool(torch.isfinite(rows[involved]).all()):
+    if not bool(flags[1]):
         raise ValueError("non-finite hidden states in vision tokens")

@@ -126,7 +126,8 @@ def _csr(counts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def choose_merges(plan: WindowPlan, best: torch.Tensor, sim: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """``(B, S)`` int64: for every input token, the index of the B token it merges into, or -1.
+    """``(B, S)`` int64 on ``best``'s device: for every input token, the index of the B token it merges into, or -1.
+    Reads nothing back to the host (the plan's lists are host data, copied to the device).
 
     Args:
         plan: the stage's windows.
@@ -134,14 +135,18 @@ def choose_merges(plan: WindowPlan, best: torch.Tensor, sim: torch.Tensor, batch
         sim: ``(NA,)`` its similarity; each window merges its ``merges_per_window`` most similar A tokens (ties:
             the earlier A token).
     """
-    best, sim = best.cpu(), sim.cpu()
-    a_window = torch.repeat_interleave(
-        torch.arange(plan.merges_per_window.numel()), plan.a_offsets[1:] - plan.a_offsets[:-1]
-    )
+    device = best.device
+    merged_into = torch.full((batch * seq,), -1, dtype=torch.long, device=device)
+    if plan.b_rows.numel() == 0:  # then no window merges (a window of n tokens has n // 2 B tokens)
+        return merged_into.view(batch, seq)
+    per_window = plan.a_offsets[1:] - plan.a_offsets[:-1]
+    a_window = torch.repeat_interleave(torch.arange(per_window.numel()), per_window).to(device)
+    a_first = plan.a_offsets.to(device)
+    merges = plan.merges_per_window.to(device)
     order = torch.argsort(-sim, stable=True)
     order = order[torch.argsort(a_window[order], stable=True)]
-    rank = torch.arange(order.numel()) - plan.a_offsets[a_window[order]]
-    chosen = order[rank < plan.merges_per_window[a_window[order]]]
-    merged_into = torch.full((batch * seq,), -1, dtype=torch.long)
-    merged_into[plan.a_rows[chosen]] = plan.b_rows[best[chosen]] % seq
+    window_of = a_window[order]
+    rank = torch.arange(order.numel(), device=device) - a_first[window_of]
+    target = plan.b_rows.to(device)[best[order].clamp(min=0)] % seq
+    merged_into[plan.a_rows.to(device)[order]] = torch.where(rank < merges[window_of], target, -1)
     return merged_into.view(batch, seq)

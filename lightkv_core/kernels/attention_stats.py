@@ -186,6 +186,7 @@ def _check(
     key_index: torch.Tensor,
     key_mask: torch.Tensor | None,
     heads: str,
+    check_indices: bool,
 ) -> None:
     op = "attention_statistics"
     check_float(op, "q", q)
@@ -213,8 +214,9 @@ def _check(
             raise ValueError(f"{op}: key_mask must be (B, S) = ({batch}, {seq}), got {tuple(key_mask.shape)}")
         tensors["key_mask"] = key_mask
     check_same_device(op, **tensors)
-    check_rows(op, "query_index", query_index, seq, lowest=-1)
-    check_rows(op, "key_index", key_index, seq, lowest=-1)
+    if check_indices:
+        check_rows(op, "query_index", query_index, seq, lowest=-1)
+        check_rows(op, "key_index", key_index, seq, lowest=-1)
     if heads not in HEAD_MODES:
         raise ValueError(f"{op}: heads must be one of {HEAD_MODES}, got {heads!r}")
 
@@ -230,6 +232,7 @@ def attention_statistics(
     scale: float | None = None,
     heads: str = "per_head",
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Post-softmax attention that selected key columns receive, summed over selected query rows::
 
@@ -251,13 +254,15 @@ def attention_statistics(
         scale: logit scale, default ``1 / sqrt(d)``.
         heads: ``"per_head"`` (output ``(B, H, C)``) or ``"mean"`` (``(B, C)``, mean over the ``H`` heads).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        check_indices: check that every index lies in ``[-1, S)``, which reads them back from the device (a host
+            synchronisation); ``False`` only for index lists the caller built in range itself.
 
     Returns:
         float32 ``out[b, h, c]`` (or its mean over ``h``): the sum over the used query entries of the row
         softmax probability of key ``key_index[b, c]``. Each used query row with at least one allowed key
         contributes probabilities summing to 1 over all ``S`` keys; a row without one contributes 0.
     """
-    _check(q, k, query_index, key_index, key_mask, heads)
+    _check(q, k, query_index, key_index, key_mask, heads, check_indices)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     which = choose_backend(backend, q.device, "attention_statistics")
     batch, n_heads, seq, _ = q.shape

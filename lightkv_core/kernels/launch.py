@@ -53,6 +53,14 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def check_index_lists(op: str, x: torch.Tensor, **lists: torch.Tensor) -> None:
+    """Index lists on ``x``'s device or on the host: a list planned on the host is checked there without waiting for
+    the device, and the launch copies it over."""
+    misplaced = {name: t.device for name, t in lists.items() if t.device not in (x.device, torch.device("cpu"))}
+    if misplaced:
+        raise ValueError(f"{op}: index lists must be on {x.device} or the CPU, got {misplaced}")
+
+
 def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")

@@ -21,6 +21,7 @@ from lightkv_core.kernels.launch import (
     check_csr,
     check_float,
     check_index,
+    check_index_lists,
     check_rows,
     check_same_device,
     choose_backend,
@@ -81,7 +82,8 @@ def _check(
         raise TypeError(f"{op}: weights must be a float32 tensor of shape ({x.shape[0]},)")
     for name, tensor in (("out_rows", out_rows), ("src_offsets", src_offsets), ("src_rows", src_rows)):
         check_index(op, name, tensor, 1)
-    check_same_device(op, x=x, weights=weights, out_rows=out_rows, src_offsets=src_offsets, src_rows=src_rows)
+    check_same_device(op, x=x, weights=weights)
+    check_index_lists(op, x, out_rows=out_rows, src_offsets=src_offsets, src_rows=src_rows)
     if src_offsets.numel() != out_rows.numel() + 1:
         raise ValueError(f"{op}: src_offsets needs len(out_rows) + 1 = {out_rows.numel() + 1} entries")
     check_csr(op, "src_offsets", src_offsets, src_rows.numel())
@@ -106,7 +108,8 @@ def merge_compact(
     Args:
         x: ``(N, D)`` rows (fp16/bf16/fp32), e.g. ``hidden.view(B * S, D)``.
         weights: ``(N,)`` float32 merge weight of every row (the cross-attention scores).
-        out_rows: ``(M,)`` int, the row of ``x`` written to each output row, ``-1`` for padding.
+        out_rows: ``(M,)`` int, the row of ``x`` written to each output row, ``-1`` for padding. The index lists
+            may live on the host (checked there without waiting for the device, then copied over).
         src_offsets: ``(M + 1,)`` CSR pointers into ``src_rows``.
         src_rows: rows of ``x`` merged into each output row.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -115,6 +118,7 @@ def merge_compact(
         ``(M, D)`` tensor in ``x``'s dtype.
     """
     _check(x, weights, out_rows, src_offsets, src_rows)
+    out_rows, src_offsets, src_rows = (t.to(x.device) for t in (out_rows, src_offsets, src_rows))
     if choose_backend(backend, x.device, "merge_compact") == "torch":
         return merge_compact_torch(x, weights, out_rows, src_offsets, src_rows)
     return merge_compact_triton(x, weights, out_rows, src_offsets, src_rows)
@@ -128,7 +132,7 @@ def merge_compact_triton(
     src_rows: torch.Tensor,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Launch with ``config``, by default the tuned or default one."""
+    """Launch with ``config``, by default the tuned or default one (index lists copied to ``x``'s device)."""
     out = torch.empty(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
     if out_rows.numel() == 0:
         return out
@@ -137,9 +141,9 @@ def merge_compact_triton(
     merge_compact_kernel[(out_rows.numel(), triton.cdiv(x.shape[1], config["BLOCK_D"]))](
         x,
         weights.contiguous(),
-        out_rows.long().contiguous(),
-        src_offsets.long().contiguous(),
-        src_rows.long().contiguous(),
+        out_rows.to(x.device, torch.long).contiguous(),
+        src_offsets.to(x.device, torch.long).contiguous(),
+        src_rows.to(x.device, torch.long).contiguous(),
         out,
         x.shape[1],
         x.stride(0),
@@ -155,11 +159,16 @@ def merge_compact_triton(
 def merge_compact_torch(
     x: torch.Tensor, weights: torch.Tensor, out_rows: torch.Tensor, src_offsets: torch.Tensor, src_rows: torch.Tensor
 ) -> torch.Tensor:
-    """Fallback: gather, then index_add the weighted sources of the receiving rows in float32."""
+    """Fallback: gather, then index_add the weighted sources of the receiving rows in float32. A pure gather
+    (no sources: what the dropping methods ask) reads nothing back from the device."""
     out_rows = out_rows.long()
-    out = torch.zeros(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
     real = out_rows >= 0
-    out[real] = x[out_rows[real]]
+    if x.shape[0] == 0:  # every output row is padding
+        return torch.zeros(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    gathered = x.index_select(0, out_rows.clamp(min=0))
+    out = torch.where(real[:, None], gathered, torch.zeros((), dtype=x.dtype, device=x.device))
+    if src_rows.numel() == 0:
+        return out
     counts = src_offsets[1:] - src_offsets[:-1]
     receivers = (counts > 0).nonzero().squeeze(1)
     if receivers.numel() == 0:

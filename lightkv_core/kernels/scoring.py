@@ -188,7 +188,12 @@ if TRITON_AVAILABLE:
 
 
 def _check(
-    q: torch.Tensor, k: torch.Tensor, guide_index: torch.Tensor, guide_count: torch.Tensor, query_mask: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    guide_index: torch.Tensor,
+    guide_count: torch.Tensor,
+    query_mask: torch.Tensor,
+    check_indices: bool,
 ) -> None:
     op = "cross_attention_scores"
     check_float(op, "q", q)
@@ -211,6 +216,8 @@ def _check(
     if tuple(query_mask.shape) != (batch, seq):
         raise ValueError(f"{op}: query_mask must be (B, S) = ({batch}, {seq}), got {tuple(query_mask.shape)}")
     check_same_device(op, q=q, k=k, guide_index=guide_index, guide_count=guide_count, query_mask=query_mask)
+    if not check_indices:
+        return
     counts = guide_count.tolist()
     if any(c < 0 or c > guide_index.shape[1] for c in counts):
         raise ValueError(f"{op}: guide_count must lie in [0, {guide_index.shape[1]}], got {counts}")
@@ -229,6 +236,7 @@ def cross_attention_scores(
     scale: float | None = None,
     *,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Prompt-to-vision cross-attention score of every token::
 
@@ -245,12 +253,14 @@ def cross_attention_scores(
         query_mask: ``(B, S)`` bool, real tokens; ``False`` rows are neither queries nor scored.
         scale: logit scale, default ``1 / sqrt(d)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        check_indices: check ``guide_count`` and the used ``guide_index`` entries, which reads them back from the
+            device (host synchronisations); ``False`` only for guide lists the caller built in range itself.
 
     Returns:
         ``(B, S)`` float32 score ``a[i]`` of every real token (0 on padding). Values lie in
         ``(0, H * T)``; only vision rows are used by LightKV.
     """
-    _check(q, k, guide_index, guide_count, query_mask)
+    _check(q, k, guide_index, guide_count, query_mask, check_indices)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if choose_backend(backend, q.device, "cross_attention_scores") == "torch":
         return cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)

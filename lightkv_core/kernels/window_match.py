@@ -16,8 +16,8 @@ from lightkv_core.kernels.launch import (
     check_csr,
     check_float,
     check_index,
+    check_index_lists,
     check_rows,
-    check_same_device,
     choose_backend,
 )
 from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
@@ -105,7 +105,7 @@ def _check(
         raise ValueError(f"{op}: x must be (N, D), got shape {tuple(x.shape)}")
     for name, tensor in (("a_rows", a_rows), ("a_offsets", a_offsets), ("b_rows", b_rows), ("b_offsets", b_offsets)):
         check_index(op, name, tensor, 1)
-    check_same_device(op, x=x, a_rows=a_rows, a_offsets=a_offsets, b_rows=b_rows, b_offsets=b_offsets)
+    check_index_lists(op, x, a_rows=a_rows, a_offsets=a_offsets, b_rows=b_rows, b_offsets=b_offsets)
     if a_offsets.numel() != b_offsets.numel() or a_offsets.numel() < 1:
         raise ValueError(f"{op}: a_offsets and b_offsets must both have (windows + 1) entries")
     for name, offsets, rows in (("a", a_offsets, a_rows), ("b", b_offsets, b_rows)):
@@ -126,7 +126,8 @@ def window_best_match(
 
     Args:
         x: ``(N, D)`` hidden states (fp16/bf16/fp32), e.g. ``hidden.view(B * S, D)``.
-        a_rows: ``(NA,)`` rows of ``x`` that are A tokens, grouped by window.
+        a_rows: ``(NA,)`` rows of ``x`` that are A tokens, grouped by window. The index lists may live on the host
+            (then the Triton launch plans its tiles there without waiting for the device, and copies them over).
         a_offsets: ``(NW + 1,)`` CSR pointers of the A tokens of each window.
         b_rows: ``(NB,)`` rows of ``x`` that are B tokens, grouped by window.
         b_offsets: ``(NW + 1,)`` CSR pointers of the B tokens of each window.
@@ -151,10 +152,12 @@ def window_best_match_triton(
     b_offsets: torch.Tensor,
     config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch with ``config``, by default the tuned or default one for the largest window."""
+    """Launch with ``config``, by default the tuned or default one for the largest window. The tiles are planned
+    where the offsets live (on the host, no wait for the device) and copied to ``x``'s device."""
     num_a = a_rows.numel()
-    best = torch.empty(num_a, dtype=torch.long, device=x.device)
-    sim = torch.empty(num_a, dtype=torch.float32, device=x.device)
+    device = x.device
+    best = torch.empty(num_a, dtype=torch.long, device=device)
+    sim = torch.empty(num_a, dtype=torch.float32, device=device)
     if num_a == 0:
         return best, sim
     a_offsets = a_offsets.long()
@@ -166,18 +169,18 @@ def window_best_match_triton(
         )
     block_a = config["BLOCK_A"]
     tiles_per_window = (counts + block_a - 1) // block_a
-    tile_window = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), tiles_per_window)
+    tile_window = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), tiles_per_window)
     first_tile = torch.cumsum(tiles_per_window, 0) - tiles_per_window
-    tile_rank = torch.arange(tile_window.numel(), device=x.device) - first_tile[tile_window]
+    tile_rank = torch.arange(tile_window.numel(), device=counts.device) - first_tile[tile_window]
     tile_start = a_offsets[:-1][tile_window] + tile_rank * block_a
     window_match_kernel[(tile_window.numel(),)](
         x,
-        a_rows.long().contiguous(),
-        a_offsets.contiguous(),
-        b_rows.long().contiguous(),
-        b_offsets.long().contiguous(),
-        tile_window,
-        tile_start,
+        a_rows.to(device, torch.long).contiguous(),
+        a_offsets.to(device).contiguous(),
+        b_rows.to(device, torch.long).contiguous(),
+        b_offsets.to(device, torch.long).contiguous(),
+        tile_window.to(device),
+        tile_start.to(device),
         best,
         sim,
         x.shape[1],

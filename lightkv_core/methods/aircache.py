@@ -102,7 +102,7 @@ class AirCache(KVEviction):
         *,
         attention_mask: torch.Tensor,
     ) -> list[LayerEviction]:
-        real = attention_mask.to(torch.bool).cpu()
+        real = attention_mask.to(torch.bool)
         _, candidates = token_classes(spans, real)
         return evict_top_per_layer(observations, keys, values, candidates, real, self.retention, self.layer_sizes)
 

@@ -87,9 +87,7 @@ def evict_top_per_layer(
         layer_sizes: ``(importance (L, n), budget) -> L counts summing to budget`` for one sample.
     """
     check_observations(observations, keys, values)
-    real = attention_mask.to(torch.bool).cpu()
-    candidates = candidates.cpu()
-    importance = torch.stack([o.float().cpu() for o in observations])  # (L, B, S)
+    real, candidates, importance = read_observations(attention_mask, candidates, observations)
     layers = len(observations)
     keep = real[None].repeat(layers, 1, 1) & ~candidates[None]
     for b in range(real.shape[0]):
@@ -100,18 +98,31 @@ def evict_top_per_layer(
     return [compact_layer(k, v, keep[i]) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
 
 
+def read_observations(
+    attention_mask: torch.Tensor, candidates: torch.Tensor, observations: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host copies of ``attention_mask`` and ``candidates`` ``(B, S)`` (as bool) and of the ``L`` observations
+    (each ``(B, ...)``; returned stacked, ``(L, B, ...)`` float32), in one device-to-host copy: an eviction's one
+    host synchronisation."""
+    device = observations[0].device
+    parts = [attention_mask.to(device, torch.float32), candidates.to(device, torch.float32), *observations]
+    packed = torch.cat([part.reshape(-1).to(torch.float32) for part in parts]).cpu()
+    masks, values = packed[: 2 * candidates.numel()].view(2, *candidates.shape), packed[2 * candidates.numel() :]
+    return masks[0].bool(), masks[1].bool(), values.view(len(observations), *observations[0].shape)
+
+
 def compact_layer(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> LayerEviction:
     """Keep the marked entries of one layer's cache.
 
     Args:
         keys, values: ``(B, Hk, S, d)``.
-        keep: ``(B, S)`` (the same tokens in every head) or ``(B, Hk, S)`` bool.
+        keep: ``(B, S)`` (the same tokens in every head) or ``(B, Hk, S)`` bool; on the host, the slots are
+            planned there and copied over without waiting for the device.
     """
     batch, kv_heads, _, dim = keys.shape
-    keep = keep.to(keys.device)
     if keep.dim() == 2:
         keep = keep[:, None]
-    slots = slots_from_keep(keep).expand(batch, kv_heads, -1)
+    slots = slots_from_keep(keep).to(keys.device).expand(batch, kv_heads, -1)
     index = slots.clamp(min=0)[..., None].expand(-1, -1, -1, dim)
     alive = (slots >= 0)[..., None]
     kept_keys = keys.gather(2, index).masked_fill(~alive, 0)

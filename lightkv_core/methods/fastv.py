@@ -48,9 +48,9 @@ def drop_plan(spans: Sequence, seq_len: int, ratio: float) -> LengthPlan:
 def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` bool keep mask: all non-vision and structural tokens, plus the ``kept_count(ratio, n)``
     mergeable vision tokens of each sample (``n`` over all its images) with the highest ``scores``
-    (``(B, S)``; ties: lower index)."""
-    keep = attention_mask.cpu().clone()
-    scores = scores.detach().float().cpu()
+    (``(B, S)``; ties: lower index). Runs on ``scores``' device; the candidates come from the spans (host)."""
+    keep = attention_mask.to(scores.device, torch.bool).clone()
+    scores = scores.detach().float()
     _, per_sample = normalise_spans(spans, keep.shape[0])
     for b, sample_spans in enumerate(per_sample):
         candidates = []
@@ -59,7 +59,7 @@ def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attenti
             candidates.append(index)
         if not candidates:
             continue
-        index = torch.cat(candidates)
+        index = torch.cat(candidates).to(scores.device)
         keep[b, index] = False
         order = torch.argsort(-scores[b, index], stable=True)
         keep[b, index[order[: kept_count(ratio, index.numel())]]] = True

@@ -17,6 +17,7 @@ from lightkv_core.methods.eviction import (
     check_observations,
     check_retention,
     compact_layer,
+    read_observations,
     retained_total,
     token_classes,
     top_indices,
@@ -33,13 +34,14 @@ def merge_into_pivots(
 
     Args:
         keys, values: ``(S, d)`` one head's cache.
-        kept, evicted: 1-D int64 indices (disjoint).
+        kept, evicted: 1-D int64 indices (disjoint), on the cache's device or the host.
         merge: one of :data:`MERGES`.
 
     Returns:
         ``(keys, values)`` float32 copies with the kept entries updated.
     """
     keys32, values32 = keys.float().clone(), values.float().clone()
+    kept, evicted = kept.to(keys.device), evicted.to(keys.device)
     if merge == "none" or evicted.numel() == 0 or kept.numel() == 0:
         return keys32, values32
     unit = keys32 / (keys32.norm(dim=1, keepdim=True) + 1e-8)
@@ -50,13 +52,13 @@ def merge_into_pivots(
     elif merge == "averaged":
         weight = torch.ones_like(best)
     else:  # pivotal: each pivot's merged entries share a weight of 1
-        counts = torch.zeros(kept.numel()).index_add_(0, pivot, torch.ones_like(best))
+        counts = torch.zeros(kept.numel(), device=keys.device).index_add_(0, pivot, torch.ones_like(best))
         weight = 1.0 / counts[pivot]
     for cache in (keys32, values32):
-        total = torch.zeros(kept.numel(), cache.shape[1]).index_add_(0, pivot, weight[:, None] * cache[evicted])
-        mass = torch.zeros(kept.numel()).index_add_(0, pivot, weight)
-        receiving = mass > 0
-        cache[kept[receiving]] = (cache[kept[receiving]] + total[receiving]) / (1 + mass[receiving, None])
+        total = torch.zeros(kept.numel(), cache.shape[1], device=cache.device)
+        total.index_add_(0, pivot, weight[:, None] * cache[evicted])
+        mass = torch.zeros(kept.numel(), device=cache.device).index_add_(0, pivot, weight)
+        cache[kept] = (cache[kept] + total) / (1 + mass[:, None])  # a pivot receiving nothing stays as it is
     return keys32, values32
 
 
@@ -117,8 +119,8 @@ class LookM(KVEviction):
         attention_mask: torch.Tensor,
     ) -> list[LayerEviction]:
         check_observations(observations, keys, values)
-        real = attention_mask.to(torch.bool).cpu()
-        _, evictable = token_classes(spans, real)
+        real = attention_mask.to(torch.bool)
+        real, evictable, importance = read_observations(real, token_classes(spans, real)[1], observations)
         rank_from_end = real.flip(1).long().cumsum(dim=1).flip(1)  # 1 on the last real token
         in_window = real & (rank_from_end <= self.recent)
         layers = len(observations)
@@ -129,10 +131,10 @@ class LookM(KVEviction):
             sizes.append(apportion([1.0] * layers, retained_total(self.retention, n, layers), [n] * layers))
         evicted_layers = []
         for layer, (layer_keys, layer_values) in enumerate(zip(keys, values, strict=True)):
-            importance = observations[layer].float().cpu()
+            device = layer_keys.device
             keep = (real & ~evictable)[:, None].repeat(1, kv_heads, 1)
-            merged_keys = torch.empty(layer_keys.shape, dtype=torch.float32)  # every (sample, head) is written below
-            merged_values = torch.empty(layer_values.shape, dtype=torch.float32)
+            merged_keys = torch.empty(layer_keys.shape, dtype=torch.float32, device=device)  # all written below
+            merged_values = torch.empty(layer_values.shape, dtype=torch.float32, device=device)
             for b in range(batch):
                 forced = (evictable[b] & in_window[b]).nonzero().squeeze(1)
                 ranked = (evictable[b] & ~in_window[b]).nonzero().squeeze(1)
@@ -141,16 +143,13 @@ class LookM(KVEviction):
                     if size <= forced.numel():
                         chosen = forced[forced.numel() - size :]
                     else:
-                        top = ranked[top_indices(importance[b, h, ranked], size - forced.numel())]
+                        top = ranked[top_indices(importance[layer, b, h, ranked], size - forced.numel())]
                         chosen = torch.cat([forced, top])
                     keep[b, h, chosen] = True
                     evicted = (evictable[b] & ~keep[b, h]).nonzero().squeeze(1)
                     merged_keys[b, h], merged_values[b, h] = merge_into_pivots(
-                        layer_keys[b, h].cpu(), layer_values[b, h].cpu(), keep[b, h].nonzero().squeeze(1), evicted,
-                        self.merge,
-                    )  # fmt: skip
-            device, dtype = layer_keys.device, layer_keys.dtype
-            evicted_layers.append(
-                compact_layer(merged_keys.to(device, dtype), merged_values.to(device, dtype), keep.to(device))
-            )
+                        layer_keys[b, h], layer_values[b, h], keep[b, h].nonzero().squeeze(1), evicted, self.merge
+                    )
+            dtype = layer_keys.dtype
+            evicted_layers.append(compact_layer(merged_keys.to(dtype), merged_values.to(dtype), keep))
         return evicted_layers

@@ -150,7 +150,7 @@ class PrefixKV(KVEviction):
         *,
         attention_mask: torch.Tensor,
     ) -> list[LayerEviction]:
-        real = attention_mask.to(torch.bool).cpu()
+        real = attention_mask.to(torch.bool)
         candidates = self.candidates(spans, real)
         return evict_top_per_layer(observations, keys, values, candidates, real, self.retention, self.layer_sizes)
 

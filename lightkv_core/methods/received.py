@@ -65,4 +65,5 @@ def received_attention(
         scale=scale,
         heads=heads,
         backend=backend,
+        check_indices=False,  # rows_where and all_columns build in-range lists
     )
