@@ -5,6 +5,8 @@ decoder): queries at the default scale, which prefill token every current slot h
 An adapter runs its layers and calls, in order: :class:`PrefillTracker` at the start, :meth:`~PrefillTracker.layer`
 after each layer caches its KV, :meth:`~PrefillTracker.reduced` after an in-prefill method shortened the sequence
 (or :meth:`~PrefillTracker.evicted` per layer after a post-prefill eviction), and :meth:`~PrefillTracker.stats`.
+The counts stay on the device and method time is taken with CUDA events, so the bookkeeping never waits for the
+device until :meth:`~PrefillTracker.stats` reads everything back at once.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PrefillTracker:
 
     Attributes (current, after the stages so far): ``spans``; ``real`` ``(B, S')``; ``columns`` ``(B, S')``
     int64 prompt index of every slot (``-1``: padding or a dead slot); ``is_vision`` ``(B, S')``;
-    ``reduce_seconds``; ``kv_tokens`` / ``vision_tokens`` one ``(B,)`` CPU count per layer recorded.
+    ``kv_tokens`` / ``vision_tokens`` one ``(B,)`` count per layer recorded (on the device).
     """
 
     def __init__(self, spans: Sequence[Sequence[VisionSpan]], real: torch.Tensor, started: float) -> None:
@@ -65,27 +67,45 @@ class PrefillTracker:
         columns = torch.arange(real.shape[1], device=real.device).expand(real.shape[0], -1)
         self.columns = torch.where(real, columns, -1)
         self.is_vision = vision_token_mask(self.spans, real.shape[1], real.device)
-        self.original_tokens = real.sum(dim=1).cpu()
-        self.original_vision_tokens = (self.is_vision & real).sum(dim=1).cpu()
+        self.original_tokens = real.sum(dim=1)
+        self.original_vision_tokens = (self.is_vision & real).sum(dim=1)
         self.started = started
-        self.reduce_seconds = 0.0
+        self._host_seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.kv_tokens: list[torch.Tensor] = []
         self.vision_tokens: list[torch.Tensor] = []
         self.prompt_is_vision = self.is_vision
 
     @contextmanager
     def reducing(self, tensor: torch.Tensor) -> Iterator[None]:
-        """Time the block as method time, waiting for ``tensor``'s device before and after."""
-        tick = synchronized_clock(tensor)
+        """Time the block as method time: with CUDA events on the current stream of ``tensor``'s device (read in
+        :meth:`stats`, no wait here), or the host clock elsewhere."""
+        if tensor.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((start, end))
+            return
+        tick = time.perf_counter()
         try:
             yield
         finally:
-            self.reduce_seconds += synchronized_clock(tensor) - tick
+            self._host_seconds += time.perf_counter() - tick
+
+    @property
+    def reduce_seconds(self) -> float:
+        """Method time so far (waits for the device when there are CUDA events to read)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+        return self._host_seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
 
     def layer(self) -> None:
         """Count what the next layer caches: the current real and vision tokens."""
-        self.kv_tokens.append(self.real.sum(dim=1).cpu())
-        self.vision_tokens.append((self.is_vision & self.real).sum(dim=1).cpu())
+        self.kv_tokens.append(self.real.sum(dim=1))
+        self.vision_tokens.append((self.is_vision & self.real).sum(dim=1))
 
     def reduced(self, result: StageResult) -> None:
         """Follow the survivors of an in-prefill stage (``result.kept_padded``), padded on the left."""
@@ -101,17 +121,21 @@ class PrefillTracker:
         of each slot in head 0, ``-1`` dead); returns the slots on the tracker's device."""
         slots = slots.to(self.real.device)
         alive = slots >= 0
-        self.kv_tokens[layer] = alive.sum(dim=1).cpu()
-        self.vision_tokens[layer] = (self.prompt_is_vision.gather(1, slots.clamp(min=0)) & alive).sum(dim=1).cpu()
+        self.kv_tokens[layer] = alive.sum(dim=1)
+        self.vision_tokens[layer] = (self.prompt_is_vision.gather(1, slots.clamp(min=0)) & alive).sum(dim=1)
         return slots
 
     def stats(self, bytes_per_token_layer: int, finished: float) -> PrefillStats:
-        """The prefill's :class:`PrefillStats`, the prefill having finished at ``finished``."""
+        """The prefill's :class:`PrefillStats` (host tensors, read back in one copy), the prefill having finished at
+        ``finished``."""
+        layers = len(self.kv_tokens)
+        counts = torch.stack([*self.kv_tokens, *self.vision_tokens, self.original_tokens, self.original_vision_tokens])
+        counts = counts.cpu()
         return PrefillStats(
-            kv_tokens=torch.stack(self.kv_tokens),
-            vision_tokens=torch.stack(self.vision_tokens),
-            original_tokens=self.original_tokens,
-            original_vision_tokens=self.original_vision_tokens,
+            kv_tokens=counts[:layers],
+            vision_tokens=counts[layers : 2 * layers],
+            original_tokens=counts[2 * layers],
+            original_vision_tokens=counts[2 * layers + 1],
             reduce_seconds=self.reduce_seconds,
             prefill_seconds=finished - self.started,
             bytes_per_token_layer=bytes_per_token_layer,

@@ -207,6 +207,7 @@ class _Adapter:
             pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
             self.inputs = _Inputs(None, pixels or bool(inputs.get("mm_encoder_outputs")))
             return
+        input_ids = input_ids.cpu()  # the prompt is parsed on the host: one read of the device per forward
         vision_ids = [getattr(self.model.config, name, None) for name in ("image_token_id", "video_token_id")]
         has_vision_tokens = any(bool((input_ids == token).any()) for token in vision_ids if token is not None)
         prefill = cache is None or cache.get_seq_length() == 0
@@ -217,7 +218,7 @@ class _Adapter:
                 recorded = self.recorded_grids.pop(argument, None)
                 if inputs.get(argument) is None:
                     inputs[argument] = recorded
-            spans = self.family.spans(self.model, inputs)
+            spans = self.family.spans(self.model, {**inputs, "input_ids": input_ids})
         self.inputs = _Inputs(spans, has_vision_tokens)
 
     def _after_multimodal(self, module: nn.Module, args: tuple, output: object) -> None:

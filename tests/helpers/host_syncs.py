@@ -70,10 +70,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     def record(self, kind: str) -> None:
         self.reads[kind] += 1
-        frames = [
-            f for f in traceback.extract_stack() if "lightkv_core" in f.filename or "lightkv_adapters" in f.filename
-        ]
-        site = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else "?"
+        stack = [f for f in traceback.extract_stack() if "host_syncs" not in f.filename]
+        ours = [f for f in stack if any(package in f.filename for package in PROJECT_PACKAGES)]
+        frame = ours[-1] if ours else next((f for f in reversed(stack) if "/torch/" not in f.filename), None)
+        site = f"{frame.filename.split('/')[-1]}:{frame.lineno}" if frame else "?"
         self.sites[f"{site} {kind}"] += 1
 
     def mark(self, *tensors: torch.Tensor | None) -> None:
