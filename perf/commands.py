@@ -1,4 +1,5 @@
-"""``lightkv bench {scoring,kernels,prefill,all}``: this package's benchmarks as a ``lightkv`` subcommand.
+"""``lightkv bench {scoring,kernels,prefill,all}``: this package's benchmarks as a ``lightkv`` subcommand (``all``
+ends with the three speed targets judged from its results, :func:`lightkv_perf.roofline.targets`).
 
 pyproject.toml names :data:`BENCH` in the ``lightkv.commands`` entry-point group, where the core's command line
 finds it; the core never imports this package.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from lightkv_core.cli import Command
 from lightkv_core.errors import UsageError
-from lightkv_perf import kernels, prefill, scoring
+from lightkv_perf import kernels, prefill, roofline, scoring
+from lightkv_perf.common import RESULTS, device_tag
 
 BENCHMARKS = {"scoring": scoring, "kernels": kernels, "prefill": prefill}
 
@@ -58,7 +61,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     which = bench.add_subparsers(dest="benchmark", required=True)
     for name, module in BENCHMARKS.items():
         module.add_arguments(which.add_parser(name, help=module.__doc__.splitlines()[0]))
-    every = which.add_parser("all", help="the three benchmarks in turn, with their default shapes")
+    every = which.add_parser(
+        "all", help="the three benchmarks in turn, with their default shapes, then the speed targets they judge"
+    )
     every.add_argument("--quick", action="store_true", help="each benchmark's quick mode (the README's CPU run)")
     every.add_argument("--out", help="folder for the JSON and PNG results (default perf/results)")
 
@@ -74,7 +79,15 @@ def run(args: argparse.Namespace) -> int:
         status = _run_one(name, parser.parse_args(options))
         if status:
             return status
+    print_targets(Path(args.out) if args.out else RESULTS)
     return 0
+
+
+def print_targets(out: Path) -> None:
+    """The project's three speed targets, judged from the scoring and prefill results just written to ``out``
+    (``N/A`` with the reason where they cannot be judged, e.g. on a CPU)."""
+    print("\n=== speed targets (perf/roofline.py) ===")
+    roofline.print_targets([out / f"{name}-{device_tag()}.json" for name in ("scoring", "prefill")])
 
 
 BENCH = Command(

@@ -20,8 +20,10 @@ from lightkv_core.compaction import merge_arguments
 from lightkv_core.config import PRESETS
 from lightkv_core.kernels import agreement, cross_attention_scores, merge_compact, window_best_match
 from lightkv_core.kernels.launch import TRITON_AVAILABLE, interpreting
+from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 from lightkv_core.stage import lightkv_stage, plan_stage
 from lightkv_core.windows import choose_merges
+from lightkv_perf import roofline
 from lightkv_perf.common import (
     add_common_arguments,
     device,
@@ -32,9 +34,10 @@ from lightkv_perf.common import (
     write_json,
 )
 from lightkv_perf.kernels_plain import image_sets, plain_merge, plain_merge_args, plain_window_match
-from lightkv_perf.kernels_report import IMPLS, KERNELS, bandwidth, plot, print_table, ratios
+from lightkv_perf.kernels_report import IMPLS, KERNELS, bandwidth, plot, print_roofline, print_table, ratios
 
 HEADS, HEAD_DIM = 4, 32  # q/k of the scoring step that makes the merge weights; not timed here
+GPU_DTYPE = torch.float16  # hidden states on a GPU, and the dtype of the roofline (on a CPU too)
 
 
 @dataclass(frozen=True)
@@ -183,20 +186,22 @@ def check_merge(out: torch.Tensor, reference: torch.Tensor, src_offsets: torch.T
 # Timing
 
 
-def kernel_bytes(kernel: str, case: StageCase) -> int:
-    """Bytes a kernel reads and writes if it touches everything once: the feature rows it needs, its index and
-    weight entries and its outputs (for the achieved bandwidth)."""
+def roofline_cost(kernel: str, case: StageCase) -> roofline.Cost:
+    """What the Triton ``kernel`` must move and compute on ``case``'s inputs in :data:`GPU_DTYPE`, with the config
+    it launches with on the device of the inputs (:mod:`lightkv_perf.roofline`)."""
+    x = case.match_args[0]
     if kernel == "window_match":
-        x, a_rows, a_offsets, b_rows, b_offsets = case.match_args
-        features = (a_rows.numel() + b_rows.numel()) * x.shape[1] * x.element_size()
-        index = sum(t.numel() * t.element_size() for t in (a_rows, a_offsets, b_rows, b_offsets))
-        return features + index + a_rows.numel() * (8 + 4)  # best (int64) and sim (float32)
-    x, weights, out_rows, src_offsets, src_rows = case.merge_args
-    row = x.shape[1] * x.element_size()
-    receivers = int((src_offsets[1:] > src_offsets[:-1]).sum())
-    read = (int((out_rows >= 0).sum()) + src_rows.numel()) * row + (receivers + src_rows.numel()) * 4
-    index = sum(t.numel() * t.element_size() for t in (out_rows, src_offsets, src_rows))
-    return read + index + out_rows.numel() * row
+        _, _, a_offsets, _, b_offsets = case.match_args
+        a_counts, b_counts = (offsets.diff().tolist() for offsets in (a_offsets, b_offsets))
+        dims = {"window": bucket(max(b_counts)), "D": x.shape[1], "dtype": dtype_name(GPU_DTYPE)}
+        config = launch_config("window_match", x.device, **dims)
+        return roofline.window_match_cost(
+            a_counts, b_counts, x.shape[1], GPU_DTYPE, config["BLOCK_A"], config["BLOCK_B"]
+        )
+    _, _, out_rows, src_offsets, src_rows = case.merge_args
+    receivers = int((src_offsets.diff() > 0).sum())
+    real = int((out_rows >= 0).sum())
+    return roofline.merge_compact_cost(out_rows.numel(), real, receivers, src_rows.numel(), x.shape[1], GPU_DTYPE)
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -278,7 +283,7 @@ def measure(kernel: str, case: StageCase, run_triton: bool, repeats: int) -> tup
         "b_tokens": b_rows.numel(),
         "merged": case.merge_args[4].numel(),
         "out_tokens": case.merge_args[2].numel(),
-        "bytes_once": kernel_bytes(kernel, case),
+        "roofline": roofline_cost(kernel, case).record(),
         "checked_against_torch": checked,
     }
     return rows, summary
@@ -315,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     dev = device()
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = GPU_DTYPE if dev.type == "cuda" else torch.float32
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 25)
     skip = triton_skip_reason(dev)
     schedule = PRESETS["llava-1.5"]
@@ -360,6 +365,7 @@ def _run(args: argparse.Namespace) -> int:
     path = write_json(result, args.out / f"kernels-{device_tag()}.json")
     plot(result, path.with_suffix(".png"))
     print_table(result)
+    print_roofline(result)
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0
 

@@ -1,8 +1,10 @@
-"""The results of :mod:`lightkv_perf.kernels`: ratios to the fallback, achieved bandwidth, the table and the plot."""
+"""The results of :mod:`lightkv_perf.kernels`: ratios to the fallback, achieved bandwidth, the tables and the plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from lightkv_perf import roofline
 
 KERNELS = ("window_match", "merge_compact")
 IMPLS = ("triton", "torch", "plain")
@@ -28,15 +30,15 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def bandwidth(rows: list[dict], cases: list[dict]) -> list[dict]:
-    """Achieved bandwidth of the Triton rows: ``bytes_once`` of the case over the time, in GB/s."""
-    once = {(c["kernel"], c["prompt"], c["stage"]): c["bytes_once"] for c in cases}
+    """Achieved bandwidth of the Triton rows: the roofline ``bytes`` of the case over the time, in GB/s."""
+    moved = {(c["kernel"], c["prompt"], c["stage"]): c["roofline"]["bytes"] for c in cases}
     return [
         {
             "kernel": row["kernel"],
             "prompt": row["prompt"],
             "stage": row["stage"],
-            "bytes": once[(row["kernel"], row["prompt"], row["stage"])],
-            "gb_per_s": round(once[(row["kernel"], row["prompt"], row["stage"])] / row["time_s"] / 1e9, 1),
+            "bytes": moved[(row["kernel"], row["prompt"], row["stage"])],
+            "gb_per_s": round(moved[(row["kernel"], row["prompt"], row["stage"])] / row["time_s"] / 1e9, 1),
         }
         for row in rows
         if row["impl"] == "triton"
@@ -92,3 +94,26 @@ def print_table(result: dict) -> None:
         print(f"skipped {skipped['impl']}: {skipped['reason']}")
     if "timing_note" in result:
         print(result["timing_note"])
+
+
+def print_roofline(result: dict) -> None:
+    """Every case's Triton floor on each GPU; on a GPU run beside the Triton time and that time over this GPU's
+    floor (``n/a`` on a GPU without datasheet numbers here)."""
+    device = result["machine"]["device"]
+    triton = {(r["kernel"], r["prompt"], r["stage"]): r["time_s"] for r in result["rows"] if r["impl"] == "triton"}
+    compared = f"{'triton us':>11}{'x floor':>9}" if triton else ""
+    print("\nroofline of the Triton kernels (float16, the launch configs of this device; see perf/roofline.py)")
+    print(f"{'kernel':<14}{'prompt':<12}{'stage':>6}{'MB':>9}{'MFLOP':>9}{roofline.FLOOR_HEADER}{compared}")
+    for case in result["cases"]:
+        record = case["roofline"]
+        time_s = triton.get((case["kernel"], case["prompt"], case["stage"]))
+        measured = ""
+        if time_s is not None:
+            ratio = roofline.over_floor(time_s, record, device)
+            measured = f"{time_s * 1e6:>11.1f}{'n/a' if ratio is None else f'{ratio:.2f}':>9}"
+        print(
+            f"{case['kernel']:<14}{case['prompt']:<12}{case['stage']:>6}{record['bytes'] / 1e6:>9.2f}"
+            f"{record['flops'] / 1e6:>9.1f}{roofline.floor_cells(record)}{measured}"
+        )
+    if not triton:
+        print("The floors apply to GPU rows only: no Triton row runs here, so nothing is compared.")

@@ -18,6 +18,7 @@ import torch
 
 from lightkv_core.errors import UsageError
 from lightkv_core.kernels import agreement, cross_attention_scores
+from lightkv_perf import roofline
 from lightkv_perf.common import (
     add_common_arguments,
     device,
@@ -32,6 +33,7 @@ SEQ_LENGTHS = (640, 1200, 2880, 6000)
 GUIDE_TOKENS = (32, 128)
 HEADS, HEAD_DIM = 32, 128
 QUICK_EAGER_LIMIT = 2880  # on a CPU, --quick skips eager above this (about a minute per call at S=6000)
+GPU_DTYPE = torch.float16  # q and k on a GPU, and the dtype of the roofline (on a CPU too)
 
 
 def eager(q: torch.Tensor, k: torch.Tensor, guides: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,15 +81,32 @@ def copy_bandwidth() -> float:
 
 
 def floor_bytes(seq: int, guide_tokens: int, heads: int, kv_heads: int, head_dim: int, element: int) -> int:
-    """Bytes the scoring must move at least once: all queries, the guide tokens' keys, the float32 output."""
+    """Bytes any scoring must move at least, reading everything once: all queries, the guide tokens' keys, the
+    float32 output (``element`` bytes per q/k value). The Triton kernel's two passes move about twice this
+    (:func:`lightkv_perf.roofline.scoring_cost`)."""
     return heads * seq * head_dim * element + kv_heads * guide_tokens * head_dim * element + seq * 4
+
+
+def roofline_entries(args: argparse.Namespace, run_on: torch.device) -> list[dict]:
+    """Per (S, T): the Triton kernel's roofline record in :data:`GPU_DTYPE` with the configs it launches with on
+    ``run_on`` (:func:`lightkv_perf.roofline.scoring_roofline`), and ``once_bytes`` (:func:`floor_bytes`)."""
+    element = GPU_DTYPE.itemsize
+    return [
+        {
+            "S": seq,
+            "T": guides,
+            "once_bytes": floor_bytes(seq, guides, args.heads, args.heads, args.head_dim, element),
+            **roofline.scoring_roofline(seq, guides, args.heads, args.heads, args.head_dim, GPU_DTYPE, run_on),
+        }
+        for seq in args.seq_lengths
+        for guides in args.guide_tokens
+    ]
 
 
 def measure(args: argparse.Namespace) -> dict:
     run_on = device()
     on_gpu = run_on.type == "cuda"
-    dtype = torch.float16 if on_gpu else torch.float32
-    bandwidth = copy_bandwidth() if on_gpu else None
+    dtype = GPU_DTYPE if on_gpu else torch.float32
     rows, skipped = [], []
     for seq in args.seq_lengths:
         generator = torch.Generator().manual_seed(seq)
@@ -110,10 +129,6 @@ def measure(args: argparse.Namespace) -> dict:
                 )
                 row = {"S": seq, "H": args.heads, "T": guide_tokens, "impl": impl, "time_s": seconds}
                 row["peak_bytes"] = peak_extra_bytes(fn)
-                if bandwidth is not None:
-                    moved = floor_bytes(seq, guide_tokens, args.heads, args.heads, args.head_dim, q.element_size())
-                    row["floor_s"] = moved / bandwidth
-                    row["achieved_bytes_per_s"] = moved / seconds
                 rows.append(row)
                 print(
                     f"S={seq:>5} T={guide_tokens:>3} {impl:<15} {seconds * 1e3:>10.3f} ms "
@@ -131,11 +146,12 @@ def measure(args: argparse.Namespace) -> dict:
             "rows": rows,
             "skipped": skipped,
             "ratios": ratios(rows),
+            "roofline": roofline_entries(args, run_on),
         }
     )
     if on_gpu:
-        result["copy_bandwidth_bytes_per_s"] = bandwidth
-        result["targets"] = targets(rows)
+        result["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+        result["targets"] = roofline.as_dicts(roofline.scoring_targets(result))
     else:
         result["note"] = (
             "CPU run: absolute times are context only; compare implementations by the ratios (same process, same "
@@ -161,29 +177,6 @@ def ratios(rows: list[dict]) -> list[dict]:
             }
         )
     return table
-
-
-def targets(rows: list[dict], seq: int = 2880) -> list[dict]:
-    """The issue's GPU targets at ``seq``: Triton within 2x of the bandwidth floor, >= 1.5x faster than
-    ``column_softmax``."""
-    checks = []
-    for guide_tokens in sorted({row["T"] for row in rows if row["S"] == seq}):
-        same = {row["impl"]: row for row in rows if row["S"] == seq and row["T"] == guide_tokens}
-        if "triton" not in same:
-            continue
-        over_floor = same["triton"]["time_s"] / same["triton"]["floor_s"]
-        speedup = same["column_softmax"]["time_s"] / same["triton"]["time_s"]
-        checks.append(
-            {
-                "S": seq,
-                "T": guide_tokens,
-                "triton_over_floor": round(over_floor, 2),
-                "within_2x_of_floor": over_floor <= 2.0,
-                "speedup_over_column_softmax": round(speedup, 2),
-                "at_least_1.5x": speedup >= 1.5,
-            }
-        )
-    return checks
 
 
 def plot(result: dict, path: Path) -> None:
@@ -253,7 +246,31 @@ def run(args: argparse.Namespace) -> int:
             for impl in entry["time_vs_torch"]
         )
         print(f"{entry['S']:>5} {entry['T']:>4}  {cells}")
+    print_roofline(result)
     return 0
+
+
+def print_roofline(result: dict) -> None:
+    """The Triton kernel's floor on each GPU per (S, T); on a GPU run beside its measured time and that time over
+    this GPU's floor (``n/a`` on a GPU without datasheet numbers here), then targets (a) and (b)."""
+    device = result["machine"]["device"]
+    triton = {(row["S"], row["T"]): row["time_s"] for row in result["rows"] if row["impl"] == "triton"}
+    dtype = str(GPU_DTYPE).removeprefix("torch.")
+    print(f"\nroofline of the Triton kernel ({dtype}, the launch configs of this device; see perf/roofline.py)")
+    compared = f"{'triton us':>11}{'x floor':>9}" if triton else ""
+    print(f"{'S':>5} {'T':>4}{'MB':>9}{'GFLOP':>8}{roofline.FLOOR_HEADER}{compared}")
+    for entry in result["roofline"]:
+        time_s = triton.get((entry["S"], entry["T"]))
+        measured = ""
+        if time_s is not None:
+            ratio = roofline.over_floor(time_s, entry, device)
+            measured = f"{time_s * 1e6:>11.1f}{'n/a' if ratio is None else f'{ratio:.2f}':>9}"
+        cells = f"{entry['bytes'] / 1e6:>9.2f}{entry['flops'] / 1e9:>8.2f}{roofline.floor_cells(entry)}"
+        print(f"{entry['S']:>5} {entry['T']:>4}{cells}{measured}")
+    if triton:
+        roofline.print_judged(roofline.scoring_targets(result))
+    else:
+        print("The floors apply to GPU rows only: no Triton row runs on a CPU, so nothing is compared.")
 
 
 def main(argv: list[str] | None = None) -> int:
