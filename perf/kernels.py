@@ -135,7 +135,7 @@ def build_cases(
         scores = cross_attention_scores(*plan.score_arguments, backend=backend)
         best, sim = window_best_match(*plan.match_arguments, backend=backend)
         merged_into = choose_merges(plan.windows, best, sim, 1, x.shape[1])
-        merge_args = merge_arguments(x, plan.real.cpu() & (merged_into < 0), merged_into, scores, "right")
+        merge_args = merge_arguments(x, plan.real & (merged_into < 0), merged_into, scores, "right")
         result = lightkv_stage(x, q, k, spans, window, ratio, backend=backend)
         if not torch.equal(result.merged_into.cpu(), merged_into):
             raise RuntimeError(f"{prompt.name} stage {stage}: the planned merges differ from lightkv_stage's")
