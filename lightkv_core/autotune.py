@@ -1,8 +1,11 @@
 """``lightkv autotune``: pick the fastest launch config of every Triton kernel for the shapes a model's LightKV
 stages run (:mod:`lightkv_core.stage_shapes`), on the current GPU, and store it where the kernels read it at launch
-(:mod:`lightkv_core.kernels.tuning`). A candidate is accepted only if its output matches the PyTorch fallback's
-(:mod:`lightkv_core.kernel_problems`). Without a GPU, :func:`dry_run` checks every distinct tiling under the
-Triton interpreter instead. See the README, "Benchmarks and autotuning".
+(:mod:`lightkv_core.kernels.tuning`). Every candidate is first compiled for the GPU's target and dropped if it fails
+to compile, spills registers or exceeds shared memory (:func:`~lightkv_core.compile_check.static_prune`); a
+candidate is accepted only if its output matches the PyTorch fallback's (:mod:`lightkv_core.kernel_problems`).
+Without a GPU, :func:`dry_run` checks every distinct tiling under the Triton interpreter instead (and, with
+``--target``, prunes statically for that target), and ``--compile-only`` compiles the defaults
+(:mod:`lightkv_core.compile_check`). See the README, "Benchmarks and autotuning".
 """
 
 from __future__ import annotations
@@ -14,10 +17,21 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from lightkv_core.compile_check import (
+    RESULTS,
+    SHARED_MEMORY_LIMITS,
+    Pruning,
+    compile_all,
+    config_text,
+    default_jobs,
+    report_compiles,
+    static_prune,
+)
 from lightkv_core.config import PRESETS
 from lightkv_core.errors import UsageError
 from lightkv_core.kernel_problems import kernel_problems
@@ -25,11 +39,13 @@ from lightkv_core.kernels.launch import interpreting
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
+    TARGETS,
     TILED_DIMS,
     bucket,
     cache_dir,
+    default_config,
     device_name,
-    fit_tiles,
+    parse_key,
     read_cache,
     store_configs,
 )
@@ -40,13 +56,13 @@ from lightkv_core.stage_shapes import StageShape, parse_shape, preset_shapes, sm
 
 
 def candidates(kernel: str, key: str, max_configs: int | None = None) -> list[dict[str, int]]:
-    """The configs worth timing for a shape key: the default as it launches untuned (tiles clamped to the shape)
-    first, then every config whose tiles, query chunk and head block are no larger than the (bucketed) dimension
-    they split; at most ``max_configs`` (a seeded sample of the rest)."""
+    """The configs worth timing for a shape key: the default as it launches untuned (for the key's dtype, tiles
+    clamped to the shape) first, then every config whose tiles, query chunk and head block are no larger than the
+    (bucketed) dimension they split; at most ``max_configs`` (a seeded sample of the rest)."""
     spec = KERNELS[kernel]
-    dims = dict(item.split("=") for item in key.split(","))
+    dims = parse_key(key)
     limits = {**TILED_DIMS, "SPLIT_S": "S", "HEADS_PER_PROGRAM": "H"}
-    default = fit_tiles(spec.default, dims)
+    default = default_config(kernel, dims)
     kept = []
     for config in spec.candidates():
         fits = all(
@@ -97,10 +113,12 @@ def tune(
     device: torch.device,
     dtype: torch.dtype,
     max_configs: int | None,
+    pruning: Pruning,
     progress: Callable[[str], None],
 ) -> list[TunedKernel]:
-    """Time every candidate config of each job's kernels on its shape (CUDA); a config that fails to compile or
-    launch, or whose output differs from the fallback's, is rejected with the reason."""
+    """Time every candidate config of each job's kernels on its shape (CUDA) but those ``pruning`` refused (the
+    default is timed anyway: it is the baseline); a config that fails to compile or launch, or whose output differs
+    from the fallback's, is rejected with the reason."""
     from triton.testing import do_bench
 
     results: dict[tuple[str, str], TunedKernel] = {}
@@ -108,9 +126,11 @@ def tune(
         for problem in kernel_problems(kernels, shape, device, dtype):
             if (problem.kernel, problem.key) in results:
                 continue  # an earlier stage had the same bucketed shape
-            configs = candidates(problem.kernel, problem.key, max_configs)
+            tried = candidates(problem.kernel, problem.key, max_configs)
+            refused = pruning.refused.get((problem.kernel, problem.key), {})
+            configs = tried[:1] + [config for config in tried[1:] if config_text(config) not in refused]
             times: dict[int, float] = {}
-            rejected: dict[str, str] = {}
+            rejected = {text: reason for text, reason in refused.items() if text != config_text(tried[0])}
             for index, config in enumerate(configs):
                 progress(f"{problem.kernel} [{problem.key}] config {index + 1}/{len(configs)}")
                 try:
@@ -118,12 +138,12 @@ def tune(
                     torch.cuda.synchronize(device)
                     times[index] = do_bench(partial(problem.launch, config), warmup=10, rep=50) / 1e3
                 except Exception as error:  # any compile/launch/check failure rejects the config
-                    rejected[_config_text(config)] = _reason(error)
+                    rejected[config_text(config)] = _reason(error)
             if 0 not in times:
                 raise RuntimeError(f"{problem.kernel} [{problem.key}]: the default config failed: {rejected}")
             best = min(times, key=times.__getitem__)
             results[(problem.kernel, problem.key)] = TunedKernel(
-                problem.kernel, problem.key, shape.label, configs[best], times[best], times[0], len(configs), rejected
+                problem.kernel, problem.key, shape.label, configs[best], times[best], times[0], len(tried), rejected
             )
     return list(results.values())
 
@@ -145,7 +165,7 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
                 try:
                     problem.check(problem.launch(config))
                 except Exception as error:  # report every failing tiling, not just the first
-                    rejected[_config_text(config)] = _reason(error)
+                    rejected[config_text(config)] = _reason(error)
             results[(problem.kernel, problem.key)] = TunedKernel(
                 problem.kernel,
                 problem.key,
@@ -157,10 +177,6 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
                 rejected,
             )
     return list(results.values())
-
-
-def _config_text(config: dict[str, int]) -> str:
-    return " ".join(f"{param}={value}" for param, value in config.items())
 
 
 def _reason(error: Exception) -> str:
@@ -197,16 +213,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no GPU needed: check every tiling under the Triton interpreter against the fallback, and the cache files",
     )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: compile every kernel's default config in every dtype for NVIDIA targets and write "
+        "compile-<target>.json (registers, spills, shared memory, tensor-core instructions)",
+    )
+    parser.add_argument(
+        "--target",
+        help=f"with --compile-only, the one target to compile for; with --dry-run, also compile every candidate for "
+        f"it and report the ones tuning would drop ({', '.join(TARGETS)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"folder of the --compile-only tables (default {RESULTS})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """``lightkv autotune``: 0 when configs were tuned (or all checked, with ``--dry-run``), 1 otherwise."""
-    kernels = list(KERNELS) if not args.kernels else [name.strip() for name in args.kernels.split(",")]
-    unknown = [name for name in kernels if name not in KERNELS]
-    if unknown:
-        raise UsageError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
-    if args.max_configs < 1:
-        raise UsageError(f"--max-configs must be at least 1, got {args.max_configs}")
+    """``lightkv autotune``: 0 when configs were tuned (or all checked, with ``--dry-run`` or ``--compile-only``),
+    1 otherwise."""
+    kernels = _checked_kernels(args)
     if args.dry_run and not interpreting():
         # Triton decides at import whether kernels are interpreted: run again with the interpreter on.
         os.execve(
@@ -214,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "lightkv_core.cli", *args.argv],
             {**os.environ, "TRITON_INTERPRET": "1"},
         )
-    if not args.dry_run and (not torch.cuda.is_available() or interpreting()):
+    if not (args.dry_run or args.compile_only) and (not torch.cuda.is_available() or interpreting()):
         why = (
             "TRITON_INTERPRET=1 is set"
             if interpreting()
@@ -240,19 +266,49 @@ def run(args: argparse.Namespace) -> int:
     print(f"lightkv autotune: {len(kernels)} kernel(s) over {len(shapes)} shape(s):")
     for shape in shapes:
         print(f"  {shape.label}: {shape.describe()}")
+    dtype, targets, pruning = getattr(torch, args.dtype), [args.target] if args.target else list(TARGETS), None
     with tqdm(desc="autotune", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
 
         def progress(message: str) -> None:
             bar.set_postfix_str(message, refresh=False)
             bar.update(1)
 
-        if args.dry_run:
+        if args.compile_only:
+            records = compile_all(default_jobs(jobs, targets), progress=progress)
+        elif args.dry_run:
+            if args.target:
+                choose = partial(candidates, max_configs=args.max_configs)
+                pruning = static_prune(jobs, dtype, args.target, SHARED_MEMORY_LIMITS[args.target], choose, progress)
             results = dry_run(jobs, progress)
         else:
             device = torch.device("cuda", torch.cuda.current_device())
-            dtype = getattr(torch, args.dtype)
-            results = tune(jobs, device, dtype, args.max_configs, progress)
-    return _report_dry_run(results) if args.dry_run else _report_tuning(results, device)
+            major, minor = torch.cuda.get_device_capability(device)
+            limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+            choose = partial(candidates, max_configs=args.max_configs)
+            pruning = static_prune(jobs, dtype, f"sm_{major}{minor}", limit, choose, progress)
+            results = tune(jobs, device, dtype, args.max_configs, pruning, progress)
+    if args.compile_only:
+        return report_compiles(records, targets, shapes, args.out, " ".join(["lightkv", *args.argv]))
+    if pruning is not None:
+        print(f"\n{pruning.summary()}")
+    return _report_dry_run(results, pruning) if args.dry_run else _report_tuning(results, device)
+
+
+def _checked_kernels(args: argparse.Namespace) -> list[str]:
+    """The kernels ``--kernels`` names, after checking the options that need no GPU; UsageError otherwise."""
+    kernels = list(KERNELS) if not args.kernels else [name.strip() for name in args.kernels.split(",")]
+    unknown = [name for name in kernels if name not in KERNELS]
+    if unknown:
+        raise UsageError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
+    if args.max_configs < 1:
+        raise UsageError(f"--max-configs must be at least 1, got {args.max_configs}")
+    if args.target is not None and args.target not in TARGETS:
+        raise UsageError(f"unknown --target {args.target!r}; choose from {', '.join(TARGETS)}")
+    if args.dry_run and args.compile_only:
+        raise UsageError("--dry-run and --compile-only cannot be combined")
+    if args.target is not None and not (args.dry_run or args.compile_only):
+        raise UsageError("--target needs --dry-run or --compile-only (tuning compiles for the GPU it runs on)")
+    return kernels
 
 
 def _report_tuning(results: list[TunedKernel], device: torch.device) -> int:
@@ -274,7 +330,7 @@ def _report_tuning(results: list[TunedKernel], device: torch.device) -> int:
     print(f"\n{header}\n{'-' * len(header)}")
     for result in results:
         print(
-            f"{result.kernel:<26} {result.key:<42} {_config_text(result.config):<58} "
+            f"{result.kernel:<26} {result.key:<42} {config_text(result.config):<58} "
             f"{result.default_time_s * 1e6:>7.1f}us {result.time_s * 1e6:>7.1f}us {result.speedup:>6.2f}x"
         )
         if result.rejected:
@@ -284,7 +340,7 @@ def _report_tuning(results: list[TunedKernel], device: torch.device) -> int:
     return 0
 
 
-def _report_dry_run(results: list[TunedKernel]) -> int:
+def _report_dry_run(results: list[TunedKernel], pruning: Pruning | None) -> int:
     header = f"{'kernel':<26} {'shape key (small, float32)':<44} {'tilings':>7} {'failed':>6}"
     print(f"\n{header}\n{'-' * len(header)}")
     failed = 0
@@ -304,13 +360,8 @@ def _report_dry_run(results: list[TunedKernel]) -> int:
         print(f"cache: no tuned configs in {cache_dir()} (the kernels launch with their defaults)")
     for problem in problems:
         print(problem)
-    ok = failed == 0 and not problems
-    print(
-        "\ndry run (Triton interpreter, nothing timed): "
-        + (
-            "every tiling matches the PyTorch fallback."
-            if ok
-            else f"{failed} tiling(s) failed, {len(problems)} bad cache file(s)."
-        )
-    )
+    refused = [] if pruning is None else pruning.refused_defaults()
+    ok = failed == 0 and not problems and not refused
+    verdict = f"{failed} tiling(s) failed, {len(problems)} bad cache file(s), {len(refused)} default(s) refused"
+    print(f"\ndry run (Triton interpreter, nothing timed): {'every tiling matches the fallback' if ok else verdict}.")
     return 0 if ok else 1

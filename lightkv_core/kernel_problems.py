@@ -1,12 +1,13 @@
-"""One kernel on one stage's inputs, for autotune: a launch with any config, and the check of its output
-against the PyTorch fallback (:mod:`lightkv_core.kernels.agreement`)."""
+"""One kernel on one stage's inputs, for autotune and the compile check: a launch with any config, and the check
+of its output against the PyTorch fallback (:mod:`lightkv_core.kernels.agreement`), which runs the fallback on the
+first check only (a problem that is only compiled never runs it)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -15,7 +16,7 @@ from lightkv_core.kernels import agreement
 from lightkv_core.kernels.attention_stats import attention_statistics_torch, attention_statistics_triton
 from lightkv_core.kernels.merge_compact import merge_compact_torch, merge_compact_triton
 from lightkv_core.kernels.scoring import cross_attention_scores_torch, cross_attention_scores_triton
-from lightkv_core.kernels.tuning import KERNELS, bucket, dtype_name, fit_tiles
+from lightkv_core.kernels.tuning import KERNELS, bucket, default_config, dtype_name
 from lightkv_core.kernels.window_match import window_best_match_torch, window_best_match_triton
 from lightkv_core.stage import plan_stage
 from lightkv_core.stage_shapes import StageShape, guide_positions
@@ -32,6 +33,15 @@ class KernelProblem:
     key: str
     launch: Callable[[dict[str, int]], object]
     check: Callable[[object], object]
+
+
+def _checker(
+    check: Callable[..., object], reference: Callable[[], object], *args: object, **context: object
+) -> Callable[[object], object]:
+    """``output -> check(*args, output, expected=reference(), **context)``, ``reference()`` computed on the first
+    call and kept."""
+    expected = cache(reference)
+    return lambda output: check(*args, output, expected=expected(), **context)
 
 
 def kernel_problems(
@@ -65,7 +75,7 @@ def _scoring_problems(
     guide_index, guide_count = guides[None].to(device), torch.tensor([guides.numel()], device=device)
     query_mask = torch.ones(1, shape.seq, dtype=torch.bool, device=device)
     scale = 1.0 / math.sqrt(shape.head_dim)
-    expected = cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)
+    reference = partial(cross_attention_scores_torch, q, k, guide_index, guide_count, query_mask, scale)
     dims = {
         "S": bucket(shape.seq),
         "T": bucket(guides.numel()),
@@ -73,11 +83,8 @@ def _scoring_problems(
         "d": shape.head_dim,
         "dtype": dtype_name(dtype),
     }
-    defaults = (
-        fit_tiles(KERNELS["scoring.column_lse"].default, dims),
-        fit_tiles(KERNELS["scoring.row_sum"].default, dims),
-    )
-    check = partial(agreement.check_scores, expected=expected, q=q, k=k, scale=scale, guides=guides.numel())
+    defaults = (default_config("scoring.column_lse", dims), default_config("scoring.row_sum", dims))
+    check = _checker(agreement.check_scores, reference, q=q, k=k, scale=scale, guides=guides.numel())
     inputs = (q, k, guide_index, guide_count, query_mask, scale)
     for index, name in enumerate(("scoring.column_lse", "scoring.row_sum")):
         if name in kernels:
@@ -102,17 +109,14 @@ def _attention_problems(
     query_sets = (torch.tensor([shape.seq - 1]), guide_positions(shape), torch.arange(shape.seq))
     for rows in query_sets:
         query_index = rows[None].to(device)
-        expected = attention_statistics_torch(q, k, query_index, key_index, key_mask, True, scale)
+        reference = partial(attention_statistics_torch, q, k, query_index, key_index, key_mask, True, scale)
         common = {"Q": bucket(rows.numel()), "H": shape.heads, "d": shape.head_dim, "dtype": dtype_name(dtype)}
         dims = {"row_lse": {**common, "S": bucket(shape.seq)}, "column_sum": {**common, "C": bucket(shape.seq)}}
         defaults = (
-            fit_tiles(KERNELS["attention_stats.row_lse"].default, dims["row_lse"]),
-            fit_tiles(KERNELS["attention_stats.column_sum"].default, dims["column_sum"]),
+            default_config("attention_stats.row_lse", dims["row_lse"]),
+            default_config("attention_stats.column_sum", dims["column_sum"]),
         )
-
-        check = partial(
-            agreement.check_attention_statistics, expected=expected, q=q, k=k, scale=scale, queries=rows.numel()
-        )
+        check = _checker(agreement.check_attention_statistics, reference, q=q, k=k, scale=scale, queries=rows.numel())
         inputs = (q, k, query_index, key_index, key_mask, True, scale)
         for index, part in enumerate(("row_lse", "column_sum")):
             name = f"attention_stats.{part}"
@@ -150,7 +154,7 @@ def _stage_problems(
     match_arguments = plan.match_arguments
     if match_arguments is None:
         raise ValueError(f"{shape.label}: the stage merges nothing, so there is nothing to tune")
-    expected_match = window_best_match_torch(*match_arguments)
+    expected_match = cache(partial(window_best_match_torch, *match_arguments))
     if "window_match" in kernels:
         offsets = plan.windows.b_offsets
         largest = int((offsets[1:] - offsets[:-1]).max())
@@ -158,16 +162,15 @@ def _stage_problems(
             "window_match",
             KERNELS["window_match"].key(window=bucket(largest), D=shape.hidden, dtype=dtype_name(dtype)),
             lambda config: window_best_match_triton(*match_arguments, config),
-            partial(agreement.check_window_match, match_arguments, expected=expected_match),
+            _checker(agreement.check_window_match, expected_match, match_arguments),
         )
     if "merge_compact" in kernels:
         weights = torch.rand(shape.seq, generator=generator).to(device)
-        merged_into = choose_merges(plan.windows, *expected_match, 1, shape.seq)
+        merged_into = choose_merges(plan.windows, *expected_match(), 1, shape.seq)
         merge_args = merge_arguments(hidden, merged_into < 0, merged_into, weights[None], "left")
-        expected_merge = merge_compact_torch(*merge_args)
         yield KernelProblem(
             "merge_compact",
             KERNELS["merge_compact"].key(D=shape.hidden, dtype=dtype_name(dtype)),
             lambda config: merge_compact_triton(*merge_args, config),
-            partial(agreement.check_merge, expected=expected_merge, src_offsets=merge_args[3]),
+            _checker(agreement.check_merge, partial(merge_compact_torch, *merge_args), src_offsets=merge_args[3]),
         )

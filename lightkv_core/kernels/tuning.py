@@ -2,7 +2,10 @@
 per-device cache of tuned configurations the kernels read at launch.
 
 A *config* is a kernel's tile sizes (its ``tl.constexpr`` block parameters) plus ``num_warps`` and ``num_stages``;
-each kernel has one :class:`TunableKernel` in :data:`KERNELS`. Shape keys, the cache file and its errors:
+each kernel has one :class:`TunableKernel` in :data:`KERNELS`, named ``"<module>.<kernel>"`` for the Triton kernel
+``<kernel>_kernel`` of ``lightkv_core.kernels.<module>`` (``"window_match"``: ``window_match.window_match_kernel``).
+Its default may differ per dtype (:attr:`TunableKernel.dtype_defaults`), so that no default spills registers on
+any of :data:`TARGETS` (``lightkv autotune --compile-only``). Shape keys, the cache file and its errors:
 ``perf/README.md``, "Autotuning".
 """
 
@@ -12,7 +15,7 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +26,9 @@ import torch
 #                                         {"config": {...}, "time_s": ..., "default_time_s": ...}}}}
 CACHE_FORMAT = 1
 LAUNCH_PARAMS = ("num_warps", "num_stages")
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+#: The NVIDIA targets every default is compiled for and checked on (lightkv_core.compile_check).
+TARGETS = ("sm_80", "sm_90", "sm_100")
 
 
 @dataclass(frozen=True)
@@ -34,19 +40,31 @@ class TunableKernel:
         default: the config used when the cache has no entry for a shape.
         space: every value autotuning may pick, per parameter (the default's values included).
         key_dims: the dimensions of the shape key, in order.
+        dtype_defaults: per dtype name, the parameters whose default differs for tiles of that dtype
+            (:meth:`default_for`).
     """
 
     name: str
     default: dict[str, int]
     space: dict[str, tuple[int, ...]]
     key_dims: tuple[str, ...]
+    dtype_defaults: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.default) != set(self.space):
             raise ValueError(f"{self.name}: default and space must name the same parameters")
-        for param, value in self.default.items():
-            if value not in self.space[param]:
-                raise ValueError(f"{self.name}: default {param}={value} is not in its space {self.space[param]}")
+        if not set(self.dtype_defaults) <= set(DTYPE_NAMES):
+            raise ValueError(f"{self.name}: dtype defaults for {sorted(self.dtype_defaults)}, not all of {DTYPE_NAMES}")
+        for config in (self.default, *self.dtype_defaults.values()):
+            for param, value in config.items():
+                if value not in self.space.get(param, ()):
+                    space = self.space.get(param)
+                    raise ValueError(f"{self.name}: default {param}={value} is not in its space {space}")
+
+    def default_for(self, dtype: str) -> dict[str, int]:
+        """The default config for tiles of ``dtype`` (a dtype name): :attr:`default`, updated with the dtype's
+        :attr:`dtype_defaults`."""
+        return {**self.default, **self.dtype_defaults.get(dtype, {})}
 
     def candidates(self) -> list[dict[str, int]]:
         """Every config of the space (the cartesian product of the parameter values)."""
@@ -79,7 +97,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# The defaults launch as the kernels did before they were tunable (Triton's default 4 warps and 3 stages).
+def parse_key(key: str) -> dict[str, str]:
+    """The dimensions of a shape key: ``"D=4096,dtype=float16"`` -> ``{"D": "4096", "dtype": "float16"}``."""
+    return dict(item.split("=", 1) for item in key.split(","))
+
+
+# The defaults launch as the kernels did before they were tunable (Triton's default 4 warps and 3 stages), except
+# float32 tiles of the four matmul-like kernels: their tl.dot is IEEE float32 (no TF32, DOT_MODE), on CUDA cores,
+# whose operands at those tiles spilled thousands of bytes on every target (README, "Compile check"). Their float32
+# defaults hold half the tile or spread it over 8 warps instead: 37-84 registers and no spill on sm_80/90/100.
 _WARPS = (4, 8)
 _STAGES = (2, 3)
 
@@ -97,6 +123,7 @@ KERNELS: dict[str, TunableKernel] = {
                 "num_stages": _STAGES,
             },
             key_dims=("S", "T", "H", "d", "dtype"),
+            dtype_defaults={"float32": {"BLOCK_S": 32, "num_warps": 8}},
         ),
         TunableKernel(
             "scoring.row_sum",
@@ -109,6 +136,7 @@ KERNELS: dict[str, TunableKernel] = {
                 "num_stages": _STAGES,
             },
             key_dims=("S", "T", "H", "d", "dtype"),
+            dtype_defaults={"float32": {"BLOCK_T": 16, "num_warps": 8}},
         ),
         TunableKernel(
             "window_match",
@@ -134,6 +162,7 @@ KERNELS: dict[str, TunableKernel] = {
             default={"BLOCK_Q": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
             space={"BLOCK_Q": (16, 32, 64, 128), "BLOCK_K": (32, 64, 128), "num_warps": _WARPS, "num_stages": _STAGES},
             key_dims=("Q", "S", "H", "d", "dtype"),
+            dtype_defaults={"float32": {"BLOCK_Q": 16, "num_warps": 8}},
         ),
         TunableKernel(
             "attention_stats.column_sum",
@@ -145,6 +174,7 @@ KERNELS: dict[str, TunableKernel] = {
                 "num_stages": _STAGES,
             },
             key_dims=("Q", "C", "H", "d", "dtype"),
+            dtype_defaults={"float32": {"BLOCK_Q": 32, "num_warps": 8}},
         ),
     )
 }
@@ -205,12 +235,17 @@ def read_cache(path: Path) -> dict:
 
 
 def launch_config(kernel: str, device: torch.device, **dims: int | str) -> dict[str, int]:
-    """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else the default with
-    every tile clamped to the dimension it tiles (:func:`fit_tiles`)."""
-    spec = KERNELS[kernel]
-    key = spec.key(**dims)
+    """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else
+    :func:`default_config`."""
+    key = KERNELS[kernel].key(**dims)
     entry = read_cache(cache_path(device_name(device))).get("kernels", {}).get(kernel, {}).get(key)
-    return dict(entry["config"]) if entry else fit_tiles(spec.default, dims)
+    return dict(entry["config"]) if entry else default_config(kernel, dims)
+
+
+def default_config(kernel: str, dims: dict[str, int | str]) -> dict[str, int]:
+    """``kernel``'s default for the dtype of ``dims`` (a shape key's dimensions, :meth:`TunableKernel.default_for`),
+    every tile clamped to the dimension it tiles (:func:`fit_tiles`)."""
+    return fit_tiles(KERNELS[kernel].default_for(str(dims["dtype"])), dims)
 
 
 # The shape-key dimension each tile parameter tiles: a tile larger than that dimension (rounded up to a power of

@@ -57,6 +57,21 @@ def test_every_default_lies_in_its_space_and_candidates_start_with_it():
         assert len(configs) == math.prod(len(values) for values in spec.space.values())
 
 
+def test_float32_tiles_have_their_own_defaults(cache_dir):
+    """The matmul-like kernels' float32 dots are IEEE, on CUDA cores: their fp16 tiles spilled, so float32 launches
+    smaller ones (the compile check, tests/tools/test_compile_check.py, finds no default spilling)."""
+    dims = {"S": 4096, "T": 128, "H": 32, "d": 128}
+    spec = KERNELS["scoring.column_lse"]
+    fp32 = launch_config("scoring.column_lse", torch.device("cpu"), **dims, dtype="float32")
+    assert fp32 == {**spec.default, "BLOCK_S": 32, "num_warps": 8}
+    assert launch_config("scoring.column_lse", torch.device("cpu"), **dims, dtype="bfloat16") == spec.default
+    assert autotune.candidates("scoring.column_lse", spec.key(**dims, dtype="float32"))[0] == fp32
+    with pytest.raises(ValueError, match="BLOCK_S=48 is not in its space"):
+        dataclasses.replace(spec, dtype_defaults={"float32": {"BLOCK_S": 48}})
+    with pytest.raises(ValueError, match="dtype defaults for"):
+        dataclasses.replace(spec, dtype_defaults={"float64": {"BLOCK_S": 32}})
+
+
 def test_candidates_prune_tiles_larger_than_the_shape_and_cap_the_count():
     key = KERNELS["scoring.column_lse"].key(S=512, T=32, H=32, d=128, dtype="float16")
     configs = autotune.candidates("scoring.column_lse", key)
@@ -244,7 +259,7 @@ def test_dry_run_checks_the_attention_statistics_tilings(monkeypatch):
     for name in kernels:
         spec = KERNELS[name]
         smaller = {p: (v if p in LAUNCH_PARAMS else (min(v), spec.default[p])) for p, v in spec.space.items()}
-        monkeypatch.setitem(KERNELS, name, dataclasses.replace(spec, space=smaller))
+        monkeypatch.setitem(KERNELS, name, dataclasses.replace(spec, space=smaller, dtype_defaults={}))
     shapes = stage_shapes.preset_shapes("llava-1.5")[:1]
     results = autotune.dry_run([(kernels, shapes[0])], lambda message: None)
     # three query sets (last token, text tokens, every token) on the small stage of 277 tokens
