@@ -54,11 +54,11 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
 
 
 def check_index_lists(op: str, x: torch.Tensor, **lists: torch.Tensor) -> None:
-    """Index lists on ``x``'s device or on the host: a list planned on the host is checked there without waiting for
-    the device, and the launch copies it over."""
-    misplaced = {name: t.device for name, t in lists.items() if t.device not in (x.device, torch.device("cpu"))}
-    if misplaced:
-        raise ValueError(f"{op}: index lists must be on {x.device} or the CPU, got {misplaced}")
+    """Index lists all on ``x``'s device or all on the host: lists planned on the host are checked there without
+    waiting for the device, and the launch copies them over."""
+    devices = {name: t.device for name, t in lists.items()}
+    if len(set(devices.values())) > 1 or not set(devices.values()) <= {x.device, torch.device("cpu")}:
+        raise ValueError(f"{op}: index lists must be all on {x.device} or all on the CPU, got {devices}")
 
 
 def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
