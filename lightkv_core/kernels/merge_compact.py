@@ -165,8 +165,7 @@ def merge_compact_torch(
     real = out_rows >= 0
     if x.shape[0] == 0:  # every output row is padding
         return torch.zeros(out_rows.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-    gathered = x.index_select(0, out_rows.clamp(min=0))
-    out = torch.where(real[:, None], gathered, torch.zeros((), dtype=x.dtype, device=x.device))
+    out = x.index_select(0, out_rows.clamp(min=0)).masked_fill_(~real[:, None], 0)
     if src_rows.numel() == 0:
         return out
     counts = src_offsets[1:] - src_offsets[:-1]
