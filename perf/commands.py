@@ -37,10 +37,7 @@ def _check_kernels(args: argparse.Namespace) -> None:
 
 def _check_prefill(args: argparse.Namespace) -> None:
     _at_least(args, "--repeats", 0)
-    try:
-        [int(n) for n in (args.vision_tokens or "").split(",") if n.strip()]
-    except ValueError:
-        raise UsageError(f"--vision-tokens: expected comma-separated integers, got {args.vision_tokens!r}") from None
+    prefill.parse_options(args)
 
 
 # The option values each benchmark would only refuse deep inside, or with a plain ValueError: refused here, where

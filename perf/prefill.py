@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.errors import UsageError
 from lightkv_core.kernels.launch import BACKENDS, choose_backend
 from lightkv_core.methods import LightKV
 from lightkv_perf.common import add_common_arguments, device, device_tag, run_record, write_json
@@ -73,21 +74,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run every (model, vision-token count) case, write the JSON and PNG, print the table."""
+def parse_options(args: argparse.Namespace) -> tuple[list[str], str, list[int]]:
+    """``(models, size name, vision-token counts)`` from the command line; UsageError naming a bad value."""
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
-        raise SystemExit(f"--models: choose from {', '.join(MODELS)}, got {args.models!r}")
+        raise UsageError(f"--models: choose from {', '.join(MODELS)}, got {args.models!r}")
+    size_name = args.size or ("7b" if device().type == "cuda" else "small")
+    per_image = SIZES[size_name].image_tokens
+    try:
+        counts = [int(n) for n in (args.vision_tokens or f"{per_image},{5 * per_image}").split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n <= 0 or n % per_image for n in counts):
+        raise UsageError(
+            f"--vision-tokens: comma-separated positive multiples of {per_image} for this size, "
+            f"got {args.vision_tokens!r}"
+        )
+    return models, size_name, counts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every (model, vision-token count) case, write the JSON and PNG, print the table."""
+    models, size_name, counts = parse_options(args)
     on = device()
-    size_name = args.size or ("7b" if on.type == "cuda" else "small")
     size = SIZES[size_name]
     per_image = size.image_tokens
-    counts = [int(n) for n in (args.vision_tokens or f"{per_image},{5 * per_image}").split(",") if n.strip()]
-    if not counts or any(n <= 0 or n % per_image for n in counts):
-        raise SystemExit(
-            f"--vision-tokens: positive multiples of {per_image} for this size, got {args.vision_tokens!r}"
-        )
     dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
     repeats = args.repeats or (1 if args.quick else 5)
     config = schedule_for(size.text.num_layers)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lightkv_core.cli import main
 from lightkv_perf import prefill
 from lightkv_perf.common import device_tag
 from lightkv_perf.prefill_cases import SIZES, TEXT_AFTER, TEXT_BEFORE, TextShape
@@ -64,3 +65,20 @@ def test_tiny_run_records_shorter_layers_after_the_first_merge(tmp_path) -> None
         assert 0 < case["lightkv"]["reduce_s_median"] < case["lightkv"]["prefill_s_median"]
     # both adapters make the same cut from the same schedule
     assert result["cases"][0]["lightkv"]["kv_lengths"] == result["cases"][2]["lightkv"]["kv_lengths"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--vision-tokens", "5x"],
+            "--vision-tokens: comma-separated positive multiples of 144 for this size, got '5x'",
+        ),
+        (["--vision-tokens", "100"], "--vision-tokens: comma-separated positive multiples of 144"),
+        (["--models", "foo"], "--models: choose from reference, hf, got 'foo'"),
+    ],
+)
+def test_bad_options_are_one_usage_line(options, message, capsys) -> None:
+    assert main(["bench", "prefill", "--size", "tiny", *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lightkv: error: ") and message in error and "\n" not in error
