@@ -23,7 +23,6 @@ import torch
 from tqdm import tqdm
 
 from lightkv_core.compile_check import (
-    RESULTS,
     SHARED_MEMORY_LIMITS,
     Pruning,
     compile_all,
@@ -33,7 +32,7 @@ from lightkv_core.compile_check import (
     static_prune,
 )
 from lightkv_core.config import PRESETS
-from lightkv_core.errors import UsageError
+from lightkv_core.errors import UsageError, error_line
 from lightkv_core.kernel_problems import kernel_problems
 from lightkv_core.kernels.launch import interpreting
 from lightkv_core.kernels.tuning import (
@@ -49,6 +48,7 @@ from lightkv_core.kernels.tuning import (
     read_cache,
     store_configs,
 )
+from lightkv_core.run_record import RESULTS
 from lightkv_core.stage_shapes import StageShape, parse_shape, preset_shapes, small_shape
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def tune(
                     torch.cuda.synchronize(device)
                     times[index] = do_bench(partial(problem.launch, config), warmup=10, rep=50) / 1e3
                 except Exception as error:  # any compile/launch/check failure rejects the config
-                    rejected[config_text(config)] = _reason(error)
+                    rejected[config_text(config)] = error_line(error, 120)
             if 0 not in times:
                 raise RuntimeError(f"{problem.kernel} [{problem.key}]: the default config failed: {rejected}")
             best = min(times, key=times.__getitem__)
@@ -165,7 +165,7 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
                 try:
                     problem.check(problem.launch(config))
                 except Exception as error:  # report every failing tiling, not just the first
-                    rejected[config_text(config)] = _reason(error)
+                    rejected[config_text(config)] = error_line(error, 120)
             results[(problem.kernel, problem.key)] = TunedKernel(
                 problem.kernel,
                 problem.key,
@@ -177,12 +177,6 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
                 rejected,
             )
     return list(results.values())
-
-
-def _reason(error: Exception) -> str:
-    """Why a config was rejected: the error's type and the first line of its message."""
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import platform
 import selectors
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import torch
 from lightkv_core.compile_worker import CompileJob, CompileRecord
 from lightkv_core.kernel_problems import kernel_problems
 from lightkv_core.kernels.tuning import DTYPE_NAMES, KERNELS, default_config, dtype_name, parse_key
+from lightkv_core.run_record import run_record
 from lightkv_core.stage_shapes import StageShape
 
 #: Shared memory one block may use on each target, in bytes (the opt-in maximum of dynamic shared memory).
@@ -42,9 +42,7 @@ SHARED_MEMORY_LIMITS = {"sm_80": 166_912, "sm_90": 232_448, "sm_100": 232_448}
 MATMUL_KERNELS = ("scoring.column_lse", "scoring.row_sum", "attention_stats.row_lse", "attention_stats.column_sum")
 #: The first words of every :func:`prune_reason`.
 PRUNE_CAUSES = ("fails to compile", "spills registers", "exceeds shared memory")
-# perf/results in a source checkout (where the results are committed), ./lightkv-results for an installed package
 _ROOT = Path(__file__).resolve().parent.parent
-RESULTS = _ROOT / "perf" / "results" if (_ROOT / "perf" / "README.md").exists() else Path("lightkv-results")
 
 
 def default_jobs(
@@ -156,29 +154,11 @@ def default_problems(records: list[CompileRecord]) -> list[str]:
     return problems
 
 
-def run_record(command: str) -> dict:
-    """The header of a result file, as the benchmarks write it: what ran, where, with which versions."""
-    import triton
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=_ROOT
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    versions["commit"] = commit
-    cpu = f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
-    machine = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu}
-    machine["platform"] = platform.platform()
-    return {"benchmark": "compile", "command": command, "machine": machine, "versions": versions}
-
-
 def write_table(records: list[CompileRecord], target: str, shapes: list[StageShape], command: str, path: Path) -> Path:
     """``path``: the run record, the target, its shared-memory limit, the stage shapes, and one entry per record
     (sizes in bytes, times in seconds)."""
     content = {
-        **run_record(command),
+        **run_record("compile", command),
         "target": target,
         "shared_memory_limit": SHARED_MEMORY_LIMITS.get(target),
         "shapes": [f"{shape.label}: {shape.describe()}" for shape in shapes],

@@ -37,6 +37,7 @@ from triton.backends.driver import DriverBase
 from triton.compiler import ASTSource
 from triton.runtime.driver import driver
 
+from lightkv_core.errors import error_line
 from lightkv_core.kernel_problems import KernelProblem, kernel_problems
 from lightkv_core.kernels.tuning import default_config, parse_key
 from lightkv_core.stage_shapes import StageShape
@@ -196,12 +197,6 @@ def tensor_core_ops(cubin: bytes) -> int:
     return sum(1 for opcode in opcodes if TENSOR_CORE_OPCODE.match(opcode))
 
 
-def error_text(error: Exception) -> str:
-    """The error's type and first line, shortened."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
-
-
 def run_jobs(jobs: list[CompileJob], progress: TextIO | None = None) -> list[CompileRecord]:
     """Compile every job (its problems built once per shape, dtype and kernel; each specialisation compiled once),
     writing a line to ``progress`` after each job. For a worker process only: it replaces Triton's active driver and
@@ -228,14 +223,14 @@ def run_jobs(jobs: list[CompileJob], progress: TextIO | None = None) -> list[Com
             try:
                 specialization = specialize(problem, config, target)
             except Exception as error:  # the launch wrapper refused the config
-                records.append(replace(record, error=error_text(error)))
+                records.append(replace(record, error=error_line(error, 200)))
                 continue
             identity = specialization.identity()
             if identity not in compiled:
                 try:
                     compiled[identity] = compile_resources(specialization, target)
                 except Exception as error:  # any compiler failure is recorded, not raised
-                    compiled[identity] = {"error": error_text(error)}
+                    compiled[identity] = {"error": error_line(error, 200)}
             records.append(replace(record, **compiled[identity]))
         if progress is not None:
             print(f"{job.kernel} {job.dtype} {job.target}", file=progress, flush=True)

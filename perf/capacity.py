@@ -44,11 +44,11 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig, parse_values  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
+from lightkv_core.run_record import RESULTS  # noqa: E402
 from lightkv_perf.capacity_plot import plot  # noqa: E402
 from lightkv_perf.capacity_requests import SHAPE, FakeReq, llava_next_request, text_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 GIB = 1 << 30
 NUM_LAYERS = PRESET_DEPTHS["llava-next"]
 SWEEP_GIB = (10, 20, 40, 80)

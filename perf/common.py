@@ -10,10 +10,8 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-# perf/results in a source checkout (where the results are committed); ./lightkv-results for an installed package
-RESULTS = (
-    Path(__file__).parent / "results" if (Path(__file__).parent / "README.md").exists() else Path("lightkv-results")
-)
+# the result folder and the run record are the compile check's too, so they live in the core
+from lightkv_core.run_record import RESULTS as RESULTS
+from lightkv_core.run_record import run_record as run_record
 
 
 def device() -> torch.device:
@@ -39,42 +36,6 @@ def device_tag() -> str:
     name = torch.cuda.get_device_name().lower()
     known = re.search(r"\b([ahlbv]\d{2,3}|gb?\d{3})\b", name)
     return known.group(1) if known else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
-def run_record(benchmark: str) -> dict:
-    """The header of a result file: what ran, where, with which versions."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "transformers"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "unknown")
-    versions["commit"] = _commit()
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        machine = {
-            "device": torch.cuda.get_device_name(),
-            "memory_bytes": properties.total_memory,
-            "multiprocessors": properties.multi_processor_count,
-            "cuda": torch.version.cuda,
-        }
-    else:
-        machine = {"device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"}
-    machine["platform"] = platform.platform()
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    return {"benchmark": benchmark, "command": command, "machine": machine, "versions": versions}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
