@@ -40,6 +40,8 @@ class StagePlan:
         position_ids: ``(B, S)`` or ``(3, B, S)`` int64 given position ids (their device), or ``None`` (ordinals).
         position_mode: ``"original"`` or ``"compact"``.
         guide: the guide tokens' choice (``"all_text"``, ``"prompt"`` or ``"none"``).
+        guide_candidates: ``(B, S)`` bool (host), the tokens that guide where they are real (outside the images;
+            with ``"prompt"``, after the last one), or ``None`` when no scores are computed.
         windows: the A/B sets of every window (host).
         score_arguments: ``(q, k, guide_index, guide_count, query_mask, scale)`` of
             :func:`~lightkv_core.kernels.cross_attention_scores` (on the device), or ``None`` (nothing merges, or
@@ -55,6 +57,7 @@ class StagePlan:
     position_ids: torch.Tensor | None
     position_mode: str
     guide: str
+    guide_candidates: torch.Tensor | None
     windows: WindowPlan
     score_arguments: tuple | None
     match_arguments: tuple | None
@@ -92,10 +95,11 @@ def plan_stage(
     checked = check_on_host(spans, attention_mask, position_ids, hidden)
     per_sample = checked.per_sample
     windows = plan_windows(per_sample, seq, window, ratio, layout)
-    score_arguments = match_arguments = None
+    score_arguments = match_arguments = guide_candidates = None
     if windows.merges_anything:
         if guide != "none":
-            guide_index, guide_count = _guide_tokens(per_sample, checked.real, windows.samples_merging, guide)
+            guide_candidates = _guide_candidates(per_sample, seq, guide)
+            guide_index, guide_count = _guide_tokens(guide_candidates, checked.real, windows.samples_merging)
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
             score_arguments = (q, k, guide_index, guide_count, checked.real, scale)
         match_arguments = (
@@ -112,6 +116,7 @@ def plan_stage(
         checked.position_ids,
         mode,
         guide,
+        guide_candidates,
         windows,
         score_arguments,
         match_arguments,
@@ -242,21 +247,27 @@ def _check_ratio(ratio: object) -> float:
     return float(ratio)
 
 
-def _guide_tokens(
-    per_sample: list[list[VisionSpan]], real: torch.Tensor, samples_merging: list[bool], guide: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(guide_index (B, T), guide_count (B,))`` int64 on ``real``'s device: each sample's guide tokens in order
-    (real tokens outside its images; with ``guide="prompt"`` only those after its last image), none for samples
-    that merge nothing. ``T`` is the most guide tokens a sample could have (padding aside), known from the spans."""
-    batch, seq = real.shape
-    device = real.device
-    never_guide = vision_token_mask(per_sample, seq, "cpu")
+def _guide_candidates(per_sample: list[list[VisionSpan]], seq: int, guide: str) -> torch.Tensor:
+    """``(B, S)`` bool (host): the tokens of each sample that guide where they are real: those outside its images,
+    and with ``guide="prompt"`` only those after its last image."""
+    candidates = ~vision_token_mask(per_sample, seq, "cpu")
     if guide == "prompt":
         for b, sample_spans in enumerate(per_sample):
             if sample_spans:
-                never_guide[b, : sample_spans[-1].end] = True
-    width = max(1, seq - int(never_guide.sum(dim=1).min()))
-    allowed = ~never_guide & torch.tensor(samples_merging, dtype=torch.bool)[:, None]
+                candidates[b, : sample_spans[-1].end] = False
+    return candidates
+
+
+def _guide_tokens(
+    candidates: torch.Tensor, real: torch.Tensor, samples_merging: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(guide_index (B, T), guide_count (B,))`` int64 on ``real``'s device: each sample's real guide
+    ``candidates`` in order, none for samples that merge nothing. ``T`` is the most candidates a sample has, known
+    on the host."""
+    batch, seq = real.shape
+    device = real.device
+    width = max(1, int(candidates.sum(dim=1).max()))
+    allowed = candidates & torch.tensor(samples_merging, dtype=torch.bool)[:, None]
     is_guide = real & allowed.to(device)
     column = torch.where(is_guide, torch.cumsum(is_guide, dim=1) - 1, width)
     guide_index = torch.zeros(batch, width + 1, dtype=torch.long, device=device)
@@ -277,16 +288,10 @@ def check_stage(plan: StagePlan, real: torch.Tensor, flags: torch.Tensor) -> Non
     check_real(plan.per_sample, real)
     if plan.match_arguments is None:
         return
-    if plan.guide != "none":
-        for b, sample_spans in enumerate(plan.per_sample):
-            if not plan.windows.samples_merging[b]:
-                continue
-            outside = real[b].clone()
-            for span in sample_spans:
-                outside[span.start : span.end] = False
-            if plan.guide == "prompt" and sample_spans:
-                outside[: sample_spans[-1].end] = False
-            if not bool(outside.any()):
+    if plan.guide_candidates is not None:
+        has_guide = (real & plan.guide_candidates).any(dim=1)
+        for b, merging in enumerate(plan.windows.samples_merging):
+            if merging and not bool(has_guide[b]):
                 raise ValueError(
                     f"sample {b} has no guide tokens for guide={plan.guide!r} (no text outside its images)"
                 )

@@ -105,8 +105,8 @@ def read_observations(
     (each ``(B, ...)``; returned stacked, ``(L, B, ...)`` float32), in one device-to-host copy: an eviction's one
     host synchronisation."""
     device = observations[0].device
-    parts = [attention_mask.to(device, torch.float32), candidates.to(device, torch.float32), *observations]
-    packed = torch.cat([part.reshape(-1).to(torch.float32) for part in parts]).cpu()
+    parts = [attention_mask, candidates, *observations]
+    packed = torch.cat([part.to(device, torch.float32).reshape(-1) for part in parts]).cpu()
     masks, values = packed[: 2 * candidates.numel()].view(2, *candidates.shape), packed[2 * candidates.numel() :]
     return masks[0].bool(), masks[1].bool(), values.view(len(observations), *observations[0].shape)
 
