@@ -101,16 +101,12 @@ def print_roofline(result: dict) -> None:
     floor (``n/a`` on a GPU without datasheet numbers here)."""
     device = result["machine"]["device"]
     triton = {(r["kernel"], r["prompt"], r["stage"]): r["time_s"] for r in result["rows"] if r["impl"] == "triton"}
-    compared = f"{'triton us':>11}{'x floor':>9}" if triton else ""
+    compared = roofline.MEASURED_HEADER if triton else ""
     print("\nroofline of the Triton kernels (float16, the launch configs of this device; see perf/roofline.py)")
     print(f"{'kernel':<14}{'prompt':<12}{'stage':>6}{'MB':>9}{'MFLOP':>9}{roofline.FLOOR_HEADER}{compared}")
     for case in result["cases"]:
         record = case["roofline"]
-        time_s = triton.get((case["kernel"], case["prompt"], case["stage"]))
-        measured = ""
-        if time_s is not None:
-            ratio = roofline.over_floor(time_s, record, device)
-            measured = f"{time_s * 1e6:>11.1f}{'n/a' if ratio is None else f'{ratio:.2f}':>9}"
+        measured = roofline.measured_cells(triton.get((case["kernel"], case["prompt"], case["stage"])), record, device)
         print(
             f"{case['kernel']:<14}{case['prompt']:<12}{case['stage']:>6}{record['bytes'] / 1e6:>9.2f}"
             f"{record['flops'] / 1e6:>9.1f}{roofline.floor_cells(record)}{measured}"

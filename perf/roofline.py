@@ -239,6 +239,16 @@ def over_floor(time_s: float, record: dict, device_name: str) -> float | None:
 
 
 FLOOR_HEADER = "".join(f"{gpu.name + ' us':>14}" for gpu in GPUS.values())
+MEASURED_HEADER = f"{'triton us':>11}{'x floor':>9}"
+
+
+def measured_cells(time_s: float | None, record: dict, device_name: str) -> str:
+    """The cells under :data:`MEASURED_HEADER`: the Triton time in microseconds and that time over this GPU's floor
+    (``n/a`` on a GPU without datasheet numbers here); empty when there is no Triton time."""
+    if time_s is None:
+        return ""
+    ratio = over_floor(time_s, record, device_name)
+    return f"{time_s * 1e6:>11.1f}{'n/a' if ratio is None else f'{ratio:.2f}':>9}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -257,14 +257,10 @@ def print_roofline(result: dict) -> None:
     triton = {(row["S"], row["T"]): row["time_s"] for row in result["rows"] if row["impl"] == "triton"}
     dtype = str(GPU_DTYPE).removeprefix("torch.")
     print(f"\nroofline of the Triton kernel ({dtype}, the launch configs of this device; see perf/roofline.py)")
-    compared = f"{'triton us':>11}{'x floor':>9}" if triton else ""
+    compared = roofline.MEASURED_HEADER if triton else ""
     print(f"{'S':>5} {'T':>4}{'MB':>9}{'GFLOP':>8}{roofline.FLOOR_HEADER}{compared}")
     for entry in result["roofline"]:
-        time_s = triton.get((entry["S"], entry["T"]))
-        measured = ""
-        if time_s is not None:
-            ratio = roofline.over_floor(time_s, entry, device)
-            measured = f"{time_s * 1e6:>11.1f}{'n/a' if ratio is None else f'{ratio:.2f}':>9}"
+        measured = roofline.measured_cells(triton.get((entry["S"], entry["T"])), entry, device)
         cells = f"{entry['bytes'] / 1e6:>9.2f}{entry['flops'] / 1e9:>8.2f}{roofline.floor_cells(entry)}"
         print(f"{entry['S']:>5} {entry['T']:>4}{cells}{measured}")
     if triton:
