@@ -24,7 +24,7 @@ def run_record(benchmark: str, command: str | None = None) -> dict:
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = getattr(module, "__version__", "unknown")
-    versions["commit"] = _commit()
+    versions["commit"] = git_commit()
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         machine = {
@@ -41,7 +41,8 @@ def run_record(benchmark: str, command: str | None = None) -> dict:
     return {"benchmark": benchmark, "command": command, "machine": machine, "versions": versions}
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """The checkout's short commit hash, or ``"unknown"`` outside a git checkout."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=_ROOT

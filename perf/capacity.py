@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,11 +43,10 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig, parse_values  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
-from lightkv_core.run_record import RESULTS  # noqa: E402
+from lightkv_core.run_record import RESULTS, git_commit  # noqa: E402
 from lightkv_perf.capacity_plot import plot  # noqa: E402
 from lightkv_perf.capacity_requests import SHAPE, FakeReq, llava_next_request, text_request  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 NUM_LAYERS = PRESET_DEPTHS["llava-next"]
 SWEEP_GIB = (10, 20, 40, 80)
@@ -304,19 +302,10 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "sglang": sglang.__version__,
-            "commit": _commit(),
+            "commit": git_commit(),
         },
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _pool_ratios(text: str) -> tuple[float, ...]:
