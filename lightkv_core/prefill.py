@@ -12,14 +12,14 @@ device until :meth:`~PrefillTracker.stats` reads everything back at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
 from lightkv_core.compaction import StageResult
 from lightkv_core.spans import VisionSpan, vision_token_mask
-from lightkv_core.stats import PrefillStats
+from lightkv_core.stats import PrefillStats, StageReport
 
 
 def synchronized_clock(tensor: torch.Tensor) -> float:
@@ -75,6 +75,7 @@ class PrefillTracker:
         self.kv_tokens: list[torch.Tensor] = []
         self.vision_tokens: list[torch.Tensor] = []
         self.prompt_is_vision = self.is_vision
+        self.stages: list[StageReport] = []
 
     @contextmanager
     def reducing(self, tensor: torch.Tensor) -> Iterator[None]:
@@ -107,8 +108,18 @@ class PrefillTracker:
         self.kv_tokens.append(self.real.sum(dim=1))
         self.vision_tokens.append((self.is_vision & self.real).sum(dim=1))
 
-    def reduced(self, result: StageResult) -> None:
-        """Follow the survivors of an in-prefill stage (``result.kept_padded``), padded on the left."""
+    def reduced(self, result: StageResult, layer: int, skip_reason: Callable[[int, Sequence[VisionSpan]], str]) -> None:
+        """Follow the survivors of the in-prefill stage on layer ``layer`` (``result.kept_padded``) and report it
+        (:class:`~lightkv_core.stats.StageReport`, from the spans on the host); ``skip_reason(layer, spans)`` says
+        why the stage removed no vision token of a sample with ``spans`` (the method's
+        :meth:`~lightkv_core.methods.PrefillReduction.skip_reason`)."""
+        before = [sum(span.length for span in sample) for sample in self.spans]
+        after = [sum(span.length for span in sample) for sample in result.spans]
+        skipped = tuple(
+            None if kept < entered else skip_reason(layer, sample)
+            for kept, entered, sample in zip(after, before, self.spans, strict=True)
+        )
+        self.stages.append(StageReport(layer, tuple(before), tuple(after), skipped))
         kept = result.kept_padded.to(self.real.device)
         alive = kept >= 0
         self.columns = survivor_columns(self.columns, kept)
@@ -125,9 +136,11 @@ class PrefillTracker:
         self.vision_tokens[layer] = (self.prompt_is_vision.gather(1, slots.clamp(min=0)) & alive).sum(dim=1)
         return slots
 
-    def stats(self, bytes_per_token_layer: int, finished: float) -> PrefillStats:
+    def stats(
+        self, bytes_per_token_layer: int, finished: float, images_left_alone: Sequence[Sequence[str]] = ()
+    ) -> PrefillStats:
         """The prefill's :class:`PrefillStats` (host tensors, read back in one copy), the prefill having finished at
-        ``finished``."""
+        ``finished``; ``images_left_alone``: per sample, the adapter's notes on images it kept from the method."""
         layers = len(self.kv_tokens)
         counts = torch.stack([*self.kv_tokens, *self.vision_tokens, self.original_tokens, self.original_vision_tokens])
         counts = counts.cpu()
@@ -139,4 +152,6 @@ class PrefillTracker:
             reduce_seconds=self.reduce_seconds,
             prefill_seconds=finished - self.started,
             bytes_per_token_layer=bytes_per_token_layer,
+            stages=tuple(self.stages),
+            images_left_alone=tuple(tuple(notes) for notes in images_left_alone),
         )

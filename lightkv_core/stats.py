@@ -7,6 +7,29 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class StageReport:
+    """What one in-prefill stage did to each sample of a batch.
+
+    Attributes:
+        layer: the decoder layer whose output the stage reduced.
+        vision_before: per sample, vision tokens entering the stage.
+        vision_after: per sample, vision tokens leaving it (a merged token counts once).
+        skipped: per sample, ``None`` where the stage removed vision tokens, else why it removed none (e.g.
+            ``"no vision tokens"``, ``"merge ratio 0"``, or images too small for the stage's windows).
+    """
+
+    layer: int
+    vision_before: tuple[int, ...]
+    vision_after: tuple[int, ...]
+    skipped: tuple[str | None, ...]
+
+    @property
+    def ran(self) -> tuple[bool, ...]:
+        """Per sample, whether the stage removed any of its vision tokens."""
+        return tuple(reason is None for reason in self.skipped)
+
+
 @dataclass
 class PrefillStats:
     """Per-layer KV accounting of one prefill. Token counts are int64 CPU tensors.
@@ -21,6 +44,10 @@ class PrefillStats:
         prefill_seconds: wall time of the whole prefill.
         bytes_per_token_layer: KV bytes one token costs in one layer (``2 * kv_heads * head_dim *
             bytes per value``); ``0`` where the caller does not know it.
+        stages: one :class:`StageReport` per in-prefill stage, in layer order (empty for a post-prefill eviction
+            or when no sample had vision tokens).
+        images_left_alone: per sample, a note for every image the adapter did not hand to the method and why
+            (e.g. its tokens lie under the attention mask); those tokens stay as they are.
     """
 
     kv_tokens: torch.Tensor
@@ -30,6 +57,8 @@ class PrefillStats:
     reduce_seconds: float
     prefill_seconds: float
     bytes_per_token_layer: int = 0
+    stages: tuple[StageReport, ...] = ()
+    images_left_alone: tuple[tuple[str, ...], ...] = ()
 
     @property
     def num_layers(self) -> int:

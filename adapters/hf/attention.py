@@ -1,10 +1,11 @@
 """Attention functions registered in transformers' ``AttentionInterface`` that hand the post-RoPE ``q``/``k``
 of a layer to LightKV, then run the stock kernel unchanged.
 
-``lightkv_sdpa`` wraps ``sdpa`` and ``lightkv_eager`` wraps the model's own ``eager_attention_forward``. Each
-name is also registered in ``AttentionMaskInterface`` with the stock mask builder of the kernel it wraps:
-transformers returns no causal mask at all for an implementation it does not know, which would silently
-drop the padding mask.
+``lightkv_sdpa`` wraps ``sdpa`` and ``lightkv_eager`` wraps the model's own ``eager_attention_forward``. The
+text model's attention modules reach them through a :class:`WrappedAttentionConfig` in place of their ``config``;
+no config is written. Each name is also registered in ``AttentionMaskInterface`` with the stock mask builder of the
+kernel it wraps (transformers returns no causal mask at all for an implementation it does not know), so a mask
+built from an attention module's config keeps its padding.
 """
 
 from __future__ import annotations
@@ -64,30 +65,67 @@ def register() -> None:
     AttentionMaskInterface.register("lightkv_eager", eager_mask)
 
 
-def use_wrappers(configs: list[object]) -> list[tuple[object, str]]:
-    """Point every distinct config among ``configs`` (a text model's and its layers') at the capturing wrapper of
-    its attention implementation; returns ``(config, stock implementation)`` pairs for :func:`restore`.
+class WrappedAttentionConfig:
+    """What an attention module of a hooked model reads as its ``config``: the model's own config, except that
+    ``_attn_implementation`` names the capturing wrapper of the implementation the config holds *now*.
 
-    Raises:
-        NotImplementedError for an implementation lightkv does not wrap (before changing any config).
+    The caller's config is never written, so a second model built from it, ``set_attn_implementation`` and
+    ``output_attentions`` behave as stock; every other attribute, read or written, is the config's own.
     """
-    register()
-    distinct = list({id(config): config for config in configs}.values())
-    swapped = []
-    for config in distinct:
-        implementation = config._attn_implementation
+
+    def __init__(self, config: object) -> None:
+        object.__setattr__(self, "config", config)
+
+    @property
+    def _attn_implementation(self) -> str:
+        implementation = self.config._attn_implementation
+        return WRAPPED.get(implementation, implementation)
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self.config, name, value)
+
+    def __reduce__(self) -> tuple:
+        # a copied or pickled module gets the plain config: the copy is not hooked
+        return _plain, (self.config,)
+
+
+def _plain(config: object) -> object:
+    return config
+
+
+def check_implementations(modules: list[nn.Module]) -> None:
+    """Raise ``NotImplementedError`` unless every module's config uses an implementation lightkv wraps."""
+    for module in modules:
+        implementation = module.config._attn_implementation
         if implementation not in WRAPPED:
             raise NotImplementedError(
                 f"lightkv wraps the {sorted(WRAPPED)} attention implementations, not {implementation!r}: load the "
                 "model with attn_implementation='sdpa' or 'eager'"
             )
-        swapped.append((config, implementation))
-    for config, implementation in swapped:
-        config._attn_implementation = WRAPPED[implementation]
-    return swapped
 
 
-def restore(swapped: list[tuple[object, str]]) -> None:
-    """Give every config its stock attention implementation back (what :func:`use_wrappers` returned)."""
-    for config, implementation in swapped:
-        config._attn_implementation = implementation
+def use_wrappers(modules: list[nn.Module]) -> None:
+    """Point every attention module of ``modules`` at the capturing wrappers through a
+    :class:`WrappedAttentionConfig` of its config (checked with :func:`check_implementations` first)."""
+    check_implementations(modules)
+    register()
+    for module in modules:
+        module.config = WrappedAttentionConfig(module.config)
+
+
+def restore(modules: list[nn.Module]) -> None:
+    """Give every module its own config back (undoes :func:`use_wrappers`)."""
+    for module in modules:
+        if isinstance(module.config, WrappedAttentionConfig):
+            module.config = module.config.config
+
+
+def implementation_of(module: nn.Module) -> str:
+    """The stock attention implementation ``module`` runs now (its config's, wrapped or not)."""
+    config = module.config
+    return (config.config if isinstance(config, WrappedAttentionConfig) else config)._attn_implementation

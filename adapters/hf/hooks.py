@@ -8,7 +8,7 @@ the limits: README, "Transformers".
 
 from __future__ import annotations
 
-import functools
+import copy
 import inspect
 import time
 import weakref
@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family, family_of
+from lightkv_adapters.hf.images import GridRecorder
 from lightkv_adapters.hf.masks import (
     CacheLayout,
     cache_argument,
@@ -30,6 +31,7 @@ from lightkv_adapters.hf.masks import (
     gather_prefill_inputs,
 )
 from lightkv_adapters.hf.methods import method_for
+from lightkv_adapters.hf.prompt import PromptLayout, read_prompt
 from lightkv_adapters.hf.versions import warn_if_untested
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods import CompressionMethod, KVEviction
@@ -59,10 +61,15 @@ def apply_lightkv(
     After each prefill ``model.lightkv_stats`` holds a :class:`~lightkv_core.stats.PrefillStats`. A transformers
     release outside the tested range (:data:`~lightkv_adapters.hf.versions.TESTED_TRANSFORMERS`) gets a warning.
 
+    ``model.lightkv_method`` is the method in force (a preset or ``None`` shows the schedule scaled to the model).
+    ``copy.deepcopy(model)`` gives a copy with lightkv applied the same way; pickling a hooked model is refused.
+
+    Applying is atomic: every argument is checked first, and a refusal leaves the model exactly as it was.
+
     Raises:
         NotImplementedError for an unsupported model class, text backbone or attention implementation;
-        ValueError for a schedule that does not fit the model or a method that renumbers positions;
-        RuntimeError if lightkv is already applied.
+        ValueError for a schedule that does not fit the model, a method that renumbers positions or an unknown
+        backend; RuntimeError if lightkv is already applied.
     """
     if model in _ADAPTERS:
         raise RuntimeError("lightkv is already applied to this model; call remove_lightkv(model) first")
@@ -70,7 +77,16 @@ def apply_lightkv(
     family = family_of(model)
     text_model = model.model.language_model
     method = method_for(family, text_model.config.num_hidden_layers, config, backend)
-    _ADAPTERS[model] = _Adapter(model, family, text_model, method)
+    adapter = _Adapter(model, family, text_model, method)
+    adapter.check()
+    try:
+        adapter.attach()
+        _hook_copies(model)
+    except BaseException:
+        adapter.detach()
+        _unhook_copies(model)
+        raise
+    _ADAPTERS[model] = adapter
     return model
 
 
@@ -84,7 +100,36 @@ def remove_lightkv(model: nn.Module) -> nn.Module:
     if adapter is None:
         raise ValueError("lightkv is not applied to this model")
     adapter.detach()
+    _unhook_copies(model)
     return model
+
+
+def _hook_copies(model: nn.Module) -> None:
+    """Make ``copy.deepcopy(model)`` copy the plain model and apply the same method to the copy, and pickling
+    refuse with a message (hooks and their closures cannot be pickled)."""
+
+    def deepcopy_hooked(memo: dict) -> nn.Module:
+        adapter = _ADAPTERS[model]
+        remove_lightkv(model)
+        try:
+            duplicate = copy.deepcopy(model, memo)
+        finally:
+            apply_lightkv(model, adapter.method)
+        return apply_lightkv(duplicate, adapter.method)
+
+    def refuse_pickle(protocol: int) -> object:
+        raise TypeError(
+            "a model with lightkv applied cannot be pickled: remove_lightkv(model) first (or save its state_dict / "
+            "save_pretrained), and apply lightkv again after loading"
+        )
+
+    vars(model)["__deepcopy__"] = deepcopy_hooked
+    vars(model)["__reduce_ex__"] = refuse_pickle
+
+
+def _unhook_copies(model: nn.Module) -> None:
+    for name in ("__deepcopy__", "__reduce_ex__"):
+        vars(model).pop(name, None)
 
 
 @contextmanager
@@ -105,7 +150,7 @@ class _Run:
 
     spans: list[list[VisionSpan]] | None  # None: not known (no input_ids)
     real: torch.Tensor | None  # (B, S) the prompt's real tokens; None for a prepared 4D mask
-    has_vision_tokens: bool
+    prompt: PromptLayout
     mode: str = ""  # "prefill", "decode" or "passthrough", set at layer 0
     cache: Cache | None = None
     layout: CacheLayout | None = None
@@ -121,16 +166,11 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class _Inputs:
-    """What the multimodal model's pre-hook learnt from ``input_ids``."""
-
-    spans: list[list[VisionSpan]] | None
-    has_vision_tokens: bool
-
-
 class _Adapter:
-    """lightkv on one model: its hooks, its method, the layout of every compressed cache."""
+    """lightkv on one model: its hooks, its method, the layout of every compressed cache.
+
+    Build it with :meth:`attach` only after every check passed: attaching changes nothing that can fail half-way.
+    """
 
     def __init__(self, model: nn.Module, family: Family, text_model: nn.Module, method: CompressionMethod) -> None:
         self.model, self.family, self.text_model, self.method = model, family, text_model, method
@@ -138,19 +178,28 @@ class _Adapter:
         self.evicting = isinstance(method, KVEviction)
         self.reduce_layers = set(range(len(self.layers))) if self.evicting else set(method.reduce_layers)
         self.layouts: weakref.WeakKeyDictionary[Cache, CacheLayout] = weakref.WeakKeyDictionary()
-        self.inputs: _Inputs | None = None
+        self.prompt: PromptLayout | None = None
         self.run: _Run | None = None
         self.multimodal_signature = inspect.signature(model.model.forward)
         self.top_signature = inspect.signature(model.forward)
-        self.recorded_grids: dict[str, torch.Tensor] = {}
-        self.wrapped_methods = [self._record_grids(method, argument) for method, argument in family.grid_arguments]
+        self.attention_modules = [layer.self_attn for layer in self.layers]
+        self.recorder: GridRecorder | None = None
+        self.handles: list = []
 
-        configs = [text_model.config, *(layer.self_attn.config for layer in self.layers)]
-        self.config_implementations = attention.use_wrappers(configs)
+    def check(self) -> None:
+        """Every check :meth:`attach` needs, changing nothing."""
+        attention.check_implementations(self.attention_modules)
+        for method, _ in self.family.grid_arguments:
+            if method in vars(self.model.model):
+                raise RuntimeError(f"{type(self.model.model).__name__}.{method} is already patched on this instance")
+
+    def attach(self) -> None:
+        self.recorder = GridRecorder(self.model.model, self.family.grid_arguments)
+        attention.use_wrappers(self.attention_modules)
+        model, text_model = self.model, self.text_model
         self.handles = [
             model.register_forward_pre_hook(self._before_model, with_kwargs=True),
             model.model.register_forward_pre_hook(self._before_multimodal, with_kwargs=True),
-            model.model.register_forward_hook(self._after_multimodal),
             text_model.register_forward_pre_hook(self._before_text, with_kwargs=True),
             text_model.register_forward_hook(self._after_text),
         ]
@@ -160,35 +209,18 @@ class _Adapter:
                 self.handles.append(layer.register_forward_hook(self._layer_hook(index)))
                 attention.capture_from(layer.self_attn, self._capture_hook(index))
         model.lightkv_stats = None
+        model.lightkv_method = self.method
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         for index in self.reduce_layers:
             attention.stop_capture(self.layers[index].self_attn)
-        attention.restore(self.config_implementations)
-        for name in self.wrapped_methods:
-            delattr(self.model.model, name)
-        del self.model.lightkv_stats
-
-    def _record_grids(self, method: str, argument: str) -> str:
-        """Wrap the base model's feature method ``method`` (on the instance) to remember its grid
-        ``argument`` for the next prefill; returns the name to delete on removal."""
-        base = self.model.model
-        if method in vars(base):
-            raise RuntimeError(f"{type(base).__name__}.{method} is already patched on this instance")
-        original = getattr(base, method)
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def recording(*args, **kwargs):
-            grid = signature.bind_partial(*args, **kwargs).arguments.get(argument)
-            if grid is not None:
-                self.recorded_grids[argument] = grid
-            return original(*args, **kwargs)
-
-        setattr(base, method, recording)
-        return method
+        attention.restore(self.attention_modules)
+        if self.recorder is not None:
+            self.recorder.remove()
+        for name in ("lightkv_stats", "lightkv_method"):
+            vars(self.model).pop(name, None)
 
     # --- model-level hooks -------------------------------------------------------------------------
 
@@ -201,33 +233,14 @@ class _Adapter:
 
     def _before_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = self.multimodal_signature.bind_partial(*args, **kwargs).arguments
-        input_ids = inputs.get("input_ids")
         cache = cache_argument(inputs)
-        if input_ids is None:
-            pixels = any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos"))
-            self.inputs = _Inputs(None, pixels or bool(inputs.get("mm_encoder_outputs")))
-            return
-        input_ids = input_ids.cpu()  # the prompt is parsed on the host: one read of the device per forward
-        vision_ids = [getattr(self.model.config, name, None) for name in ("image_token_id", "video_token_id")]
-        has_vision_tokens = any(bool((input_ids == token).any()) for token in vision_ids if token is not None)
         prefill = cache is None or cache.get_seq_length() == 0
-        spans = None
-        if prefill:
-            # grids given to this forward win; else those recorded when generate() encoded the images
-            for _, argument in self.family.grid_arguments:
-                recorded = self.recorded_grids.pop(argument, None)
-                if inputs.get(argument) is None:
-                    inputs[argument] = recorded
-            spans = self.family.spans(self.model, {**inputs, "input_ids": input_ids})
-        self.inputs = _Inputs(spans, has_vision_tokens)
-
-    def _after_multimodal(self, module: nn.Module, args: tuple, output: object) -> None:
-        # grids recorded while this forward encoded its own images (transformers < 5.18 encodes inside forward)
-        # belong to it, not to the next prefill
-        self.recorded_grids.clear()
+        self.prompt = read_prompt(self.model, self.family, self.recorder, inputs, prefill)
 
     def _before_text(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs, self.inputs = self.inputs, None
+        prompt, self.prompt = self.prompt, None
+        if prompt is not None and prompt.error is not None:
+            raise prompt.error
         embeds = kwargs.get("inputs_embeds")
         batch, seq = embeds.shape[:2] if embeds is not None else kwargs["input_ids"].shape
         mask = kwargs.get("attention_mask")
@@ -237,13 +250,13 @@ class _Adapter:
             real = mask[:, -seq:].to(torch.bool)
         else:
             real = None  # a prepared 4D mask or mask mapping: refused below if a prefill needs it
-        if inputs is None:
-            inputs = _Inputs(None, False)
-        if (inputs.spans is not None and len(inputs.spans) != batch) or (
+        if prompt is None:
+            prompt = PromptLayout(None, False)
+        if (prompt.spans is not None and len(prompt.spans) != batch) or (
             real is not None and real.shape != (batch, seq)
         ):
             raise ValueError("the vision spans and attention mask do not match the text model's input")
-        self.run = _Run(spans=inputs.spans, real=real, has_vision_tokens=inputs.has_vision_tokens)
+        self.run = _Run(spans=prompt.spans, real=real, prompt=prompt)
 
     def _after_text(self, module: nn.Module, args: tuple, output: object) -> None:
         run, self.run = self.run, None
@@ -263,6 +276,7 @@ class _Adapter:
         self.model.lightkv_stats = run.prefill.stats(
             kv_bytes_per_token_layer(config.num_key_value_heads, head_dim, run.dtype),
             synchronized_clock(run.prefill.real),
+            run.prompt.images_left_alone,
         )
 
     def _evict(self, run: _Run) -> None:
@@ -324,10 +338,8 @@ class _Adapter:
         if cache is None or cache.get_seq_length() == 0:
             if run.real is None:
                 raise NotImplementedError("lightkv needs a 2D attention_mask (or none) in prefill, not a 4D mask")
-            if not bool(run.real[:, -1].all()):
-                raise ValueError("lightkv needs left padding: set tokenizer.padding_side = 'left'")
             if run.spans is None:
-                if run.has_vision_tokens:
+                if run.prompt.brings_images:
                     raise ValueError(
                         "lightkv finds the image tokens through input_ids: pass input_ids, not inputs_embeds"
                     )
@@ -342,9 +354,9 @@ class _Adapter:
             }
             run.prefill_length, run.dtype = hidden.shape[1], hidden.dtype
             return
-        if run.has_vision_tokens:
+        if run.prompt.brings_images:
             raise ValueError(
-                "lightkv compresses images in the prefill only: this forward brings vision tokens to a non-empty "
+                "lightkv compresses images in the prefill only: this forward brings images to a non-empty "
                 "cache (a prefill on a filled cache, or chunked prefill); start from an empty DynamicCache"
             )
         run.layout = self.layouts.get(cache)
@@ -372,6 +384,11 @@ class _Adapter:
             run = self.run
             if run is None or run.mode != "prefill":
                 return None
+            if index not in run.captured:
+                raise NotImplementedError(
+                    f"layer {index} attended with {attention.implementation_of(module.self_attn)!r}, which lightkv "
+                    "does not wrap: keep the model on 'sdpa' or 'eager' while lightkv is applied"
+                )
             query, key, scaling = run.captured.pop(index)
             prefill = run.prefill
             if not any(prefill.spans):
@@ -392,9 +409,9 @@ class _Adapter:
                     prefill.spans,
                     position_ids=run.positions,
                     attention_mask=prefill.real,
-                    padding_side="left",
+                    padding_side=run.prompt.padding_side,
                 )
-            prefill.reduced(result)
+            prefill.reduced(result, index, self.method.skip_reason)
             run.positions = result.positions.to(hidden.device)
             run.swapped = None
             run.groups.append((index + 1, prefill.columns))

@@ -298,7 +298,7 @@ class Decoder(nn.Module):
                         attention_mask=prefill.real,
                         padding_side="left",
                     )
-                prefill.reduced(result)
+                prefill.reduced(result, index, reduction.skip_reason)
                 hidden, position_ids = result.hidden, result.positions
                 mask = _prefill_mask(prefill.real)
                 cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)

@@ -11,6 +11,7 @@ import torch
 
 from lightkv_core.compaction import StageResult
 from lightkv_core.plan import LengthPlan
+from lightkv_core.spans import VisionSpan
 
 
 class PrefillReduction(ABC):
@@ -74,6 +75,13 @@ class PrefillReduction(ABC):
         Returns:
             A :class:`~lightkv_core.stage.StageResult`.
         """
+
+    def skip_reason(self, layer: int, spans: Sequence[VisionSpan]) -> str:
+        """Why :meth:`reduce` on ``layer`` removed no vision token of a sample with ``spans`` (its vision spans
+        entering the stage), for :class:`~lightkv_core.stats.StageReport`. Methods say more where they can."""
+        if not spans:
+            return "no vision tokens"
+        return f"{type(self).__name__} removed none of its {sum(span.length for span in spans)} vision tokens"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from lightkv_core.compaction import StageResult
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.plan import LengthPlan, plan_lengths
+from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import lightkv_stage
 
 
@@ -35,6 +36,26 @@ class LightKV(PrefillReduction):
 
     def plan_lengths(self, spans: Sequence, seq_len: int) -> LengthPlan:
         return plan_lengths(spans, self.config, seq_len)
+
+    def skip_reason(self, layer: int, spans: Sequence[VisionSpan]) -> str:
+        """Names the rule that left the sample's images unmerged: no images, ratio 0, or every image smaller
+        than the ``8 W^2`` mergeable tokens a stage of ``W x W`` windows needs."""
+        stage = self.config.stage_at(layer)
+        if not spans or stage is None:
+            return super().skip_reason(layer, spans)
+        window, ratio = stage
+        if ratio == 0.0:
+            return f"merge ratio 0 at layer {layer}"
+        counts = [span.num_mergeable() for span in spans]
+        needed = 8 * window * window
+        if all(count < needed for count in counts):
+            return (
+                f"images of {', '.join(map(str, counts))} mergeable tokens: a stage of {window}x{window} windows "
+                f"needs {needed} per image"
+            )
+        if self.config.layout == "reference" and any(count < needed for count in counts):
+            return f"layout='reference' skips a sample with an image under {needed} mergeable tokens (W={window})"
+        return f"ratio {ratio} merges no token in any window of these images"
 
     def reduce(
         self,

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers.hf_cases import BACKEND, batch_of_two, generate  # noqa: E402
-from helpers.hf_models import Image, Sample, build, make_inputs  # noqa: E402
+from helpers.hf_models import IMAGE, Image, Sample, build, make_inputs  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
 from lightkv_adapters.hf import apply_lightkv, lightkv, remove_lightkv  # noqa: E402
@@ -35,8 +35,9 @@ def test_remove_restores_the_model_exactly(kind: str) -> None:
     keys, hooks = list(model.state_dict()), _hooks(model)
     implementation = model.config.text_config._attn_implementation
     apply_lightkv(model, backend=BACKEND)
-    assert model.config.text_config._attn_implementation == "lightkv_sdpa"
-    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"  # the caller's config is never written
+    attention = model.model.language_model.layers[0].self_attn
+    assert attention.config._attn_implementation == "lightkv_sdpa"
     generate(model, inputs)
     assert list(model.state_dict()) == keys
     remove_lightkv(model)
@@ -46,8 +47,9 @@ def test_remove_restores_the_model_exactly(kind: str) -> None:
     assert _hooks(model) == hooks
     assert list(model.state_dict()) == keys
     assert model.config.text_config._attn_implementation == implementation
+    assert attention.config is model.config.text_config
     assert "get_image_features" not in vars(model.model)
-    assert not hasattr(model, "lightkv_stats")
+    assert not hasattr(model, "lightkv_stats") and not hasattr(model, "lightkv_method")
     with pytest.raises(ValueError, match="not applied"):
         remove_lightkv(model)
 
@@ -114,9 +116,6 @@ def test_unsupported_inputs_raise_clear_errors() -> None:
     apply_lightkv(model, backend=BACKEND)
     with pytest.raises(ValueError, match="labels"):
         model(**inputs, labels=inputs["input_ids"])
-    right = dict(inputs, attention_mask=inputs["attention_mask"].flip(1), input_ids=inputs["input_ids"].flip(1))
-    with pytest.raises(ValueError, match="left padding"):
-        model(**right)
     with pytest.raises(TypeError, match="DynamicCache only"):
         cache = StaticCache(config=model.config, max_cache_len=1024)
         model.generate(**inputs, max_new_tokens=2, past_key_values=cache)
@@ -138,8 +137,23 @@ def test_unsupported_inputs_raise_clear_errors() -> None:
 def test_mismatched_placeholders_are_reported() -> None:
     model = build("llava")
     inputs = make_inputs(model, "llava", [Sample((Image(),))])
-    inputs["input_ids"][0, 5] = 1  # one placeholder of the image lost
-    with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="not a multiple"):
+    inputs["input_ids"][0, 5] = 1  # one placeholder of the image lost: the model's own check speaks first
+    with pytest.raises(ValueError, match="Image features and image tokens do not match") as stock:
+        model(**inputs)
+    with lightkv(model, backend=BACKEND), pytest.raises(ValueError) as hooked:
+        model(**inputs)
+    assert str(hooked.value) == str(stock.value)
+
+
+def test_a_prompt_the_model_accepts_but_lightkv_cannot_place_is_reported_after_the_models_checks() -> None:
+    model = build("qwen2.5-vl")
+    inputs = make_inputs(model, "qwen2.5-vl", [Sample((Image(24, 24),))])
+    ids = inputs["input_ids"]
+    first = int((ids[0] == IMAGE).nonzero()[0])
+    ids[0, first + 5], ids[0, -1] = ids[0, -1].item(), IMAGE  # same count, no longer one run: stock fills in order
+    with torch.no_grad():
+        model(**inputs)
+    with lightkv(model, backend=BACKEND), pytest.raises(ValueError, match="consecutive placeholder tokens"):
         model(**inputs)
 
 

@@ -34,7 +34,7 @@ def test_adapter_reads_the_device_a_fixed_number_of_times_per_prefill(kind: str)
         stock = prefill_syncs(model, inputs)
         with lightkv(model, config, backend="triton"):
             added[name] = prefill_syncs(model, inputs) - stock
-    per_prefill = 4 if kind == "qwen2.5-vl" else 3  # ids, (grids,) padding side, stats
+    per_prefill = 3 if kind == "qwen2.5-vl" else 2  # ids and mask in one copy, (grids,), stats
     assert added["two"] == added["four"] == len(config.merge_layers) + per_prefill, added
 
 
