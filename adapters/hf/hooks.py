@@ -412,6 +412,8 @@ class _Adapter:
                     padding_side=run.prompt.padding_side,
                 )
             prefill.reduced(result, index, self.method.skip_reason)
+            if result.hidden is hidden:  # nothing removed: later layers run as stock
+                return None
             run.positions = result.positions.to(hidden.device)
             run.swapped = None
             run.groups.append((index + 1, prefill.columns))
