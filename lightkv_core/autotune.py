@@ -182,6 +182,9 @@ def dry_run(jobs: list[tuple[list[str], StageShape]], progress: Callable[[str], 
 # ----------------------------------------------------------------------------------------------
 # The command
 
+#: Largest --text-tokens and --shape value (tokens, heads or widths): a shape past it only exhausts memory.
+MAX_SIZE = 1 << 20
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -193,10 +196,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape",
         action="append",
-        help="tune for this shape instead, e.g. S=2880,T=128 (also H, Hk, d, D, W; the rest from the preset's "
-        "first stage); repeatable",
+        help=f"tune for this shape instead, e.g. S=2880,T=128 (also H, Hk, d, D, W, each 1..{MAX_SIZE}; the rest from "
+        "the preset's first stage); repeatable",
     )
-    parser.add_argument("--text-tokens", type=int, default=100, help="text tokens of the preset's prompt (default 100)")
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=100,
+        help=f"text tokens of the preset's prompt, 1..{MAX_SIZE} (default 100)",
+    )
     parser.add_argument("--kernels", help=f"comma-separated subset of {','.join(KERNELS)} (default all)")
     parser.add_argument(
         "--max-configs", type=int, default=64, help="configs timed per kernel and shape, the default included (64)"
@@ -296,6 +304,13 @@ def _checked_kernels(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"unknown kernel(s) {unknown}; choose from {list(KERNELS)}")
     if args.max_configs < 1:
         raise UsageError(f"--max-configs must be at least 1, got {args.max_configs}")
+    if not 1 <= args.text_tokens <= MAX_SIZE:
+        raise UsageError(f"--text-tokens must lie in 1..{MAX_SIZE}, got {args.text_tokens}")
+    for text in args.shape or ():
+        for item in text.split(","):
+            value = item.partition("=")[2].strip()
+            if value.isdigit() and not (value.isascii() and int(value) <= MAX_SIZE):
+                raise UsageError(f"--shape {text!r}: {item.strip()!r} is not an integer in 1..{MAX_SIZE}")
     if args.target is not None and args.target not in TARGETS:
         raise UsageError(f"unknown --target {args.target!r}; choose from {', '.join(TARGETS)}")
     if args.dry_run and args.compile_only:

@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import NoReturn
 
 import torch
 
 from lightkv_core import autotune
 from lightkv_core.budget import EFFECTS, MODEL_SHAPES, human_bytes, layer_kv_lengths, vision_retention
-from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
+from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig, parse_values
 from lightkv_core.errors import UsageError
 from lightkv_core.stage import lightkv_stage
 
@@ -47,8 +48,9 @@ class CommandLoadError(RuntimeError):
     one name."""
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= minimum``, refused with a message naming both otherwise."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum`` (and ``<= maximum`` if given), refused with a message naming
+    the bound and the value otherwise."""
 
     def convert(text: str) -> int:
         try:
@@ -57,6 +59,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {text!r}")
         return value
 
     return convert
@@ -68,6 +72,15 @@ non_negative_int = int_at_least(0)
 
 # ----------------------------------------------------------------------------------------------
 # The core's commands
+
+
+#: Deepest decoder ``lightkv simulate --num-layers`` takes (its KV table has one row per layer).
+SIMULATE_MAX_LAYERS = 4096
+#: Most tokens ``lightkv simulate`` generates, and most bytes its float32 hidden states, q and k may take.
+SIMULATE_MAX_TOKENS = 1 << 20
+SIMULATE_MAX_BYTES = 2 << 30
+#: The seeds ``torch.Generator.manual_seed`` takes.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -84,10 +97,24 @@ def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5")
     sim.add_argument("--layout", choices=["default", "reference"], default="default")
     sim.add_argument("--guide", choices=["all_text", "prompt", "none"], default="all_text")
-    sim.add_argument("--layers", help="override merge_layers, e.g. 12-18-24")
-    sim.add_argument("--windows", help="override merge_windows, e.g. 4-2-1")
-    sim.add_argument("--ratios", help="override merge_ratios, e.g. 0.5-0.5-0.5")
-    sim.add_argument("--num-layers", type=positive_int, help="decoder depth (the preset's schedule is scaled to it)")
+    sim.add_argument(
+        "--layers",
+        help="override merge_layers, one per stage: ascending decoder layers below --num-layers, separated by commas "
+        "or dashes, e.g. 12,18,24 or 12-18-24",
+    )
+    sim.add_argument(
+        "--windows", help="override merge_windows: integers >= 1, e.g. 4-2-1 or 4,2,1; one value applies to every stage"
+    )
+    sim.add_argument(
+        "--ratios",
+        help="override merge_ratios: numbers in [0, 1], e.g. 0.5-0.5-0.5 or 0.5,0.25,0.5; one value applies to every "
+        "stage",
+    )
+    sim.add_argument(
+        "--num-layers",
+        type=int_at_least(1, SIMULATE_MAX_LAYERS),
+        help="decoder depth (the preset's schedule is scaled to it unless --layers is given)",
+    )
     sim.add_argument("--grid", type=_grid, help="image grid in tokens, e.g. 24x24")
     sim.add_argument("--images", type=positive_int, help="images per prompt")
     sim.add_argument("--text-before", type=non_negative_int, default=35, help="text tokens before the first image")
@@ -96,27 +123,53 @@ def add_simulate_arguments(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--heads", type=positive_int, default=4, help="query heads of the generated q")
     sim.add_argument("--head-dim", type=positive_int, default=32, help="head size of the generated q/k")
     sim.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=int_at_least(*SEED_RANGE), default=0)
 
 
 def _simulate_schedule(args: argparse.Namespace) -> tuple[LightKVConfig, int]:
-    """The schedule and decoder depth the options ask for; a value the config refuses is a usage error."""
+    """The schedule and decoder depth the options ask for; a value the config refuses, or a merge layer at or past
+    the depth, is a usage error."""
+    depth = PRESET_DEPTHS[args.preset]
+    num_layers = depth if args.num_layers is None else args.num_layers
     try:
         config = LightKVConfig.preset(args.preset, layout=args.layout, guide=args.guide)
-        if args.layers or args.windows or args.ratios:
-            config = LightKVConfig(
-                args.layers or config.merge_layers,
-                args.windows or config.merge_windows,
-                args.ratios or config.merge_ratios,
-                guide=args.guide,
-                layout=args.layout,
+        given = [
+            parse_values(text, kind, flag) if text is not None else default
+            for text, kind, flag, default in (
+                (args.layers, int, "--layers", config.merge_layers),
+                (args.windows, int, "--windows", config.merge_windows),
+                (args.ratios, float, "--ratios", config.merge_ratios),
             )
-        num_layers = args.num_layers or PRESET_DEPTHS[args.preset]
-        if num_layers != PRESET_DEPTHS[args.preset] and not args.layers:
-            config = config.scaled_to(num_layers, PRESET_DEPTHS[args.preset])
+        ]
+        config = LightKVConfig(*given, guide=args.guide, layout=args.layout)
+        if num_layers != depth and args.layers is None:
+            config = config.scaled_to(num_layers, depth)
     except ValueError as error:
         raise UsageError(str(error)) from error
+    beyond = [layer for layer in config.merge_layers if layer >= num_layers]
+    if beyond:
+        raise UsageError(
+            f"--layers {beyond} lie beyond the {num_layers}-layer decoder (layers 0..{num_layers - 1}); "
+            "give --num-layers for a deeper model"
+        )
     return config, num_layers
+
+
+def _check_input_size(seq: int, hidden_size: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    """UsageError unless the ``seq`` generated tokens are at most :data:`SIMULATE_MAX_TOKENS` and their float32 hidden
+    states, q and k fit in :data:`SIMULATE_MAX_BYTES`."""
+    if seq > SIMULATE_MAX_TOKENS:
+        raise UsageError(
+            f"--grid, --images and --text-before/--text-after ask for {seq} tokens, more than the "
+            f"{SIMULATE_MAX_TOKENS} lightkv simulate generates"
+        )
+    size = 4 * seq * (hidden_size + (heads + kv_heads) * head_dim)
+    if size > SIMULATE_MAX_BYTES:
+        raise UsageError(
+            f"the generated inputs ({seq} tokens of hidden size {hidden_size}, {heads} query and {kv_heads} key heads "
+            f"of {head_dim}) would take {human_bytes(size)}, more than the {human_bytes(SIMULATE_MAX_BYTES)} lightkv "
+            "simulate allows: lower --grid, --images, --text-before/--text-after, --hidden-size, --heads or --head-dim"
+        )
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -131,14 +184,15 @@ def simulate(args: argparse.Namespace) -> int:
         )
     rows, cols = args.grid or shape.grid
     images = args.images or shape.images
+    vision0 = images * rows * cols
+    seq = args.text_before + vision0 + images - 1 + args.text_after  # one separator token between images
+    _check_input_size(seq, args.hidden_size, args.heads, kv_heads, args.head_dim)
 
     generator = torch.Generator().manual_seed(args.seed)
     spans, position = [], args.text_before
     for _ in range(images):
         spans.append((position, position + rows * cols, rows, cols))
-        position += rows * cols + 1  # one separator token between images
-    seq = position - 1 + args.text_after
-    vision0 = images * rows * cols
+        position += rows * cols + 1
     guide_tokens = {"all_text": seq - vision0, "prompt": args.text_after}.get(config.guide, 1)
     if not guide_tokens and any(config.merge_ratios):
         where = "after the last image (--text-after)" if config.guide == "prompt" else "outside the images"
@@ -267,9 +321,17 @@ def load_commands() -> list[Command]:
     return sorted((command for command, _ in found.values()), key=lambda c: (getattr(c, "order", 1000), c.name))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` (and, through ``add_subparsers``, its subcommands') whose errors are one line,
+    ``lightkv: error: ...``, with exit status 2, like a :class:`~lightkv_core.errors.UsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lightkv: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(commands: Iterable[Command] | None = None) -> argparse.ArgumentParser:
     """The ``lightkv`` parser, one subcommand per command (default: :func:`load_commands`)."""
-    parser = argparse.ArgumentParser(prog="lightkv", description="LightKV vision-token KV compression.")
+    parser = _Parser(prog="lightkv", description="LightKV vision-token KV compression.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in load_commands() if commands is None else commands:
         command.add_arguments(subparsers.add_parser(command.name, help=command.help))

@@ -2,29 +2,108 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 
 GUIDES = ("all_text", "prompt", "none")
 LAYOUTS = ("default", "reference")
 POSITION_MODES = ("original", "compact")
 
+_INTEGER = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_DASH = re.compile(r"(?<![eE])-")  # a '-' right after an exponent's 'e' belongs to the number
 
-def parse_values(value: str | int | float | Sequence[int | float], kind: type, name: str) -> tuple:
-    """``value`` as a tuple of ``kind``: a string of ``-`` or ``,`` separated items, one number, or a sequence.
+
+def parse_values(value: object, kind: type, name: str) -> tuple:
+    """``value`` as a tuple of finite, non-negative ``kind`` (``int`` or ``float``) numbers: the one parser of
+    schedules (``LightKVConfig``, ``lightkv simulate``, the SGLang ``--kv-compress-*`` flags).
+
+    ``value`` is a string, one number or an iterable of numbers. Numbers are ``int``, ``float`` or NumPy scalars;
+    ``bool`` is refused, and an ``int`` field refuses every float, integral ones such as ``12.0`` included.
+    A string is split on ``,`` if it holds one (``"12,18,24"``), else on ``-`` (``"12-18-24"``, the released
+    form; a ``-`` right after an exponent's ``e``, as in ``"1e-3"``, is part of the number). A string that starts
+    or ends with ``-`` or holds ``--`` is refused: that is a negative number or an empty item, never a separator.
+    Items are unsigned ASCII decimals (no point or exponent for ``int``); blanks around them are ignored.
 
     Raises:
-        ValueError naming ``name`` if a string item does not parse.
+        ValueError starting with ``name`` and quoting ``value``: no item in a string, an empty, negative,
+        non-finite, fractional (``int``), boolean or non-numeric item.
     """
+    if kind not in (int, float):
+        raise TypeError(f"parse_values converts to int or float, got kind={kind!r}")
     if isinstance(value, str):
-        parts = [p for p in value.replace(",", "-").split("-") if p.strip()]
+        if not value.replace(",", "").replace("-", "").strip():
+            raise ValueError(f"{name} needs at least one value, got {value!r}")
         try:
-            return tuple(kind(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"{name}: cannot parse {value!r} as '-'-separated {kind.__name__} values") from None
-    if isinstance(value, (int, float)):
-        return (kind(value),)
-    return tuple(kind(v) for v in value)
+            return tuple(_parse_item(item, kind) for item in _split(value))
+        except ValueError as error:
+            raise ValueError(
+                f"{name} takes a comma-separated list of {kind.__name__}s (or a '-'-separated one), got {value!r}: "
+                f"{error}"
+            ) from None
+    try:
+        return tuple(_number(item, kind) for item in _items(value))
+    except ValueError as error:
+        raise ValueError(f"{name} takes {kind.__name__}s, got {value!r}: {error}") from None
+
+
+def _split(text: str) -> list[str]:
+    """The items of a schedule string (:func:`parse_values` states the rule)."""
+    if "," in text:
+        return text.split(",")
+    body = text.strip()
+    if body.startswith("-"):
+        raise ValueError("it starts with '-', a negative number or an empty first item ('-' only separates values)")
+    if body.endswith("-"):
+        raise ValueError("it ends with '-', an empty last item")
+    if "--" in body:
+        raise ValueError("it holds '--', an empty item or a negative number")
+    return _DASH.split(body)
+
+
+def _parse_item(text: str, kind: type) -> int | float:
+    """One item of a schedule string as ``kind``."""
+    item = text.strip()
+    if not item:
+        raise ValueError("it holds an empty item")
+    if item.startswith("-"):
+        raise ValueError(f"{item!r} is negative")
+    if not (_INTEGER if kind is int else _NUMBER).fullmatch(item):
+        raise ValueError(f"{item!r} is not a non-negative {'integer' if kind is int else 'decimal number'}")
+    number = kind(item)
+    if kind is float and not math.isfinite(number):
+        raise ValueError(f"{item!r} is too large to be finite")
+    return number
+
+
+def _items(value: object) -> tuple:
+    """``value``'s items, or ``(value,)`` for a scalar (and anything that is not an ordered collection)."""
+    if isinstance(value, (bytes, Mapping, Set)) or not isinstance(value, Iterable):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:  # a 0-d array
+        return (value,)
+
+
+def _number(value: object, kind: type) -> int | float:
+    """One number of a non-string schedule as ``kind``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{value!r} is a {type(value).__name__}, not a number")
+    if kind is int and not isinstance(value, numbers.Integral):
+        raise ValueError(f"{value!r} is a {type(value).__name__}, not an integer")
+    try:
+        number = int(value) if kind is int else float(value) + 0.0  # + 0.0: -0.0 becomes 0.0
+    except OverflowError:
+        raise ValueError(f"{value!r} is too large to be finite") from None
+    if kind is float and not math.isfinite(number):
+        raise ValueError(f"{value!r} is not finite")
+    if number < 0:
+        raise ValueError(f"{value!r} is negative")
+    return number
 
 
 @dataclass(frozen=True)
@@ -43,7 +122,10 @@ class LightKVConfig:
         positions: ``"original"`` (survivors keep their position ids) or ``"compact"`` (renumbered);
             ``None`` picks ``"original"`` for the default layout and ``"compact"`` for the reference one.
 
-    Each schedule field also accepts a string such as ``"12-18-24"``.
+    Each schedule field also accepts a string such as ``"12-18-24"`` or ``"12,18,24"``, or one number; all three
+    are read by :func:`parse_values`, which refuses negative, non-finite, boolean and (for layers and windows)
+    non-integer values. The stages are the merge layers: a single window or ratio applies to every stage, e.g.
+    ``LightKVConfig("12-18-24", "4-2-1", "0.3")`` merges 0.3 of each window at all three.
     """
 
     merge_layers: tuple[int, ...]
@@ -57,20 +139,25 @@ class LightKVConfig:
         layers = parse_values(self.merge_layers, int, "merge_layers")
         windows = parse_values(self.merge_windows, int, "merge_windows")
         ratios = parse_values(self.merge_ratios, float, "merge_ratios")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"merge_layers must be distinct and ascending, got {layers}")
+        if any(w < 1 for w in windows):
+            raise ValueError(f"merge_windows must be >= 1, got {windows}")
+        if any(r > 1.0 for r in ratios):
+            raise ValueError(f"merge_ratios must lie in [0, 1], got {ratios}")
+        stages = len(layers)
+        if stages and len(windows) == 1:
+            windows *= stages
+        if stages and len(ratios) == 1:
+            ratios *= stages
+        if not (len(windows) == len(ratios) == stages):
+            raise ValueError(
+                f"merge_layers, merge_windows and merge_ratios need one entry per stage, got {stages}, "
+                f"{len(windows)} and {len(ratios)} (a single window or ratio applies to every stage)"
+            )
         object.__setattr__(self, "merge_layers", layers)
         object.__setattr__(self, "merge_windows", windows)
         object.__setattr__(self, "merge_ratios", ratios)
-        if not (len(layers) == len(windows) == len(ratios)):
-            raise ValueError(
-                f"merge_layers, merge_windows and merge_ratios need one entry per stage, got "
-                f"{len(layers)}, {len(windows)} and {len(ratios)}"
-            )
-        if any(layer < 0 for layer in layers) or list(layers) != sorted(set(layers)):
-            raise ValueError(f"merge_layers must be distinct, non-negative and ascending, got {layers}")
-        if any(w < 1 for w in windows):
-            raise ValueError(f"merge_windows must be >= 1, got {windows}")
-        if any(not 0.0 <= r <= 1.0 for r in ratios):
-            raise ValueError(f"merge_ratios must lie in [0, 1], got {ratios}")
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
         if self.layout not in LAYOUTS:

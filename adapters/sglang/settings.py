@@ -8,7 +8,6 @@ subprocess; a model reads them back with :func:`settings_of`. The flags and thei
 from __future__ import annotations
 
 import argparse
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,6 +59,10 @@ class KVCompressSettings:
             pool (compression then saves compute only).
         pool_ratios: slots of each layer group after the first per slot of group 0; ``None`` derives them from
             the schedule for vision-dominated prompts (:func:`lightkv_adapters.sglang.pools.default_pool_ratios`).
+
+    The four lists also accept what :func:`parse_list` reads (e.g. ``"12,18,24"``) and are stored as tuples. With
+    ``"lightkv"`` the stages are the layers (the preset's if not given): a single window or ratio applies to every
+    stage, e.g. ``--kv-compress-ratios 0.3``.
     """
 
     method: str = "none"
@@ -72,17 +75,22 @@ class KVCompressSettings:
     def __post_init__(self) -> None:
         if self.method not in KV_COMPRESS_METHODS:
             raise ValueError(f"--kv-compress must be one of {', '.join(KV_COMPRESS_METHODS)}, got {self.method!r}")
-        given = {
-            name: value
-            for name, value in (("layers", self.layers), ("windows", self.windows), ("ratios", self.ratios))
-            if value is not None
-        }
+        given = {}  # flag suffix: the values given
+        for field, kind in (("layers", int), ("windows", int), ("ratios", float), ("pool_ratios", float)):
+            name = field.replace("_", "-")
+            value = parse_list(getattr(self, field), kind, f"--kv-compress-{name}")
+            object.__setattr__(self, field, value)
+            if value is not None:
+                given[name] = value
         if self.pool_ratios is not None:
-            given["pool-ratios"] = self.pool_ratios
             if not self.grouped_pools:
                 raise ValueError("--kv-compress-pool-ratios gives either ratios or 'off', not both")
             if any(not 0.0 < ratio <= 1.0 for ratio in self.pool_ratios):
                 raise ValueError(f"--kv-compress-pool-ratios must lie in (0, 1], got {self.pool_ratios}")
+        if self.windows is not None and min(self.windows) < 1:
+            raise ValueError(f"--kv-compress-windows must be >= 1, got {self.windows}")
+        if self.ratios is not None and max(self.ratios) > 1.0:
+            raise ValueError(f"--kv-compress-ratios must lie in [0, 1], got {self.ratios}")
         if self.method == "none" and given:
             raise ValueError(f"--kv-compress-{'/'.join(given)} need --kv-compress lightkv or fastv")
         if self.method == "fastv":
@@ -91,11 +99,14 @@ class KVCompressSettings:
             for name in ("layers", "ratios"):
                 if name in given and len(given[name]) != 1:
                     raise ValueError(f"FastV prunes once: --kv-compress-{name} takes one value, got {given[name]}")
-        stage_lists = {name: value for name, value in given.items() if name != "pool-ratios"}
-        if self.method == "lightkv" and len(stage_lists) > 1:
-            lengths = {name: len(value) for name, value in stage_lists.items()}
-            if len(set(lengths.values())) > 1:
-                raise ValueError(f"--kv-compress-layers/-windows/-ratios need one value per stage, got {lengths}")
+        if self.method == "lightkv":
+            lengths = {name: len(value) for name, value in given.items() if name != "pool-ratios"}
+            stages = lengths.get("layers", max(lengths.values(), default=1))
+            if any(n != stages and (name == "layers" or n != 1) for name, n in lengths.items()):
+                raise ValueError(
+                    f"--kv-compress-layers/-windows/-ratios need one value per stage (a single window or ratio "
+                    f"applies to every stage), got {lengths}"
+                )
 
     @property
     def enabled(self) -> bool:
@@ -116,7 +127,10 @@ class KVCompressSettings:
             _check_layers((layer,), num_layers)
             return FastV(layer, self.ratios[0] if self.ratios is not None else FASTV_RATIO)
         released = PRESETS[preset].scaled_to(num_layers, PRESET_DEPTHS[preset])
-        stages = len(next(v for v in (self.layers, self.windows, self.ratios, released.merge_layers) if v))
+        # the stages: the layers given, else the longest of the windows and ratios given (one of either applies to
+        # every stage), else the preset's
+        lists = [len(value) for value in (self.windows, self.ratios) if value is not None and len(value) > 1]
+        stages = len(self.layers) if self.layers is not None else max(lists, default=len(released.merge_layers))
         fields = {}
         for name, value, default in (
             ("merge_layers", self.layers, released.merge_layers),
@@ -160,41 +174,30 @@ def kv_compress_settings(
     Raises:
         ValueError naming the flag whose value is wrong.
     """
+    words = isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() in POOL_RATIO_WORDS
     return KVCompressSettings(
         kv_compress,
-        parse_list(kv_compress_layers, int, "--kv-compress-layers"),
-        parse_list(kv_compress_windows, int, "--kv-compress-windows"),
-        parse_list(kv_compress_ratios, float, "--kv-compress-ratios"),
-        grouped_pools=not (isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() == "off"),
-        pool_ratios=None
-        if isinstance(kv_compress_pool_ratios, str) and kv_compress_pool_ratios.lower() in POOL_RATIO_WORDS
-        else parse_list(kv_compress_pool_ratios, float, "--kv-compress-pool-ratios"),
+        kv_compress_layers,
+        kv_compress_windows,
+        kv_compress_ratios,
+        grouped_pools=not (words and kv_compress_pool_ratios.lower() == "off"),
+        pool_ratios=None if words else kv_compress_pool_ratios,
     )
 
 
 def parse_list(value: str | Iterable | float | None, kind: type, flag: str) -> tuple | None:
-    """``value`` as a non-empty tuple of ``kind`` (``None`` stays ``None``): a string such as ``"12,18,24"``
-    (commas or dashes, parsed by :func:`lightkv_core.config.parse_values`), a sequence or a single number; an
-    ``int`` list takes no fractional number.
+    """``value`` as a non-empty tuple of ``kind`` (``None`` stays ``None``), read by the schedules' one parser,
+    :func:`lightkv_core.config.parse_values`: a string such as ``"12,18,24"`` (or ``"12-18-24"``), a sequence or a
+    single number; negative, non-finite and boolean values, and fractional ones for an ``int`` list, are refused.
 
     Raises:
-        ValueError naming ``flag`` if an item does not convert or there is none.
+        ValueError naming ``flag`` and the value if an item does not convert or there is none.
     """
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            items = parse_values(value, kind, flag)
-        except ValueError:
-            raise ValueError(f"{flag} takes a comma-separated list of {kind.__name__}s, got {value!r}") from None
-    else:
-        convert = operator.index if kind is int else kind
-        try:
-            items = tuple(convert(item) for item in (value if isinstance(value, Iterable) else (value,)))
-        except (TypeError, ValueError):
-            raise ValueError(f"{flag} takes {kind.__name__}s, got {value!r}") from None
+    items = parse_values(value, kind, flag)
     if not items:
-        raise ValueError(f"{flag} needs at least one value")
+        raise ValueError(f"{flag} needs at least one value, got {value!r}")
     return items
 
 
@@ -243,15 +246,16 @@ def add_kv_compress_args(parser: argparse.ArgumentParser) -> None:
         "--kv-compress-windows",
         type=_cli_list(int, "--kv-compress-windows"),
         default=None,
-        help="LightKV only: comma-separated windows per image side, one per stage, e.g. 4,2,1. "
-        "Default: the model family's released schedule.",
+        help="LightKV only: comma-separated windows per image side, one per stage, e.g. 4,2,1; one value applies to "
+        "every stage. Default: the model family's released schedule.",
     )
     group.add_argument(
         "--kv-compress-ratios",
         type=_cli_list(float, "--kv-compress-ratios"),
         default=None,
-        help="LightKV: comma-separated fraction of each window's tokens merged per stage, e.g. 0.5,0.5,0.5; "
-        "FastV: the one fraction of vision tokens dropped, e.g. 0.5. Default: the released values.",
+        help="LightKV: comma-separated fraction in [0, 1] of each window's tokens merged per stage, e.g. 0.5,0.5,0.5 "
+        "(one value applies to every stage); FastV: the one fraction of vision tokens dropped, e.g. 0.5. "
+        "Default: the released values.",
     )
     group.add_argument(
         "--kv-compress-pool-ratios",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 
+import numpy as np
 import pytest
 
 if importlib.util.find_spec("sglang") is None:
@@ -20,7 +21,12 @@ cpu_env.install()
 from helpers.sglang_plugin import COMPATIBLE, COMPATIBLE_FLAGS, LIGHTKV, LIGHTKV_FLAGS, server_args_with  # noqa: E402
 from sglang.srt import server_args as sglang_server_args  # noqa: E402
 
-from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings, settings_of  # noqa: E402
+from lightkv_adapters.sglang.settings import (  # noqa: E402
+    SETTINGS_ATTRIBUTE,
+    KVCompressSettings,
+    kv_compress_settings,
+    settings_of,
+)
 
 # --- flags ---------------------------------------------------------------------------------------------------------
 
@@ -84,7 +90,14 @@ def test_malformed_flags_are_usage_errors(plugins_loaded, capsys, flags, message
     [
         (["--kv-compress-layers", "2"], "need --kv-compress lightkv or fastv"),
         (["--kv-compress", "fastv", "--kv-compress-windows", "4"], "FastV has no windows"),
-        (["--kv-compress", "lightkv", "--kv-compress-layers", "2,4", "--kv-compress-windows", "4"], "one value per"),
+        (
+            ["--kv-compress", "lightkv", "--kv-compress-layers", "2,4", "--kv-compress-windows", "4,2,1"],
+            "one value per",
+        ),
+        (["--kv-compress", "lightkv", "--kv-compress-layers", "2", "--kv-compress-ratios", "0.5,0.5"], "one value per"),
+        (["--kv-compress", "lightkv", "--kv-compress-windows", "0"], r"--kv-compress-windows must be >= 1, got \(0,\)"),
+        (["--kv-compress", "lightkv", "--kv-compress-ratios", "1.5"], r"ratios must lie in \[0, 1\], got \(1.5,\)"),
+        (["--kv-compress", "fastv", "--kv-compress-ratios", "1.5"], r"ratios must lie in \[0, 1\], got \(1.5,\)"),
     ],
 )
 def test_inconsistent_flags_are_rejected(plugins_loaded, flags, message):
@@ -174,3 +187,97 @@ def test_engine_rejects_bad_arguments_before_launching(engine_calls, kwargs, err
     with pytest.raises(error, match=message):
         Engine(model_path="m", **kwargs)
     assert engine_calls == []
+
+
+# --- issue 21: the schedules' one parser -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--kv-compress-layers", "-2", "got '-2': it starts with '-'"),
+        ("--kv-compress-layers", "2--4", "got '2--4': it holds '--'"),
+        ("--kv-compress-layers", "2,,4", "got '2,,4': it holds an empty item"),
+        ("--kv-compress-layers", "2,4,", "got '2,4,': it holds an empty item"),
+        ("--kv-compress-layers", "2.5", "takes a comma-separated list of ints (or a '-'-separated one), got '2.5'"),
+        ("--kv-compress-layers", "true", "got 'true': 'true' is not a non-negative integer"),
+        ("--kv-compress-windows", "4,-2", "got '4,-2': '-2' is negative"),
+        ("--kv-compress-ratios", "0.5,-0.25", "got '0.5,-0.25': '-0.25' is negative"),
+        ("--kv-compress-ratios", "nan", "got 'nan': 'nan' is not a non-negative decimal number"),
+        ("--kv-compress-ratios", "inf", "got 'inf'"),
+        ("--kv-compress-pool-ratios", "0.5,-0.3", "got '0.5,-0.3': '-0.3' is negative"),
+    ],
+)
+def test_a_flag_value_that_is_not_a_list_of_numbers_is_a_usage_error_naming_the_flag(
+    plugins_loaded, capsys, flag, value, message
+):
+    with pytest.raises(SystemExit) as exit_info:
+        sglang_server_args.prepare_server_args(
+            ["--model-path", "m", *COMPATIBLE_FLAGS, "--kv-compress", "lightkv", f"{flag}={value}"]
+        )
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {flag} " in (err := capsys.readouterr().err) and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kv_compress_layers": [True]}, r"--kv-compress-layers takes ints, got \[True\]: True is a bool"),
+        ({"kv_compress_layers": [2.0]}, r"--kv-compress-layers takes ints, got \[2.0\]: 2.0 is a float"),
+        ({"kv_compress_layers": -1}, "--kv-compress-layers takes ints, got -1: -1 is negative"),
+        ({"kv_compress_windows": [np.bool_(True)]}, "--kv-compress-windows takes ints, .* is a bool"),
+        ({"kv_compress_ratios": [float("nan")]}, r"--kv-compress-ratios takes floats, got \[nan\]: nan is not finite"),
+        ({"kv_compress_ratios": (0.5, -0.5)}, "--kv-compress-ratios takes floats, .* -0.5 is negative"),
+        ({"kv_compress_ratios": "0.5-1.5"}, r"--kv-compress-ratios must lie in \[0, 1\], got \(0.5, 1.5\)"),
+        ({"kv_compress_pool_ratios": [False]}, "--kv-compress-pool-ratios takes floats, .* is a bool"),
+    ],
+)
+def test_keyword_values_are_refused_like_the_flags(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kv_compress_settings("lightkv", **kwargs)
+
+
+def test_settings_built_directly_are_parsed_too():
+    assert KVCompressSettings("lightkv", "2-4", 4, np.array([0.5, 0.25])) == KVCompressSettings(
+        "lightkv", (2, 4), (4,), (0.5, 0.25)
+    )
+    with pytest.raises(ValueError, match=r"--kv-compress-layers takes ints, got \(2.7,\)"):
+        KVCompressSettings("fastv", (2.7,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "schedule"),
+    [
+        ({"kv_compress_ratios": "0.3"}, ((12, 18, 24), (4, 2, 1), (0.3, 0.3, 0.3))),
+        ({"kv_compress_windows": 2, "kv_compress_ratios": 0.25}, ((12, 18, 24), (2, 2, 2), (0.25, 0.25, 0.25))),
+        (
+            {"kv_compress_layers": "2,4", "kv_compress_windows": "4", "kv_compress_ratios": "0.5"},
+            ((2, 4), (4, 4), (0.5, 0.5)),
+        ),
+        (
+            {"kv_compress_windows": "4,2", "kv_compress_ratios": "0.5", "kv_compress_layers": [3, 9]},
+            ((3, 9), (4, 2), (0.5, 0.5)),
+        ),
+        (
+            {"kv_compress_layers": np.array([12, 18]), "kv_compress_windows": 4, "kv_compress_ratios": np.float32(0.5)},
+            ((12, 18), (4, 4), (0.5, 0.5)),
+        ),
+    ],
+)
+def test_one_window_or_ratio_applies_to_every_stage(kwargs, schedule):
+    method = kv_compress_settings("lightkv", **kwargs).reduction("llava-1.5", 32)
+    config = method.config
+    assert (config.merge_layers, config.merge_windows, config.merge_ratios) == schedule
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"kv_compress_windows": "4,2", "kv_compress_ratios": "0.5"}, "--kv-compress-layers"),
+        ({"kv_compress_layers": "12,18", "kv_compress_windows": "4"}, "--kv-compress-ratios"),
+    ],
+)
+def test_a_preset_list_is_not_cut_to_fewer_stages(kwargs, flag):
+    """Only a value given once applies to every stage; the preset's three values are not cut down to two."""
+    with pytest.raises(ValueError, match=f"the llava-1.5 preset has 3 stages; give {flag} for the 2 stages"):
+        kv_compress_settings("lightkv", **kwargs).reduction("llava-1.5", 32)

@@ -4,6 +4,8 @@ points, the core imports nothing above it, and only usage errors become one-line
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import subprocess
 import sys
 import types
@@ -11,6 +13,8 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from lightkv_core import autotune, cli
 from lightkv_core.cli import Command, CommandLoadError, load_commands, main
@@ -169,3 +173,147 @@ def test_python_m_runs_the_commands_of_the_entry_points():
         "",
         "lightkv: error: --prompts must be >= 1, got 0\n",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers on the command line (issue 21): every one is range-checked before the work, in one line
+
+
+SIMULATE = ["simulate", "--grid", "4x4", "--backend", "torch", "--hidden-size", "16"]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """The simulated stages and autotune's shapes fail the test: a bad number must be refused before them."""
+
+    def ran(*args, **kwargs):
+        pytest.fail("the command started its work before refusing the value")
+
+    monkeypatch.setattr(cli, "lightkv_stage", ran)
+    monkeypatch.setattr(autotune, "preset_shapes", ran)
+    monkeypatch.setattr(autotune, "parse_shape", ran)
+
+
+def status_and_streams(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)``'s exit status (argparse's ``SystemExit`` included), stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as exit_info:
+            status = exit_info.code
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--ratios=-0.9"], "--ratios takes a comma-separated list of floats (or a '-'-separated one), got '-0.9': it"),
+        (["--ratios=-0.9-0.9-0.9"], "got '-0.9-0.9-0.9': it starts with '-'"),
+        (["--ratios", "0.5,-0.25,0.5"], "got '0.5,-0.25,0.5': '-0.25' is negative"),
+        (["--ratios", "1.5"], "merge_ratios must lie in [0, 1], got (1.5,)"),
+        (["--ratios", "nan"], "--ratios takes a comma-separated list of floats (or a '-'-separated one), got 'nan'"),
+        (["--layers", "12.7-18-24"], "got '12.7-18-24': '12.7' is not a non-negative integer"),
+        (["--layers", "12--18-24"], "got '12--18-24': it holds '--'"),
+        (["--layers", "12,,18,24"], "got '12,,18,24': it holds an empty item"),
+        (["--layers", "12-18-24-"], "got '12-18-24-': it ends with '-'"),
+        (["--layers", ""], "--layers needs at least one value, got ''"),
+        (["--windows", "true"], "--windows takes a comma-separated list of ints (or a '-'-separated one), got 'true'"),
+        (["--layers", "40-50-60"], "--layers [40, 50, 60] lie beyond the 32-layer decoder (layers 0..31)"),
+        (["--num-layers", "8", "--layers", "3-6-8"], "--layers [8] lie beyond the 8-layer decoder (layers 0..7)"),
+        (["--heads", str(10**9)], "would take 14483.9 GiB, more than the 2.0 GiB lightkv simulate allows"),
+        (["--head-dim", str(10**9)], "more than the 2.0 GiB lightkv simulate allows"),
+        (["--grid", "100000x100000"], "ask for 10000000065 tokens, more than the 1048576 lightkv simulate generates"),
+        (["--text-before", str(10**8)], "more than the 1048576 lightkv simulate generates"),
+        (["--images", "100000"], "ask for 1700064 tokens, more than the 1048576 lightkv simulate generates"),
+        (["--num-layers", str(10**9)], "argument --num-layers: expected an integer <= 4096, got '1000000000'"),
+        (["--num-layers", "0"], "argument --num-layers: expected an integer >= 1, got '0'"),
+        (["--images", "0"], "argument --images: expected an integer >= 1, got '0'"),
+        (["--heads", "0"], "argument --heads: expected an integer >= 1, got '0'"),
+        (["--head-dim", "0"], "argument --head-dim: expected an integer >= 1, got '0'"),
+        (["--heads", "2.0"], "argument --heads: expected an integer, got '2.0'"),
+        (["--seed", str(2**64)], "argument --seed: expected an integer <= 18446744073709551615"),
+    ],
+)
+def test_simulate_refuses_a_bad_number_in_one_line_before_any_stage(options, message, no_work):
+    status, out, err = status_and_streams([*SIMULATE, *options])
+    assert (status, out) == (2, "")
+    assert err.startswith("lightkv: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "options, schedule",
+    [
+        (["--ratios", "0.3"], "layers (12, 18, 24), windows (4, 2, 1), ratios (0.3, 0.3, 0.3)"),
+        (["--windows", "2", "--ratios", "0.25"], "windows (2, 2, 2), ratios (0.25, 0.25, 0.25)"),
+        (["--layers", "2,5", "--windows", "1", "--ratios", "0.5"], "layers (2, 5), windows (1, 1), ratios (0.5, 0.5)"),
+        (["--num-layers", "8", "--layers", "3-6-7"], "layers (3, 6, 7), windows (4, 2, 1)"),
+    ],
+)
+def test_simulate_applies_one_window_or_ratio_to_every_stage(options, schedule):
+    status, out, _ = status_and_streams([*SIMULATE, *options])
+    assert status == 0 and schedule in out.splitlines()[1]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--text-tokens", "0"], "--text-tokens must lie in 1..1048576, got 0"),
+        (["--text-tokens", "-5"], "--text-tokens must lie in 1..1048576, got -5"),
+        (["--text-tokens", str(10**12)], "--text-tokens must lie in 1..1048576, got 1000000000000"),
+        (["--shape", f"S={10**12}"], "--shape 'S=1000000000000': 'S=1000000000000' is not an integer in 1..1048576"),
+        (["--shape", "S=\u00b2"], "--shape 'S=\u00b2': 'S=\u00b2' is not an integer in 1..1048576"),
+        (["--max-configs", "0"], "--max-configs must be at least 1, got 0"),
+        (["--max-configs", "1.5"], "argument --max-configs: invalid int value: '1.5'"),
+    ],
+)
+def test_autotune_refuses_a_bad_number_in_one_line_before_any_shape(options, message, no_work):
+    status, out, err = status_and_streams(["autotune", "--dry-run", *options])
+    assert (status, out) == (2, "")
+    assert err.startswith("lightkv: error: ") and err.count("\n") == 1 and message in err, err
+
+
+CLI_NUMBERS = st.one_of(
+    st.integers(-3, 40).map(str),
+    st.floats(-1, 2).map(repr),
+    st.integers(10**9, 10**30).map(str),
+    st.sampled_from(["", " ", "nan", "inf", "-0", "1e3", "1.5", "0x10", "true", "3 4"]),
+)
+SCHEDULES = st.builds(
+    lambda items, sep: sep.join(items), st.lists(CLI_NUMBERS, max_size=4), st.sampled_from([",", "-"])
+)
+
+
+def joined(items: st.SearchStrategy) -> st.SearchStrategy[str]:
+    """``items`` (a strategy of lists) written with either separator."""
+    return st.builds(lambda values, sep: sep.join(map(str, values)), items, st.sampled_from([",", "-"]))
+
+
+def mostly(valid: st.SearchStrategy[str], anything: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """A value a run takes three times in four, else anything: enough runs get through to the stages."""
+    return st.integers(0, 3).flatmap(lambda draw: valid if draw else anything)
+
+
+FLAGS = {
+    "--layers": mostly(
+        joined(st.lists(st.integers(0, 23), min_size=3, max_size=3, unique=True).map(sorted)), SCHEDULES
+    ),
+    "--windows": mostly(joined(st.lists(st.integers(1, 4), min_size=1, max_size=1)), SCHEDULES),
+    "--ratios": mostly(joined(st.lists(st.floats(0, 1), min_size=3, max_size=3)), SCHEDULES),
+    "--num-layers": mostly(st.integers(24, 64).map(str), CLI_NUMBERS),
+    "--images": mostly(st.integers(1, 2).map(str), CLI_NUMBERS),
+    "--heads": mostly(st.sampled_from(["1", "2", "4"]), CLI_NUMBERS),
+    "--head-dim": mostly(st.integers(1, 64).map(str), CLI_NUMBERS),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.fixed_dictionaries({}, optional=FLAGS))
+def test_simulate_with_any_numbers_runs_or_is_one_usage_line(options: dict[str, str]):
+    status, out, err = status_and_streams([*SIMULATE, *(f"{flag}={value}" for flag, value in options.items())])
+    event(f"exit status {status}")
+    if status == 0:
+        assert "per-layer KV tokens" in out and "Traceback" not in err
+    else:
+        assert (status, out) == (2, "")
+        assert err.startswith("lightkv: error: ") and err.count("\n") == 1, err
