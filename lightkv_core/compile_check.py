@@ -32,7 +32,7 @@ import torch
 from lightkv_core.compile_worker import CompileJob, CompileRecord
 from lightkv_core.kernel_problems import kernel_problems
 from lightkv_core.kernels.tuning import DTYPE_NAMES, KERNELS, default_config, dtype_name, parse_key
-from lightkv_core.run_record import run_record
+from lightkv_core.run_record import output_dir, run_record
 from lightkv_core.stage_shapes import StageShape
 
 #: Shared memory one block may use on each target, in bytes (the opt-in maximum of dynamic shared memory).
@@ -220,7 +220,9 @@ def report_compiles(
     records: list[CompileRecord], targets: list[str], shapes: list[StageShape], out: Path, command: str
 ) -> int:
     """``lightkv autotune --compile-only``: print a table per target, write ``out/compile-<target>.json`` and the
-    :func:`default_problems`; 0 if there are none, 1 otherwise."""
+    :func:`default_problems`; 0 if there are none, 1 otherwise. A folder ``out`` that cannot be written is a
+    UsageError (:func:`~lightkv_core.run_record.output_dir`)."""
+    out = output_dir(out)
     for target in targets:
         mine = [record for record in records if record.target == target]
         print(f"\n{target} (shared memory per block: {SHARED_MEMORY_LIMITS[target]:,} B)\n{format_table(mine)}")

@@ -1,18 +1,86 @@
 """Where result files go and the header every one of them carries (the benchmarks' and the compile check's): what
-ran, where, with which versions."""
+ran, where, with which versions.
+
+Every command that writes results (``lightkv bench``, ``eval``, ``calibrate``, ``autotune --compile-only``) writes
+them to its ``--out``, by default :func:`results_dir`: ``$LIGHTKV_RESULTS_DIR``, else ``~/.cache/lightkv/results``;
+never into the installed package or a source checkout unless ``--out`` says so (the committed results are
+regenerated with ``--out perf/results``). :func:`output_dir` and :func:`output_file` create and check the
+destination before a command's long run, so a folder it cannot write is one usage error up front.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
+from lightkv_core.errors import UsageError
+
 _ROOT = Path(__file__).resolve().parent.parent
-#: perf/results in a source checkout (where the results are committed); ./lightkv-results for an installed package.
-RESULTS = _ROOT / "perf" / "results" if (_ROOT / "perf" / "README.md").exists() else Path("lightkv-results")
+RESULTS_ENV = "LIGHTKV_RESULTS_DIR"
+#: How :func:`results_dir` is chosen, for the commands' ``--help``.
+RESULTS_HELP = f"${RESULTS_ENV}, else ~/.cache/lightkv/results"
+
+
+def results_dir() -> Path:
+    """The default folder of every command's results: ``$LIGHTKV_RESULTS_DIR`` if set, else
+    ``~/.cache/lightkv/results`` (beside the tuning cache, ``~/.cache/lightkv``)."""
+    configured = os.environ.get(RESULTS_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lightkv" / "results"
+
+
+#: :func:`results_dir` read once, at import: the default ``--out`` of ``lightkv autotune --compile-only``
+#: (lightkv_core.autotune); every other command calls :func:`results_dir` when it runs.
+RESULTS = results_dir()
+
+
+def _named(folder: Path, out: str | Path | None, option: str) -> tuple[str, str]:
+    """How an error names the destination folder, and the fix: by the option the user passed, else by where the
+    default came from."""
+    if out is not None:
+        return f"{option} {folder}", f"pass {option} a folder you can write to"
+    if os.environ.get(RESULTS_ENV):
+        return f"{RESULTS_ENV}={folder}", f"point {RESULTS_ENV} at a folder you can write to"
+    return f"the results folder {folder}", f"set {RESULTS_ENV} to a folder you can write to, or pass {option}"
+
+
+def output_dir(out: str | Path | None, option: str = "--out") -> Path:
+    """The folder a command writes into: ``out``, else :func:`results_dir`, created and checked writable (a file
+    made and removed there). Call it before the command's work, so a bad destination fails at once.
+
+    Raises:
+        UsageError: the folder is a file, or cannot be created or written; one line naming it and the fix.
+    """
+    folder = Path(results_dir() if out is None else out).expanduser()
+    named, fix = _named(folder, out, option)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{named} is a file, not a folder; {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{named}: cannot write there ({error.strerror or error}); {fix}") from None
+    return folder
+
+
+def output_file(out: str | Path | None, default_name: str, option: str = "--out") -> Path:
+    """The file a command writes: ``out``, else ``default_name`` in :func:`results_dir`; its folder created and
+    checked as by :func:`output_dir`, and the path itself no folder.
+
+    Raises:
+        UsageError: as :func:`output_dir`, or the path is a folder.
+    """
+    path = results_dir() / default_name if out is None else Path(out).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; pass {option} a file name, e.g. {path / default_name}")
+    output_dir(path.parent if out is not None else None, option)
+    return path
 
 
 def run_record(benchmark: str, command: str | None = None) -> dict:

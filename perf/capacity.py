@@ -5,9 +5,11 @@ A simulation of KV slots over SGLang's real request pool and allocators and the 
 and mixed requests are admitted with one pool and with layer-group pools, then decoded, freed and checked for
 leaks; the model, scenarios, limits and recorded numbers are in perf/README.md (SGLang capacity).
 
-    .venv/bin/python perf/capacity.py [--budget-gib 40] [--max-new-tokens 128] [--pool-ratios a,b,c]
+    .venv/bin/python perf/capacity.py [--budget-gib 40] [--max-new-tokens 128] [--pool-ratios a,b,c] [--out DIR]
 
-Writes ``perf/results/capacity.json`` and ``.png``; about 15 s on 2 CPU cores, most of it importing SGLang.
+Writes ``capacity.json`` and ``.png`` to ``--out`` (default: the results folder, ``$LIGHTKV_RESULTS_DIR`` or
+``~/.cache/lightkv/results``; the committed ones with ``--out perf/results``); about 15 s on 2 CPU cores, most of it
+importing SGLang.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from lightkv_adapters.sglang.pools import (  # noqa: E402
     pool_sizes,
 )
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig, parse_values  # noqa: E402
+from lightkv_core.errors import UsageError  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
-from lightkv_core.run_record import RESULTS, git_commit  # noqa: E402
+from lightkv_core.run_record import RESULTS_HELP, git_commit, output_dir  # noqa: E402
 from lightkv_perf.capacity_plot import plot  # noqa: E402
 from lightkv_perf.capacity_requests import SHAPE, FakeReq, llava_next_request, text_request  # noqa: E402
 
@@ -327,17 +330,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="slots of layer groups 1-3 per slot of group 0, e.g. 0.52,0.28,0.15 (default: the plugin's default)",
     )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"folder for capacity.json and .png (default {RESULTS_HELP})"
+    )
     args = parser.parse_args(argv)
-    if args.budget_gib <= 0 or args.max_new_tokens < 0:
+    if not args.budget_gib > 0 or args.max_new_tokens < 0:  # not > 0: also refuses nan
         parser.error("--budget-gib must be > 0 and --max-new-tokens >= 0")
     if args.pool_ratios is not None:
         try:
             check_pool_ratios(args.pool_ratios, len(LightKVConfig.preset("llava-1.5").merge_layers) + 1)
         except ValueError as error:
             parser.error(f"--pool-ratios: {error}")
+    try:
+        out = output_dir(args.out)
+    except UsageError as error:
+        parser.error(str(error))
     result = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "capacity.json"
+    path = out / "capacity.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, path.with_suffix(".png"))
     print(

@@ -8,13 +8,14 @@ finds it; the core never imports this package.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from lightkv_core.cli import Command
 from lightkv_core.errors import UsageError
 from lightkv_perf import kernels, prefill, roofline, scoring
-from lightkv_perf.common import RESULTS, device_tag
+from lightkv_perf.common import RESULTS_HELP, device_tag, output_dir
 
 BENCHMARKS = {"scoring": scoring, "kernels": kernels, "prefill": prefill}
 
@@ -26,6 +27,7 @@ def _at_least(args: argparse.Namespace, option: str, minimum: int) -> None:
 
 
 def _check_scoring(args: argparse.Namespace) -> None:
+    _at_least(args, "--repeats", 1)
     _at_least(args, "--heads", 1)
     _at_least(args, "--head-dim", 1)
 
@@ -33,10 +35,14 @@ def _check_scoring(args: argparse.Namespace) -> None:
 def _check_kernels(args: argparse.Namespace) -> None:
     _at_least(args, "--repeats", 1)
     _at_least(args, "--hidden", 1)
+    _at_least(args, "--threads", 0)
+    cores = os.cpu_count() or 1
+    if args.threads > cores:  # more threads than cores only stalls, and a huge count crashes PyTorch
+        raise UsageError(f"--threads must be at most {cores}, the CPU cores of this machine, got {args.threads}")
 
 
 def _check_prefill(args: argparse.Namespace) -> None:
-    _at_least(args, "--repeats", 0)
+    _at_least(args, "--repeats", 1)
     prefill.parse_options(args)
 
 
@@ -62,21 +68,23 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "all", help="the three benchmarks in turn, with their default shapes, then the speed targets they judge"
     )
     every.add_argument("--quick", action="store_true", help="each benchmark's quick mode (the README's CPU run)")
-    every.add_argument("--out", help="folder for the JSON and PNG results (default perf/results)")
+    every.add_argument(
+        "--out", type=Path, default=None, help=f"folder for the JSON and PNG results (default {RESULTS_HELP})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark != "all":
         return _run_one(args.benchmark, args)
+    out = output_dir(args.out)
     for name, module in BENCHMARKS.items():
         print(f"\n=== lightkv bench {name}{' --quick' if args.quick else ''} ===", flush=True)
         parser = argparse.ArgumentParser(prog=f"lightkv bench {name}")
         module.add_arguments(parser)
-        options = ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
-        status = _run_one(name, parser.parse_args(options))
+        status = _run_one(name, parser.parse_args(["--quick"] * args.quick + ["--out", str(out)]))
         if status:
             return status
-    print_targets(Path(args.out) if args.out else RESULTS)
+    print_targets(out)
     return 0
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 # the result folder and the run record are the compile check's too, so they live in the core
-from lightkv_core.run_record import RESULTS as RESULTS
+from lightkv_core.run_record import RESULTS_HELP
+from lightkv_core.run_record import output_dir as output_dir
 from lightkv_core.run_record import run_record as run_record
 
 
@@ -111,8 +112,9 @@ def write_json(result: dict, path: Path) -> Path:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--quick`` and ``--out``, which every ``lightkv bench`` benchmark takes."""
+    """``--quick`` and ``--out``, which every ``lightkv bench`` benchmark takes (``--out`` is ``None`` unless given:
+    a benchmark resolves it with :func:`output_dir` before it measures anything)."""
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the CPU run from the README)")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"folder for the JSON and PNG results (default {RESULTS})"
+        "--out", type=Path, default=None, help=f"folder for the JSON and PNG results (default {RESULTS_HELP})"
     )

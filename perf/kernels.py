@@ -29,6 +29,7 @@ from lightkv_perf.common import (
     device,
     device_tag,
     median_seconds,
+    output_dir,
     peak_extra_bytes,
     run_record,
     write_json,
@@ -319,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = output_dir(args.out)
     dev = device()
     dtype = GPU_DTYPE if dev.type == "cuda" else torch.float32
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 25)
@@ -362,7 +364,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         result["triton_bandwidth"] = bandwidth(rows, cases)
-    path = write_json(result, args.out / f"kernels-{device_tag()}.json")
+    path = write_json(result, out / f"kernels-{device_tag()}.json")
     plot(result, path.with_suffix(".png"))
     print_table(result)
     print_roofline(result)

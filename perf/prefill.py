@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -19,7 +18,7 @@ from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
 from lightkv_core.errors import UsageError
 from lightkv_core.kernels.launch import BACKENDS, choose_backend
 from lightkv_core.methods import LightKV
-from lightkv_perf.common import add_common_arguments, device, device_tag, run_record, write_json
+from lightkv_perf.common import add_common_arguments, device, device_tag, output_dir, run_record, write_json
 from lightkv_perf.prefill_cases import (
     SIZES,
     TEXT_AFTER,
@@ -97,6 +96,7 @@ def parse_options(args: argparse.Namespace) -> tuple[list[str], str, list[int]]:
 def run(args: argparse.Namespace) -> int:
     """Run every (model, vision-token count) case, write the JSON and PNG, print the table."""
     models, size_name, counts = parse_options(args)
+    out = output_dir(args.out)
     on = device()
     size = SIZES[size_name]
     per_image = size.image_tokens
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "cases": cases,
     }
     result["timing_note"] = CPU_NOTE if on.type == "cpu" else GPU_NOTE
-    path = write_json(result, Path(args.out) / f"prefill-{device_tag()}.json")
+    path = write_json(result, out / f"prefill-{device_tag()}.json")
     plot(result, path.with_suffix(".png"))
     print(table(result))
     print(f"wrote {path} and {path.with_suffix('.png').name}")

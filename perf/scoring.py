@@ -24,6 +24,7 @@ from lightkv_perf.common import (
     device,
     device_tag,
     median_seconds,
+    output_dir,
     peak_extra_bytes,
     run_record,
     write_json,
@@ -235,8 +236,9 @@ def run(args: argparse.Namespace) -> int:
         args.repeats = min(args.repeats, 2)
     if any(guide >= seq for seq in args.seq_lengths for guide in args.guide_tokens):
         raise UsageError("every guide-token count must be smaller than every prompt length")
+    out = output_dir(args.out)
     result = measure(args)
-    path = write_json(result, args.out / f"scoring-{device_tag()}.json")
+    path = write_json(result, out / f"scoring-{device_tag()}.json")
     plot(result, path.with_suffix(".png"))
     print(f"\nwrote {path} and {path.with_suffix('.png').name}")
     print(f"{'S':>5} {'T':>4}  time vs torch fallback (peak memory vs fallback)")

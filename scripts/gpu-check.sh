@@ -4,8 +4,8 @@
 #   2. stops at once, with exit status 2, where torch sees no CUDA device;
 #   3. runs the kernel tests compiled (TRITON_INTERPRET=0 pytest tests/kernels);
 #   4. tunes the LightKV kernels on the llava-next preset, 3 configs each (lightkv autotune);
-#   5. runs lightkv bench scoring, kernels and prefill, which write perf/results/<benchmark>-<gpu>.json (with the
-#      roofline floors beside the Triton times);
+#   5. runs lightkv bench scoring, kernels and prefill with --out perf/results, so they write the committed results
+#      perf/results/<benchmark>-<gpu>.json (with the roofline floors beside the Triton times);
 #   6. prints a summary of the steps and the three speed targets as PASS/FAIL (python -m lightkv_perf.roofline
 #      --targets, judged from the scoring and prefill results this run wrote).
 # Every step runs under `timeout`, capped at its own limit and at what is left of the budget (440 s in all), so a
@@ -83,9 +83,9 @@ echo "gpu-check: tuned configs in $LIGHTKV_CACHE_DIR; results in perf/results/*-
 step "kernel tests, compiled" 170 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
 step "lightkv autotune (llava-next, 3 configs)" 100 "$LIGHTKV" autotune --preset llava-next \
     --kernels scoring.column_lse,scoring.row_sum,window_match,merge_compact --max-configs 3
-step "lightkv bench scoring" 75 "$LIGHTKV" bench scoring
-step "lightkv bench kernels" 60 "$LIGHTKV" bench kernels
-step "lightkv bench prefill" 120 "$LIGHTKV" bench prefill --repeats 3
+step "lightkv bench scoring" 75 "$LIGHTKV" bench scoring --out perf/results
+step "lightkv bench kernels" 60 "$LIGHTKV" bench kernels --out perf/results
+step "lightkv bench prefill" 120 "$LIGHTKV" bench prefill --repeats 3 --out perf/results
 
 FRESH=()
 for name in scoring prefill; do

@@ -1,28 +1,32 @@
 """``lightkv calibrate``: PrefixKV's per-layer budget fractions, measured on calibration prompts.
 
-    lightkv calibrate [--retention 0.3] [--scope vision] [--prompts 64] [--out prefixkv-calibration.json]
+    lightkv calibrate [--retention 0.3] [--scope vision] [--prompts 64] [--out FILE]
 
 Runs the shipped tiny LVLM (or ``--weights``) with per-request PrefixKV on prompts from seeds that neither
 training nor the held-out benchmark uses, and averages each layer's kept fraction of the candidate tokens
 (vision tokens, or every token with ``--scope all``). ``PrefixKV.from_calibration(path)`` then splits any
-request's budget over layers in those proportions, with no search at run time.
+request's budget over layers in those proportions, with no search at run time. The file goes to ``--out``, by
+default ``prefixkv-calibration.json`` in the results folder (:func:`lightkv_core.run_record.results_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightkv_adapters.reference import shapes_world as world
-from lightkv_adapters.reference.tiny_lvlm import TinyLVLM
+from lightkv_adapters.reference.tiny_lvlm import load_weights_option
 from lightkv_core.cli import Command, positive_int
 from lightkv_core.errors import UsageError
 from lightkv_core.methods.prefixkv import PrefixKV, save_calibration
+from lightkv_core.run_record import RESULTS_HELP, output_file
 from lightkv_core.stats import PrefillStats
 
 CALIBRATION_SEED_BASE = 200_000
+DEFAULT_FILE = "prefixkv-calibration.json"
 
 
 def layer_fractions(stats: PrefillStats, scope: str) -> np.ndarray:
@@ -39,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         method = PrefixKV(retention=args.retention, scope=args.scope, sink=args.sink, backend=args.backend)
     except ValueError as error:  # --retention, --sink
         raise UsageError(str(error)) from error
+    out = output_file(args.out, DEFAULT_FILE)
     torch.manual_seed(0)
-    model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
+    model = load_weights_option(args.weights)
     pairs = []
     seed = CALIBRATION_SEED_BASE
     while len(pairs) < args.prompts:
@@ -53,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
         _, stats = model.answer([e for e, _ in chunk], [q for _, q in chunk], method)
         fractions.append(layer_fractions(stats, args.scope))
     mean = np.concatenate(fractions).mean(axis=0)
-    save_calibration(args.out, mean.tolist(), method, len(pairs), str(args.weights or "shipped tiny LVLM"))
+    save_calibration(out, mean.tolist(), method, len(pairs), str(args.weights or "shipped tiny LVLM"))
     print(f"PrefixKV calibration at retention {args.retention} ({args.scope} tokens), {len(pairs)} prompts:")
     print("layer  kept fraction")
     for layer, fraction in enumerate(mean):
         print(f"{layer:>5}  {fraction:.3f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -70,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="statistics kernel")
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
-    parser.add_argument("--out", default="prefixkv-calibration.json", help="calibration file to write")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"calibration file to write (default {DEFAULT_FILE} in {RESULTS_HELP})"
+    )
 
 
 # Named in pyproject.toml's lightkv.commands entry points: the core's command line finds it there.

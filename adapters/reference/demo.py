@@ -13,7 +13,7 @@ import torch
 
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import held_out, score
-from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
+from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, load_weights_option
 from lightkv_core.budget import KVFootprint, human_bytes
 from lightkv_core.cli import Command, positive_int
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     torch.manual_seed(0)
-    model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
+    model = load_weights_option(args.weights)
     layers = model.config.num_layers
     config = LightKVConfig.preset("llava-1.5").scaled_to(layers, PRESET_DEPTHS["llava-1.5"])
     methods = {"full cache": None, "LightKV": LightKV(config)}

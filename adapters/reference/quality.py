@@ -1,6 +1,6 @@
 """Quality benchmark: accuracy of the shipped tiny LVLM vs vision-token retention, one line per method.
 
-    lightkv eval [--per-type 100] [--out perf/results]
+    lightkv eval [--per-type 100] [--out DIR]   # DIR: default $LIGHTKV_RESULTS_DIR, else ~/.cache/lightkv/results
 
 How retention is measured and how each method is set to a target: ``perf/README.md``, "Quality: accuracy vs
 vision-token retention".
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lightkv_adapters.reference import shapes_world as world
-from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM
+from lightkv_adapters.reference.tiny_lvlm import VISION_TOKENS, TinyLVLM, load_weights_option
 from lightkv_core.budget import layer_kv_lengths
 from lightkv_core.cli import Command, positive_int
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
@@ -30,6 +30,7 @@ from lightkv_core.errors import UsageError
 from lightkv_core.methods import METHODS as REGISTRY
 from lightkv_core.methods import CompressionMethod, FastV, KVEviction, LightKV, RandomDrop, method_by_name
 from lightkv_core.methods.fastv import drop_ratio, released_layer
+from lightkv_core.run_record import RESULTS_HELP, output_dir
 from lightkv_core.stage import lightkv_stage
 
 HELD_OUT_SEED_BASE = 500_000
@@ -215,16 +216,14 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401  (checked before the runs: the plot comes last)
     except ImportError:
         raise SystemExit("lightkv eval draws its plot with matplotlib: pip install 'lightkv[perf]'") from None
+    methods = _methods(args.methods)
+    retentions = _retentions(args.retentions) if args.retentions else list(RETENTIONS)
+    out = output_dir(args.out)
     torch.manual_seed(0)
-    model = TinyLVLM.load(args.weights) if args.weights else TinyLVLM.load()
+    model = load_weights_option(args.weights)
     num_layers = model.config.num_layers
     grid = (world.GRID, world.GRID)
     pairs = held_out(args.per_type)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    for name in methods:
-        if name not in METHODS:
-            raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    retentions = _retentions(args.retentions) if args.retentions else list(RETENTIONS)
     jobs = [(None, None)] + [(name, target) for name in methods for target in retentions]
     results: dict = {}
     with tqdm(jobs, desc="eval", unit="run", file=sys.stderr) as progress:
@@ -269,8 +268,6 @@ def run(args: argparse.Namespace) -> int:
                 None if result is None else round(result.prefill_seconds / full.prefill_seconds, 3)
             )
             summary["schedules"][name][key] = _describe(reduction)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "quality.png")
     print(format_table(summary))
@@ -278,11 +275,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(text: str) -> list[str]:
+    """``--methods``: every method if empty; a name not in :data:`METHODS` is a usage error."""
+    methods = [name.strip() for name in text.split(",")] if text else list(METHODS)
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+    return methods
+
+
 def _retentions(text: str) -> list[float]:
+    """``--retentions``: distinct retention targets in [0, 1], e.g. ``0.55,0.25``; anything else is a usage error."""
     try:
-        return [float(r) for r in text.split(",")]
+        values = [float(r) for r in text.split(",")]
     except ValueError:
-        raise UsageError(f"--retentions: expected comma-separated numbers, e.g. 0.55,0.25, got {text!r}") from None
+        values = []
+    if not values or any(not 0.0 <= r <= 1.0 for r in values):  # also refuses nan
+        raise UsageError(f"--retentions: expected comma-separated numbers in [0, 1], e.g. 0.55,0.25, got {text!r}")
+    if len({f"{r:.2f}" for r in values}) < len(values):
+        raise UsageError(f"--retentions: the targets must differ in their first two decimals, got {text!r}")
+    return values
 
 
 def format_table(summary: dict) -> str:
@@ -306,7 +318,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retentions", default="", help="comma-separated retention targets, e.g. 0.55,0.25")
     parser.add_argument("--batch", type=positive_int, default=100)
     parser.add_argument("--weights", default="", help="safetensors file (default: the shipped model)")
-    parser.add_argument("--out", default="perf/results", help="folder for quality.json and quality.png")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"folder for quality.json and quality.png (default {RESULTS_HELP})"
+    )
 
 
 # Named in pyproject.toml's lightkv.commands entry points: the core's command line finds it there.

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.decoder import Decoder, DecoderConfig
+from lightkv_core.errors import UsageError
 from lightkv_core.methods import CompressionMethod
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stats import PrefillStats
@@ -121,18 +122,40 @@ class TinyLVLM(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path = WEIGHTS) -> TinyLVLM:
-        """The model stored at ``path`` (default: the shipped weights)."""
-        from safetensors import safe_open
+        """The model stored at ``path`` (default: the shipped weights).
+
+        Raises:
+            FileNotFoundError: there is no file at ``path``.
+            WeightsError: the file is not a tiny LVLM saved by :meth:`save` (not safetensors, no or bad
+                ``decoder_config`` metadata, tensors of another model).
+        """
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no tiny-LVLM weights at {path}; train them with python -m "
-                                    "lightkv_adapters.reference.train")  # fmt: skip
-        with safe_open(str(path), "pt") as handle:
-            config = DecoderConfig(**json.loads(handle.metadata()["decoder_config"]))
+            what = "a folder" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"no tiny-LVLM weights at {path} ({what}); {_train_hint(path)}")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except SafetensorError as error:
+            raise WeightsError(path, f"not a safetensors file ({error})") from None
+        if "decoder_config" not in metadata:
+            raise WeightsError(path, "a safetensors file without lightkv's 'decoder_config' metadata")
+        try:
+            config = DecoderConfig(**json.loads(metadata["decoder_config"]))
+        except (ValueError, TypeError, ZeroDivisionError) as error:  # bad JSON, bad or missing fields, bad values
+            raise WeightsError(path, f"its 'decoder_config' metadata is not a decoder config ({error})") from None
+        if config.vocab_size != len(world.VOCAB):
+            vocabulary = f"{config.vocab_size} tokens, not the shapes world's {len(world.VOCAB)}"
+            raise WeightsError(path, f"its vocabulary has {vocabulary}")
         model = cls(config)
-        model.load_state_dict(load_file(str(path)), strict=True)
+        mismatch = _tensor_mismatch(model.state_dict(), tensors)
+        if mismatch:
+            raise WeightsError(path, f"its tensors do not match its decoder_config ({mismatch})")
+        model.load_state_dict(tensors, strict=True)
         return model.eval()
 
     def save(self, path: str | Path, **metadata: str) -> None:
@@ -187,6 +210,49 @@ class TinyLVLM(nn.Module):
             eos_token_id=world.EOS,
         )
         return [world.decode(row) for row in tokens.tolist()], stats
+
+
+class WeightsError(ValueError):
+    """A file :meth:`TinyLVLM.load` cannot use; the message names it, the problem and how to write good weights."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} is not tiny-LVLM weights: {problem}; {_train_hint(path)}")
+
+
+def _train_hint(path: Path) -> str:
+    return f"retrain with `python -m lightkv_adapters.reference.train --out {path}`"
+
+
+def _tensor_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between a model's state dict and a file's tensors ("" if nothing): the first missing,
+    unexpected and differently shaped names, with counts."""
+
+    def listed(names: list[str], what: str) -> str:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        return f"{what} {names[0]}{more}" if names else ""
+
+    shapes = [
+        f"{name} {tuple(found[name].shape)} instead of {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in found and found[name].shape != tensor.shape
+    ]
+    parts = [
+        listed(sorted(set(expected) - set(found)), "missing"),
+        listed(sorted(set(found) - set(expected)), "unexpected"),
+        listed(shapes, "shape of"),
+    ]
+    return "; ".join(part for part in parts if part)
+
+
+def load_weights_option(weights: str) -> TinyLVLM:
+    """The model a command's ``--weights`` names (``""``: the shipped one); a file it cannot load is a usage error
+    naming the file and what to do."""
+    if not weights:
+        return TinyLVLM.load()
+    try:
+        return TinyLVLM.load(weights)
+    except (FileNotFoundError, WeightsError) as error:
+        raise UsageError(f"--weights: {error}, or omit --weights for the shipped weights") from None
 
 
 def prompt_ids(question: world.Question) -> list[int]:

@@ -7,6 +7,11 @@ each kernel has one :class:`TunableKernel` in :data:`KERNELS`, named ``"<module>
 Its default may differ per dtype (:attr:`TunableKernel.dtype_defaults`), so that no default spills registers on
 any of :data:`TARGETS` (``lightkv autotune --compile-only``). Shape keys, the cache file and its errors:
 ``perf/README.md``, "Autotuning".
+
+A cache that cannot be used (a file that is not a valid cache, ``LIGHTKV_CACHE_DIR`` naming a file) is a
+:class:`TuningCacheError` where the cache is read or written on purpose (:func:`read_cache`, :func:`store_configs`,
+``lightkv autotune``), and at a kernel launch (:func:`launch_config`) a :class:`TuningCacheWarning` naming the file,
+once, after which the kernels launch with their defaults: a broken cache never stops inference.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import itertools
 import json
 import os
 import re
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from lightkv_core.errors import UsageError
 
 # The cache is one JSON file per device, <cache dir>/<device slug>.json (cache_path):
 #     {"format": 1, "device": "NVIDIA H100 80GB HBM3", "triton": "3.4.0",
@@ -199,46 +208,108 @@ def cache_path(name: str) -> Path:
     return cache_dir() / f"{slug}.json"
 
 
-_loaded: dict[Path, tuple[int, dict]] = {}
+class TuningCacheError(UsageError):
+    """The tuning cache cannot be used: a file that is not a valid cache, or a cache folder that is a file or cannot
+    be written. The message names the path and what to do; ``lightkv`` prints it as one ``lightkv: error:`` line."""
+
+
+class TuningCacheWarning(UserWarning):
+    """A kernel launch found the tuning cache unusable and launches with the default configs instead."""
+
+
+# path -> (modification time, the checked content or the error message), so a launch re-reads only a changed file
+_loaded: dict[Path, tuple[int, dict | str]] = {}
+_warned: set[str] = set()
 _REDO = "delete it or rerun lightkv autotune"
 
 
+def _not_a_folder(folder: Path) -> TuningCacheError:
+    """The error for a cache folder that a file stands in the place of (or of one of its parents)."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    where = f"{folder} is a file" if blocker == folder else f"{folder} cannot be made: {blocker} is a file"
+    return TuningCacheError(
+        f"lightkv tuning cache folder {where}, not a folder; point LIGHTKV_CACHE_DIR at a folder or remove {blocker}"
+    )
+
+
 def read_cache(path: Path) -> dict:
-    """The parsed, checked cache file at ``path`` (``{}`` if there is none); re-read when the file changes."""
+    """The parsed, checked cache file at ``path`` (``{}`` if there is none); re-read when the file changes.
+
+    Raises:
+        TuningCacheError: the file is not a valid cache, or a file stands where its folder should be.
+    """
     try:
         stamp = path.stat().st_mtime_ns
     except FileNotFoundError:
         return {}
+    except NotADirectoryError:
+        raise _not_a_folder(path.parent) from None
+    except OSError as error:
+        raise TuningCacheError(f"lightkv tuning cache {path} cannot be read ({error.strerror}); {_REDO}") from None
     cached = _loaded.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
+    if cached is None or cached[0] != stamp:
+        try:
+            cached = (stamp, _checked_cache(path))
+        except TuningCacheError as error:
+            cached = (stamp, str(error))
+        _loaded[path] = cached
+    if isinstance(cached[1], str):
+        raise TuningCacheError(cached[1])
+    return cached[1]
+
+
+def _checked_cache(path: Path) -> dict:
+    """The content of the cache file at ``path``, checked against :data:`KERNELS`; TuningCacheError otherwise."""
+
+    def bad(problem: str) -> TuningCacheError:
+        return TuningCacheError(f"lightkv tuning cache {path} {problem}; {_REDO}")
+
     try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"lightkv tuning cache {path} cannot be read ({error}); {_REDO}") from None
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise bad("cannot be read (not UTF-8 text)") from None
+    except OSError as error:
+        raise bad(f"cannot be read ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise bad(f"cannot be read ({error})") from None
     if not isinstance(content, dict) or content.get("format") != CACHE_FORMAT:
-        raise ValueError(f"lightkv tuning cache {path} is not format {CACHE_FORMAT}; {_REDO}")
+        raise bad(f"is not format {CACHE_FORMAT}")
     kernels = content.get("kernels", {})
     if not isinstance(kernels, dict):
-        raise ValueError(f"lightkv tuning cache {path}: 'kernels' must be an object")
+        raise bad("has no object 'kernels'")
     for kernel_name, entries in kernels.items():
         if kernel_name not in KERNELS:
-            raise ValueError(f"lightkv tuning cache {path}: unknown kernel {kernel_name!r} (known: {sorted(KERNELS)})")
+            raise bad(f"names an unknown kernel {kernel_name!r} (known: {sorted(KERNELS)})")
         if not isinstance(entries, dict):
-            raise ValueError(f"lightkv tuning cache {path}: {kernel_name} must map shape keys to entries")
+            raise bad(f"does not map {kernel_name}'s shape keys to entries")
         for key, entry in entries.items():
             if not isinstance(entry, dict) or "config" not in entry:
-                raise ValueError(f"lightkv tuning cache {path}: {kernel_name} [{key}] has no config")
-            KERNELS[kernel_name].check(entry["config"], f"lightkv tuning cache {path} [{key}]")
-    _loaded[path] = (stamp, content)
+                raise bad(f"has no config for {kernel_name} [{key}]")
+            try:
+                KERNELS[kernel_name].check(entry["config"], f"[{key}]")
+            except ValueError as error:
+                raise bad(f"has a bad config: {error}") from None
     return content
+
+
+def _launch_cache(path: Path) -> dict:
+    """:func:`read_cache` for a kernel launch: an unusable cache is a :class:`TuningCacheWarning` (once per
+    problem) and ``{}``, so the kernels launch with their defaults."""
+    try:
+        return read_cache(path)
+    except TuningCacheError as error:
+        message = f"{error}; until then the kernels launch with their default configs"
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, TuningCacheWarning, stacklevel=4)
+        return {}
 
 
 def launch_config(kernel: str, device: torch.device, **dims: int | str) -> dict[str, int]:
     """The config ``kernel`` launches with on ``device`` for a shape: the cached tuned one, else
-    :func:`default_config`."""
+    :func:`default_config` (also where the cache is unusable, with a :class:`TuningCacheWarning`)."""
     key = KERNELS[kernel].key(**dims)
-    entry = read_cache(cache_path(device_name(device))).get("kernels", {}).get(kernel, {}).get(key)
+    entry = _launch_cache(cache_path(device_name(device))).get("kernels", {}).get(kernel, {}).get(key)
     return dict(entry["config"]) if entry else default_config(kernel, dims)
 
 
@@ -269,9 +340,35 @@ def fit_tiles(config: dict[str, int], dims: dict[str, int | str]) -> dict[str, i
     return fitted
 
 
-def store_configs(name: str, triton_version: str, tuned: dict[str, dict[str, dict]]) -> Path:
-    """Merge ``tuned`` (kernel -> shape key -> entry with a ``config``) into the cache file of device ``name``."""
+def writable_cache(name: str) -> Path:
+    """The cache file of device ``name``, checked before tuning writes it: a valid cache or none, in a folder that
+    can be created and written.
+
+    Raises:
+        TuningCacheError: naming the file or folder and what to do.
+    """
     path = cache_path(name)
+    read_cache(path)  # also refuses a file where the folder should be
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise TuningCacheError(
+            f"lightkv tuning cache folder {folder} cannot be written ({error.strerror or error}); point "
+            "LIGHTKV_CACHE_DIR at a folder you can write to"
+        ) from None
+    return path
+
+
+def store_configs(name: str, triton_version: str, tuned: dict[str, dict[str, dict]]) -> Path:
+    """Merge ``tuned`` (kernel -> shape key -> entry with a ``config``) into the cache file of device ``name``.
+
+    Raises:
+        TuningCacheError: the cache cannot be written (:func:`writable_cache`).
+    """
+    path = writable_cache(name)
     content = read_cache(path) or {"format": CACHE_FORMAT, "device": name, "kernels": {}}
     content = json.loads(json.dumps(content))  # a private copy to update
     content["triton"] = triton_version
@@ -279,7 +376,6 @@ def store_configs(name: str, triton_version: str, tuned: dict[str, dict[str, dic
         for key, entry in entries.items():
             KERNELS[kernel].check(entry["config"], f"tuned {kernel} [{key}]")
         content["kernels"].setdefault(kernel, {}).update(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     temporary.replace(path)

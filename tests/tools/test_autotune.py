@@ -18,13 +18,17 @@ from lightkv_core import autotune, kernel_problems, stage_shapes
 from lightkv_core.cli import main
 from lightkv_core.compaction import merge_lists
 from lightkv_core.config import PRESETS
+from lightkv_core.errors import UsageError
 from lightkv_core.kernels import agreement, scoring
 from lightkv_core.kernels.scoring import cross_attention_scores_torch, cross_attention_scores_triton
 from lightkv_core.kernels.tuning import (
     KERNELS,
     LAUNCH_PARAMS,
+    TuningCacheError,
+    TuningCacheWarning,
     bucket,
     cache_path,
+    default_config,
     device_name,
     launch_config,
     read_cache,
@@ -169,11 +173,17 @@ def test_cache_round_trip_and_lookup(cache_dir):
         ),
     ],
 )
-def test_a_bad_cache_file_is_an_error_naming_it(cache_dir, content, message):
+def test_a_bad_cache_file_is_an_error_naming_it_but_a_launch_only_warns(cache_dir, content, message):
     cache_path("cpu").write_text(content)
-    with pytest.raises(ValueError, match=message) as error:
-        launch_config("merge_compact", torch.device("cpu"), D=64, dtype="float32")
-    assert str(cache_path("cpu")) in str(error.value)
+    with pytest.raises(TuningCacheError, match=message) as error:
+        read_cache(cache_path("cpu"))
+    assert str(cache_path("cpu")) in str(error.value) and "delete it or rerun lightkv autotune" in str(error.value)
+    assert isinstance(error.value, UsageError)  # `lightkv autotune` prints it as one line
+    # a kernel launch warns, naming the file, and launches with the default
+    with pytest.warns(TuningCacheWarning, match=message) as warned:
+        config = launch_config("merge_compact", torch.device("cpu"), D=64, dtype="float32")
+    assert config == default_config("merge_compact", {"D": 64, "dtype": "float32"})
+    assert str(cache_path("cpu")) in str(warned[0].message)
 
 
 @needs_triton
