@@ -47,8 +47,9 @@ from lightkv_core.kernels.tuning import (
     parse_key,
     read_cache,
     store_configs,
+    writable_cache,
 )
-from lightkv_core.run_record import RESULTS
+from lightkv_core.run_record import RESULTS_HELP, output_dir
 from lightkv_core.stage_shapes import StageShape, parse_shape, preset_shapes, small_shape
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"it and report the ones tuning would drop ({', '.join(TARGETS)})",
     )
     parser.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"folder of the --compile-only tables (default {RESULTS})"
+        "--out", type=Path, default=None, help=f"folder of the --compile-only tables (default {RESULTS_HELP})"
     )
 
 
@@ -255,6 +256,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.compile_only:
+        args.out = output_dir(args.out)  # a destination that cannot be written fails before the compiles
+    elif not args.dry_run:
+        writable_cache(device_name(torch.device("cuda", torch.cuda.current_device())))
     try:
         base = preset_shapes(args.preset, args.text_tokens)
         shapes = [parse_shape(text, base[0]) for text in args.shape] if args.shape else base
@@ -359,13 +364,15 @@ def _report_dry_run(results: list[TunedKernel], pruning: Pruning | None) -> int:
             print(f"    {config}: {reason}")
         failed += len(result.rejected)
     problems = []
-    for path in sorted(cache_dir().glob("*.json")):
+    if cache_dir().exists() and not cache_dir().is_dir():
+        problems.append(f"cache folder {cache_dir()} is a file, not a folder; point LIGHTKV_CACHE_DIR at a folder")
+    for path in sorted(cache_dir().glob("*.json") if cache_dir().is_dir() else []):
         try:
             read_cache(path)
             print(f"cache {path}: valid")
         except ValueError as error:
             problems.append(str(error))
-    if not any(cache_dir().glob("*.json")):
+    if cache_dir().is_dir() and not any(cache_dir().glob("*.json")):
         print(f"cache: no tuned configs in {cache_dir()} (the kernels launch with their defaults)")
     for problem in problems:
         print(problem)

@@ -34,11 +34,6 @@ def results_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lightkv" / "results"
 
 
-#: :func:`results_dir` read once, at import: the default ``--out`` of ``lightkv autotune --compile-only``
-#: (lightkv_core.autotune); every other command calls :func:`results_dir` when it runs.
-RESULTS = results_dir()
-
-
 def _named(folder: Path, out: str | Path | None, option: str) -> tuple[str, str]:
     """How an error names the destination folder, and the fix: by the option the user passed, else by where the
     default came from."""

@@ -246,9 +246,6 @@ COMPILE_ONLY = [
         pytest.param(
             COMPILE_ONLY,
             id="compile-only",
-            marks=pytest.mark.xfail(
-                strict=True, reason="lightkv_core/autotune.py must call run_record.output_dir before compile_all"
-            ),
         ),
     ],
 )
