@@ -21,6 +21,8 @@ import torch
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import score
 from lightkv_adapters.reference.tiny_lvlm import WEIGHTS, TinyLVLM
+from lightkv_core.errors import UsageError
+from lightkv_core.run_record import RESULTS_HELP, output_file
 
 TRAIN_SEED_BASE = 1_000_000
 IGNORE = -100
@@ -64,21 +66,61 @@ def evaluate(model: TinyLVLM, count: int) -> dict[str, float]:
     return score(model, [(e, q) for e in examples for q in e.questions], None, batch=64).per_type
 
 
+def _at_least(kind: type, minimum: float):
+    """An argparse ``type``: a finite ``kind`` value, ``> minimum`` for floats and ``>= minimum`` for integers."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if kind is float and not (math.isfinite(value) and value > minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite number > {minimum}, got {text!r}")
+        if kind is int and value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return convert
+
+
+def _phases(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
+    """``--phases`` as ``(cells, steps)`` pairs: cells in 1..CELLS, steps >= 1, the last phase on the full layout."""
+    try:
+        phases = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        parser.error(f"--phases: expected cells:steps,..., got {text!r}")
+    for phase in phases:
+        if len(phase) != 2 or not 1 <= phase[0] <= world.CELLS or phase[1] < 1:
+            parser.error(
+                f"--phases: each phase is cells:steps with cells in 1..{world.CELLS} and steps >= 1, got {text!r}"
+            )
+    if phases[-1][0] != world.CELLS:
+        parser.error(f"--phases: the last phase must train on the full {world.CELLS}x{world.CELLS} layout")
+    return phases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(WEIGHTS), help="where to write the safetensors file")
+    parser.add_argument(
+        "--out",
+        help=f"where to write the safetensors file (default tiny-lvlm.safetensors in {RESULTS_HELP}; pass --out "
+        f"{WEIGHTS.relative_to(WEIGHTS.parents[3])} to replace the shipped weights)",
+    )
     parser.add_argument(
         "--phases", default="2:450,3:250,4:300", help="curriculum: cells:steps,... (the last phase on 4x4 cells)"
     )
-    parser.add_argument("--batch", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=0, help="print held-out accuracy every N steps (0: never)")
+    parser.add_argument("--batch", type=_at_least(int, 1), default=24)
+    parser.add_argument("--lr", type=_at_least(float, 0.0), default=2e-3)
+    parser.add_argument("--seed", type=_at_least(int, 0), default=0)
+    parser.add_argument(
+        "--eval-every", type=_at_least(int, 0), default=0, help="print held-out accuracy every N steps (0: never)"
+    )
     args = parser.parse_args(argv)
-
-    phases = [tuple(int(v) for v in part.split(":")) for part in args.phases.split(",")]
-    if phases[-1][0] != world.CELLS:
-        raise SystemExit(f"the last phase must train on the full {world.CELLS}x{world.CELLS} layout")
+    phases = _phases(parser, args.phases)
+    try:
+        args.out = output_file(args.out, "tiny-lvlm.safetensors")
+    except UsageError as error:
+        parser.error(str(error))
     plan = [cells for cells, steps in phases for _ in range(steps)]
     args.steps = len(plan)
     torch.manual_seed(args.seed)

@@ -302,3 +302,33 @@ def test_results_go_to_the_results_folder_by_default(tmp_path, monkeypatch, caps
     assert main(["calibrate", "--prompts", "1", "--batch", "1", "--backend", "torch"]) == 0
     assert (tmp_path / "results" / "prefixkv-calibration.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["results"]  # nothing in the working folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "--batch: expected an integer >= 1"),
+        (["--lr", "nan"], "--lr: expected a finite number > 0.0"),
+        (["--phases", "2:10,3"], "--phases: each phase is cells:steps"),
+        (["--phases", "2:10"], "the last phase must train on the full 4x4 layout"),
+        (["--out", "/proc/forbidden/w.safetensors"], "--out /proc/forbidden: cannot write there"),
+    ],
+)
+def test_training_options_are_checked_before_training(argv, message, monkeypatch, capsys):
+    from lightkv_adapters.reference import train
+
+    monkeypatch.setattr(train, "TinyLVLM", lambda: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_training_writes_to_the_results_folder_by_default(tmp_path):
+    from lightkv_adapters.reference import train
+    from lightkv_adapters.reference.tiny_lvlm import WEIGHTS
+
+    shipped = WEIGHTS.stat().st_mtime_ns
+    assert train.main(["--phases", "4:1", "--batch", "2"]) == 0
+    assert (tmp_path / "results" / "tiny-lvlm.safetensors").is_file()
+    assert WEIGHTS.stat().st_mtime_ns == shipped
