@@ -14,7 +14,14 @@ import torch
 from lightkv_core.config import resolve_position_mode
 from lightkv_core.kernels import merge_compact
 from lightkv_core.kernels.launch import check_float
-from lightkv_core.spans import VisionSpan, check_on_host, check_real, default_position_ids
+from lightkv_core.spans import (
+    VisionSpan,
+    check_lowest_position,
+    check_on_host,
+    check_real,
+    default_position_ids,
+    lowest_position,
+)
 
 
 @dataclass
@@ -24,7 +31,8 @@ class StageResult:
     Tensor fields are batch-first and padded to the longest sample (``S'`` = ``max(lengths)``).
 
     Attributes:
-        hidden: ``(B, S', D)`` the shorter hidden states (padding rows are zeros).
+        hidden: ``(B, S', D)`` the shorter hidden states (padding rows are zeros), or the input itself where the
+            stage removed no token (then ``S' = S``, padding rows as they came).
         positions: ``(B, S')`` or ``(3, B, S')`` (M-RoPE) int64 position ids of the survivors
             (padding: 0).
         lengths: ``(B,)`` int64 real length of each sample.
@@ -78,8 +86,8 @@ def drop_tokens(
         leave their span, whose ``coords`` and ``mergeable`` keep only the survivors'.
     """
     check_float("drop_tokens", "hidden", hidden)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, S, D), got shape {tuple(hidden.shape)}")
+    if hidden.dim() != 3 or hidden.shape[2] < 1:
+        raise ValueError(f"hidden must be (B, S, D) with D >= 1, got shape {tuple(hidden.shape)}")
     batch, seq, _ = hidden.shape
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (batch, seq):
         raise ValueError(f"keep must be a ({batch}, {seq}) bool tensor")
@@ -87,8 +95,10 @@ def drop_tokens(
     mode = resolve_position_mode(positions, "default")
     checked = check_on_host(spans, attention_mask, position_ids, hidden)
     merged_into = torch.full((batch, seq), -1, dtype=torch.long, device=hidden.device)
-    real, kept, merged_into, _ = read_choice(checked.real, merged_into, keep=keep.to(hidden.device))
+    lowest = lowest_position(checked.position_ids, checked.real)
+    real, kept, merged_into, flags = read_choice(checked.real, merged_into, keep=keep.to(hidden.device), flags=lowest)
     check_real(checked.per_sample, real)
+    check_lowest_position(flags[0])
     return compact(
         hidden,
         kept,
@@ -97,6 +107,7 @@ def drop_tokens(
         None,
         default_position_ids(real) if checked.position_ids is None else checked.position_ids,
         checked.per_sample,
+        real=real,
         single=checked.single,
         mode=mode,
         padding_side=padding_side,
@@ -147,20 +158,25 @@ def compact(
     position_ids: torch.Tensor,
     per_sample: list[list[VisionSpan]],
     *,
+    real: torch.Tensor,
     single: bool,
     mode: str,
     padding_side: str,
     backend: str,
 ) -> StageResult:
     """Merge every token with ``merged_into >= 0`` into its B token and write the ``keep`` tokens in order into
-    a padded shorter batch, carrying positions and spans along.
+    a padded shorter batch, carrying positions and spans along. A choice that removes no real token returns the
+    input as it is (:func:`unchanged`): a stage that merges nothing never changes the shape or the padding.
 
     Args:
         hidden: ``(B, S, D)``; keep: ``(B, S)`` bool (host); merged_into: ``(B, S)`` int64 (host).
         weights: ``(B, S)`` merge weights, or ``None`` for uniform; scores: returned as the result's ``scores``.
         position_ids: ``(B, S)`` or ``(3, B, S)`` int64 (any device); per_sample: the checked spans.
+        real: ``(B, S)`` bool (host) the real tokens.
         single: whether spans came in single-sample form; mode: ``"original"`` or ``"compact"`` positions.
     """
+    if torch.equal(keep, real):
+        return unchanged(hidden, real, scores, position_ids, per_sample, single=single, mode=mode)
     batch, seq, dim = hidden.shape
     lengths = keep.sum(dim=1)
     out_len = int(lengths.max()) if batch else 0
@@ -183,6 +199,35 @@ def compact(
         kept=kept[0] if single else kept,
         spans=new_spans[0] if single else new_spans,
         merged_into=merged_into.to(device),
+        scores=scores,
+    )
+
+
+def unchanged(
+    hidden: torch.Tensor,
+    real: torch.Tensor,
+    scores: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    per_sample: list[list[VisionSpan]],
+    *,
+    single: bool,
+    mode: str,
+) -> StageResult:
+    """The :class:`StageResult` of a stage that removed nothing: ``hidden`` itself (padding rows as they came, not
+    zeroed), every real token of ``real`` ``(B, S)`` (host) in its place, the spans as they were."""
+    batch, seq = real.shape
+    device = hidden.device
+    kept_padded = torch.where(real, torch.arange(seq).expand(batch, -1), -1)
+    kept = [real[b].nonzero().squeeze(1).to(device) for b in range(batch)]
+    spans = [list(sample) for sample in per_sample]
+    return StageResult(
+        hidden=hidden,
+        positions=_new_positions(position_ids, kept_padded.to(position_ids.device), mode).to(device),
+        lengths=real.sum(dim=1).to(device),
+        kept_padded=kept_padded.to(device),
+        kept=kept[0] if single else kept,
+        spans=spans[0] if single else spans,
+        merged_into=torch.full((batch, seq), -1, dtype=torch.long, device=device),
         scores=scores,
     )
 

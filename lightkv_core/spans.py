@@ -5,10 +5,33 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+#: The integer fields of a span, in the order of a ``(start, end, rows, cols)`` tuple.
+SPAN_FIELDS = ("start", "end", "rows", "cols")
+#: Integer dtypes accepted for coords and position ids (bool is not one).
+INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def span_integer(where: str, field: str, value: object) -> int:
+    """``value`` of a span's ``field`` as an ``int``: Python and NumPy integers and one-element integer tensors
+    are integers; booleans and floats are not.
+
+    Raises:
+        TypeError naming ``where``, the field and the value.
+    """
+    boolean = isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        if not boolean:
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{where}: {field} must be an integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +57,10 @@ class VisionSpan:
     coords: torch.Tensor | None = None
     mergeable: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        for name in SPAN_FIELDS:
+            object.__setattr__(self, name, span_integer("VisionSpan", name, getattr(self, name)))
+
     @property
     def length(self) -> int:
         """Number of tokens in the span."""
@@ -58,13 +85,14 @@ class VisionSpan:
 
 def as_span(span: VisionSpan | Sequence[int]) -> VisionSpan:
     """Normalise a span given as a ``VisionSpan``, ``(start, end)`` (square grid) or
-    ``(start, end, rows, cols)``."""
+    ``(start, end, rows, cols)`` of integers (NumPy integers too; booleans and floats are refused)."""
     if isinstance(span, VisionSpan):
         return span
     values = tuple(span)
-    if not all(isinstance(v, int) or (isinstance(v, torch.Tensor) and v.numel() == 1) for v in values):
-        raise TypeError(f"a vision span must hold integers, got {span!r}")
-    values = tuple(int(v) for v in values)
+    if len(values) not in (2, 4):
+        raise ValueError(f"a vision span is (start, end) or (start, end, rows, cols), got {span!r}")
+    where = f"vision span {span!r}"
+    values = tuple(span_integer(where, field, v) for field, v in zip(SPAN_FIELDS, values, strict=False))
     if len(values) == 2:
         start, end = values
         side = _isqrt_exact(end - start)
@@ -73,9 +101,7 @@ def as_span(span: VisionSpan | Sequence[int]) -> VisionSpan:
                 f"vision span {span!r} has {end - start} tokens, not a square number: give (start, end, rows, cols)"
             )
         return VisionSpan(start, end, side, side)
-    if len(values) == 4:
-        return VisionSpan(*values)
-    raise ValueError(f"a vision span is (start, end) or (start, end, rows, cols), got {span!r}")
+    return VisionSpan(*values)
 
 
 def _isqrt_exact(n: int) -> int | None:
@@ -105,8 +131,16 @@ def validate_spans(spans: Sequence[VisionSpan], seq_len: int, valid_start: int, 
         if span.start < previous_end:
             raise ValueError(f"{where}: spans must be sorted and must not overlap")
         previous_end = span.end
-        for name, field in (("coords", span.coords), ("mergeable", span.mergeable)):
-            if field is not None and tuple(field.shape) != (span.length,):
+        for name, field, dtypes, expected in (
+            ("coords", span.coords, INDEX_DTYPES, "an integer"),
+            ("mergeable", span.mergeable, (torch.bool,), "a bool"),
+        ):
+            if field is None:
+                continue
+            kind = field.dtype if isinstance(field, torch.Tensor) else type(field).__name__
+            if kind not in dtypes:
+                raise TypeError(f"{where}: {name} must be {expected} tensor, got {kind}")
+            if tuple(field.shape) != (span.length,):
                 raise ValueError(f"{where}: {name} has shape {tuple(field.shape)}, expected ({span.length},)")
         if span.coords is None:
             if span.length != span.rows * span.cols:
@@ -134,9 +168,12 @@ def vision_token_mask(per_sample: Sequence[Sequence[VisionSpan]], seq: int, devi
 
 
 def _is_span(item: object) -> bool:
-    """A span is a VisionSpan or a flat tuple/list of numbers (validated by ``as_span``)."""
+    """A span is a VisionSpan or a flat, non-empty tuple/list (its values are checked by ``as_span``); a list of
+    spans holds tuples, lists or VisionSpans."""
     return isinstance(item, VisionSpan) or (
-        isinstance(item, (tuple, list)) and len(item) > 0 and all(isinstance(v, numbers.Number) for v in item)
+        isinstance(item, (tuple, list))
+        and len(item) > 0
+        and not any(isinstance(v, (VisionSpan, tuple, list)) for v in item)
     )
 
 
@@ -255,7 +292,10 @@ def check_tokens(
     checked = check_on_host(spans, attention_mask, position_ids, hidden)
     real_host = checked.real.cpu()
     check_real(checked.per_sample, real_host)
-    positions = default_position_ids(real_host) if checked.position_ids is None else checked.position_ids.cpu()
+    if checked.position_ids is None:
+        return checked.single, checked.per_sample, checked.real, default_position_ids(real_host)
+    positions = checked.position_ids.cpu()
+    check_lowest_position(lowest_position(positions, real_host))
     return checked.single, checked.per_sample, checked.real, positions
 
 
@@ -282,12 +322,32 @@ def _real_bounds(real: torch.Tensor) -> list[tuple[int, int]]:
     return bounds
 
 
+def lowest_position(position_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
+    """``(1,)`` int64 on ``real``'s device: the lowest position id of a real token (``real`` ``(B, S)`` bool), or 0
+    if none is lower (no position ids, no real token). Position ids of padding are never read, so they may be
+    anything. A stage reads it back with its one host synchronisation and checks it (:func:`check_lowest_position`).
+    """
+    zero = torch.zeros(1, dtype=torch.long, device=real.device)
+    if position_ids is None:
+        return zero
+    given = torch.where(real, position_ids.to(real.device), 0).reshape(-1)
+    return torch.cat([given, zero]).amin().reshape(1)
+
+
+def check_lowest_position(lowest: int | torch.Tensor) -> None:
+    """Raises ValueError if ``lowest`` (:func:`lowest_position`, host) is negative."""
+    if int(lowest) < 0:
+        raise ValueError(f"position_ids of real tokens must be >= 0, got {int(lowest)}")
+
+
 def _check_position_ids(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """``(B, S)`` or ``(3, B, S)`` int64 position ids on their own device (``None`` stays ``None``)."""
+    """``(B, S)`` or ``(3, B, S)`` int64 position ids on their own device (``None`` stays ``None``). That those of
+    real tokens are not negative needs their values: see :func:`lowest_position`."""
     if position_ids is None:
         return None
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
-        raise TypeError("position_ids must be an integer tensor")
+    kind = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+    if kind not in INDEX_DTYPES:
+        raise TypeError(f"position_ids must be an integer tensor, got {kind}")
     if position_ids.dim() == 1 and batch == 1:
         position_ids = position_ids[None]
     if tuple(position_ids.shape) not in ((batch, seq), (3, batch, seq)):

@@ -5,12 +5,11 @@ The stage runs on the output hidden states of a scheduled decoder layer, with th
 data), and the guide tokens on the device, giving the arguments of the three kernels of :mod:`lightkv_core.kernels`;
 :func:`lightkv_stage` runs them, chooses the merges on the device, reads the choice back once
 (:func:`~lightkv_core.compaction.read_choice`: the stage's one host synchronisation, where the checks that need the
-mask and the finiteness of the inputs are also decided) and compacts.
+mask, the position ids and the finiteness of the inputs are also decided) and compacts.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,16 @@ import torch
 from lightkv_core.compaction import StageResult, check_padding_side, compact, read_choice
 from lightkv_core.config import GUIDES, LAYOUTS, resolve_position_mode
 from lightkv_core.kernels import cross_attention_scores, window_best_match
-from lightkv_core.kernels.launch import check_float
-from lightkv_core.spans import VisionSpan, check_on_host, check_real, default_position_ids, vision_token_mask
+from lightkv_core.kernels.launch import check_float, softmax_scale
+from lightkv_core.spans import (
+    VisionSpan,
+    check_lowest_position,
+    check_on_host,
+    check_real,
+    default_position_ids,
+    lowest_position,
+    vision_token_mask,
+)
 from lightkv_core.windows import WindowPlan, choose_merges, plan_windows
 
 
@@ -30,8 +37,8 @@ class StagePlan:
     """A stage's checked inputs and the arguments its kernels are launched with.
 
     The mask is not yet known to be one run of real tokens per sample holding the spans, nor the guide tokens to be
-    there, nor the inputs to be finite: :func:`lightkv_stage` decides those from its one read of the device
-    (:func:`check_stage`).
+    there, nor the inputs to be finite, nor the position ids of real tokens to be ``>= 0``: :func:`lightkv_stage`
+    decides those from its one read of the device (:func:`check_stage`).
 
     Attributes:
         single: whether ``spans`` came in single-sample form.
@@ -84,6 +91,7 @@ def plan_stage(
     batch, seq, _ = _check_tensors(hidden, q, k)
     window = _check_window(window)
     ratio = _check_ratio(ratio)
+    scale = softmax_scale("lightkv_stage", scale, q.shape[-1])
     if guide not in GUIDES:
         raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
     if layout not in LAYOUTS:
@@ -100,7 +108,6 @@ def plan_stage(
         if guide != "none":
             guide_candidates = _guide_candidates(per_sample, seq, guide)
             guide_index, guide_count = _guide_tokens(guide_candidates, checked.real, windows.samples_merging)
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
             score_arguments = (q, k, guide_index, guide_count, checked.real, scale)
         match_arguments = (
             hidden.reshape(batch * seq, -1),
@@ -154,9 +161,9 @@ def lightkv_stage(
         guide: ``"all_text"``, ``"prompt"`` or ``"none"`` (uniform merge weights).
         layout: ``"default"`` (windows on the true grid) or ``"reference"`` (the released code's).
         positions: the positions mode, ``"original"`` or ``"compact"`` (``None``: by layout).
-        scale: attention logit scale, default ``1 / sqrt(d)``.
-        position_ids: ``(B, S)`` or ``(3, B, S)`` input position ids; default: each real token's
-            ordinal ``0, 1, ...``.
+        scale: attention logit scale, a finite number ``> 0``; default ``1 / sqrt(d)``.
+        position_ids: ``(B, S)`` or ``(3, B, S)`` integer input position ids, ``>= 0`` on real tokens; default:
+            each real token's ordinal ``0, 1, ...``.
         attention_mask: ``(B, S)`` bool/int, real tokens (a contiguous run per sample, i.e. left or
             right padding); default all real. Padding is neither a query nor a guide and is dropped.
         padding_side: where the outputs are padded, ``"right"`` or ``"left"``.
@@ -166,9 +173,10 @@ def lightkv_stage(
         A :class:`~lightkv_core.compaction.StageResult`.
 
     Raises:
-        TypeError / ValueError naming the problem: bad shapes or dtypes, spans out of range,
-        overlapping or unsorted, grid size not matching a span, ``ratio`` outside ``[0, 1]``,
-        ``window < 1``, query heads not a multiple of key heads, NaN/Inf in the scores or hidden states.
+        TypeError / ValueError naming the problem: bad shapes or dtypes (no heads, a head size or hidden width of
+        0), spans out of range, overlapping or unsorted or not of integers, grid size not matching a span,
+        ``ratio`` outside ``[0, 1]``, ``window < 1``, ``scale`` not finite and positive, query heads not a multiple
+        of key heads, a negative position id of a real token, NaN/Inf in the scores or hidden states.
     """
     plan = plan_stage(
         hidden,
@@ -187,7 +195,7 @@ def lightkv_stage(
     )
     batch, seq, _ = hidden.shape
     merged_into = torch.full((batch, seq), -1, dtype=torch.long, device=hidden.device)
-    scores = finite = None
+    scores = None
     if plan.match_arguments is not None:
         if plan.score_arguments is None:
             scores = torch.ones(batch, seq, dtype=torch.float32, device=q.device)
@@ -195,8 +203,7 @@ def lightkv_stage(
             scores = cross_attention_scores(*plan.score_arguments, backend=backend, check_indices=False)
         best, sim = window_best_match(*plan.match_arguments, backend=backend)
         merged_into = choose_merges(plan.windows, best, sim, batch, seq)
-        finite = _finite_flags(plan, scores)
-    real, keep, merged_into, flags = read_choice(plan.real, merged_into, flags=finite)
+    real, keep, merged_into, flags = read_choice(plan.real, merged_into, flags=_device_flags(plan, scores))
     check_stage(plan, real, flags)
     weights = scores if scores is not None and guide != "none" else None
     return compact(
@@ -207,6 +214,7 @@ def lightkv_stage(
         scores,
         default_position_ids(real) if plan.position_ids is None else plan.position_ids,
         plan.per_sample,
+        real=real,
         single=plan.single,
         mode=plan.position_mode,
         padding_side=padding_side,
@@ -220,8 +228,12 @@ def _check_tensors(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tu
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, S, D), got shape {tuple(hidden.shape)}")
     batch, seq, dim = hidden.shape
+    if dim < 1:
+        raise ValueError(f"hidden must have a width D >= 1, got shape {tuple(hidden.shape)}")
     if q.dim() != 4 or q.shape[0] != batch or q.shape[2] != seq:
         raise ValueError(f"q must be (B, H, S, d) = ({batch}, H, {seq}, d), got {tuple(q.shape)}")
+    if q.shape[1] < 1 or q.shape[3] < 1:
+        raise ValueError(f"q needs at least one head of size d >= 1, got shape {tuple(q.shape)}")
     if k.dim() != 4 or k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must be (B, Hk, S, d) = ({batch}, Hk, {seq}, {q.shape[3]}), got {tuple(k.shape)}")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
@@ -275,17 +287,24 @@ def _guide_tokens(
     return guide_index[:, :width], is_guide.sum(dim=1)
 
 
-def _finite_flags(plan: StagePlan, scores: torch.Tensor) -> torch.Tensor:
-    """``(2,)`` bool on the device: the scores, and the hidden states, of the tokens that may merge are finite."""
+def _device_flags(plan: StagePlan, scores: torch.Tensor | None) -> torch.Tensor:
+    """``(F,)`` int64 on the device, what the checks after the read need: the lowest position id of a real token
+    (:func:`~lightkv_core.spans.lowest_position`), then, when something merges (``scores`` given), whether the
+    scores, and the hidden states, of the tokens that may merge are finite."""
+    lowest = lowest_position(plan.position_ids, plan.real)
+    if scores is None:
+        return lowest
     rows, a_rows, _, b_rows, _ = plan.match_arguments
     involved = torch.cat([a_rows, b_rows]).to(rows.device)
-    return torch.stack([torch.isfinite(scores.view(-1)[involved]).all(), torch.isfinite(rows[involved]).all()])
+    finite = torch.stack([torch.isfinite(scores.view(-1)[involved]).all(), torch.isfinite(rows[involved]).all()])
+    return torch.cat([lowest, finite.long()])
 
 
 def check_stage(plan: StagePlan, real: torch.Tensor, flags: torch.Tensor) -> None:
     """The checks of a stage that need device data, from the host copies of ``real`` ``(B, S)`` bool and of
-    :func:`_finite_flags` (empty when nothing merges). Raises ValueError naming the problem."""
+    :func:`_device_flags`. Raises ValueError naming the problem."""
     check_real(plan.per_sample, real)
+    check_lowest_position(flags[0])
     if plan.match_arguments is None:
         return
     if plan.guide_candidates is not None:
@@ -295,7 +314,7 @@ def check_stage(plan: StagePlan, real: torch.Tensor, flags: torch.Tensor) -> Non
                 raise ValueError(
                     f"sample {b} has no guide tokens for guide={plan.guide!r} (no text outside its images)"
                 )
-    if not bool(flags[0]):
-        raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
     if not bool(flags[1]):
+        raise ValueError("non-finite cross-attention scores (NaN/Inf in q or k of the vision or guide tokens)")
+    if not bool(flags[2]):
         raise ValueError("non-finite hidden states in vision tokens")

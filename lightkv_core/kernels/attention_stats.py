@@ -7,20 +7,20 @@ PyTorch fallback; README, "Kernels" and "Methods".
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lightkv_core.kernels.launch import (
     FP_FUSION,
     TRITON_AVAILABLE,
-    check_float,
+    check_attention,
     check_index,
     check_rows,
     check_same_device,
+    check_scale,
     choose_backend,
     dot_mode,
     next_power_of_2,
+    softmax_scale,
 )
 from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
@@ -189,19 +189,10 @@ def _check(
     check_indices: bool,
 ) -> None:
     op = "attention_statistics"
-    check_float(op, "q", q)
-    check_float(op, "k", k)
+    check_attention(op, q, k)
     check_index(op, "query_index", query_index, 2)
     check_index(op, "key_index", key_index, 2)
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{op}: q must be (B, H, S, d) and k (B, Hk, S, d), got {tuple(q.shape)} and {tuple(k.shape)}")
-    batch, n_heads, seq, head_dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
-        raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head size")
-    if k.shape[1] < 1 or n_heads % k.shape[1] != 0:
-        raise ValueError(f"{op}: {n_heads} query heads are not a multiple of {k.shape[1]} key heads")
-    if q.dtype != k.dtype:
-        raise TypeError(f"{op}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    batch, _, seq, _ = q.shape
     if query_index.shape[0] != batch:
         raise ValueError(f"{op}: query_index must be (B, Q) with B = {batch}, got {tuple(query_index.shape)}")
     if key_index.shape[0] != batch:
@@ -251,7 +242,7 @@ def attention_statistics(
         key_index: ``(B, C)`` int, the key columns to report; ``-1`` marks an unused entry (reports 0).
         key_mask: ``(B, S)`` bool, keys that take part in every row's softmax; ``None`` = all ``S``.
         causal: query at position ``i`` sees only keys ``j <= i``.
-        scale: logit scale, default ``1 / sqrt(d)``.
+        scale: logit scale, a finite number ``> 0``; default ``1 / sqrt(d)``.
         heads: ``"per_head"`` (output ``(B, H, C)``) or ``"mean"`` (``(B, C)``, mean over the ``H`` heads).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         check_indices: check that every index lies in ``[-1, S)``, which reads them back from the device (a host
@@ -263,7 +254,7 @@ def attention_statistics(
         contributes probabilities summing to 1 over all ``S`` keys; a row without one contributes 0.
     """
     _check(q, k, query_index, key_index, key_mask, heads, check_indices)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale("attention_statistics", scale, q.shape[-1])
     which = choose_backend(backend, q.device, "attention_statistics")
     batch, n_heads, seq, _ = q.shape
     if key_mask is None:
@@ -288,6 +279,7 @@ def attention_statistics_triton(
     configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
     """Launch both passes with ``configs`` (pass 1, pass 2), by default the tuned or default ones."""
+    scale = check_scale("attention_statistics_triton", scale)
     batch, n_heads, seq, head_dim = q.shape
     n_query, n_key = query_index.shape[1], key_index.shape[1]
     if configs is None:
@@ -341,6 +333,7 @@ def attention_statistics_torch(
     """Fallback: the same two passes, chunked over query entries (at most ``max_chunk_elements`` logits
     live). Each chunk's ``(B, H, chunk, S)`` logits give its rows' log-sum-exp, then its selected columns
     are read from the same logits."""
+    scale = check_scale("attention_statistics_torch", scale)
     batch, n_heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     group = n_heads // kv_heads

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -66,6 +68,43 @@ def check_float(op: str, name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+
+
+def check_attention(op: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """``q`` ``(B, H, S, d)`` and ``k`` ``(B, Hk, S, d)`` float tensors of one dtype, with ``H, d >= 1`` and
+    ``H`` a multiple of ``Hk >= 1``."""
+    check_float(op, "q", q)
+    check_float(op, "k", k)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q must be (B, H, S, d) and k (B, Hk, S, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, heads, seq, head_dim = q.shape
+    if heads < 1 or head_dim < 1:
+        raise ValueError(f"{op}: q needs at least one head of size >= 1, got shape {tuple(q.shape)}")
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
+        raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head size")
+    if k.shape[1] < 1 or heads % k.shape[1] != 0:
+        raise ValueError(f"{op}: {heads} query heads are not a multiple of {k.shape[1]} key heads")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{op}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+
+
+def check_scale(op: str, scale: object) -> float:
+    """A softmax logit scale as a float: a finite real number ``> 0`` (a negative scale reverses the attention, 0
+    makes it uniform, NaN/Inf poison it).
+
+    Raises:
+        TypeError if ``scale`` is not a real number (a bool is not); ValueError naming it otherwise.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a real number, got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{op}: scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def softmax_scale(op: str, scale: object, head_dim: int) -> float:
+    """``scale`` checked by :func:`check_scale`, or ``1 / sqrt(head_dim)`` for ``None``."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else check_scale(op, scale)
 
 
 def check_index(op: str, name: str, tensor: torch.Tensor, ndim: int) -> None:

@@ -8,19 +8,19 @@ which materialises the ``S x S`` (or even ``S x T``) matrix, and a PyTorch fallb
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lightkv_core.kernels.launch import (
     FP_FUSION,
     TRITON_AVAILABLE,
-    check_float,
+    check_attention,
     check_index,
     check_same_device,
+    check_scale,
     choose_backend,
     dot_mode,
     next_power_of_2,
+    softmax_scale,
 )
 from lightkv_core.kernels.tuning import bucket, dtype_name, launch_config
 
@@ -196,21 +196,12 @@ def _check(
     check_indices: bool,
 ) -> None:
     op = "cross_attention_scores"
-    check_float(op, "q", q)
-    check_float(op, "k", k)
+    check_attention(op, q, k)
     check_index(op, "guide_index", guide_index, 2)
     check_index(op, "guide_count", guide_count, 1)
     if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
         raise TypeError(f"{op}: query_mask must be a bool tensor")
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{op}: q must be (B, H, S, d) and k (B, Hk, S, d), got {tuple(q.shape)} and {tuple(k.shape)}")
-    batch, heads, seq, head_dim = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
-        raise ValueError(f"{op}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, length or head size")
-    if k.shape[1] < 1 or heads % k.shape[1] != 0:
-        raise ValueError(f"{op}: {heads} query heads are not a multiple of {k.shape[1]} key heads")
-    if q.dtype != k.dtype:
-        raise TypeError(f"{op}: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    batch, _, seq, _ = q.shape
     if guide_index.shape[0] != batch or tuple(guide_count.shape) != (batch,):
         raise ValueError(f"{op}: guide_index must be (B, T) and guide_count (B,) with B = {batch}")
     if tuple(query_mask.shape) != (batch, seq):
@@ -251,7 +242,7 @@ def cross_attention_scores(
             ``guide_count[b]`` entries; the rest is padding).
         guide_count: ``(B,)`` int, number of guide tokens per sample (0 gives all-zero scores).
         query_mask: ``(B, S)`` bool, real tokens; ``False`` rows are neither queries nor scored.
-        scale: logit scale, default ``1 / sqrt(d)``.
+        scale: logit scale, a finite number ``> 0``; default ``1 / sqrt(d)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         check_indices: check ``guide_count`` and the used ``guide_index`` entries, which reads them back from the
             device (host synchronisations); ``False`` only for guide lists the caller built in range itself.
@@ -261,7 +252,7 @@ def cross_attention_scores(
         ``(0, H * T)``; only vision rows are used by LightKV.
     """
     _check(q, k, guide_index, guide_count, query_mask, check_indices)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale("cross_attention_scores", scale, q.shape[-1])
     if choose_backend(backend, q.device, "cross_attention_scores") == "torch":
         return cross_attention_scores_torch(q, k, guide_index, guide_count, query_mask, scale)
     return cross_attention_scores_triton(q, k, guide_index, guide_count, query_mask, scale)
@@ -277,6 +268,7 @@ def cross_attention_scores_triton(
     configs: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
     """Launch both passes with ``configs`` (pass 1, pass 2), by default the tuned or default ones."""
+    scale = check_scale("cross_attention_scores_triton", scale)
     batch, heads, seq, head_dim = q.shape
     width = max(1, guide_index.shape[1])
     if configs is None:
@@ -326,6 +318,7 @@ def cross_attention_scores_torch(
 ) -> torch.Tensor:
     """Fallback: the ``(H, S, T)`` logits of a sample at once when they fit in ``max_chunk_elements`` floats,
     else the same two passes as the kernels over chunks of queries (padding rows masked, never gathered)."""
+    scale = check_scale("cross_attention_scores_torch", scale)
     batch, heads, seq, _ = q.shape
     group = heads // k.shape[1]
     out = torch.zeros(batch, seq, dtype=torch.float32, device=q.device)

@@ -101,8 +101,8 @@ def _check(
 ) -> None:
     op = "window_best_match"
     check_float(op, "x", x)
-    if x.dim() != 2:
-        raise ValueError(f"{op}: x must be (N, D), got shape {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[1] < 1:
+        raise ValueError(f"{op}: x must be (N, D) with D >= 1 (a cosine needs a feature), got shape {tuple(x.shape)}")
     for name, tensor in (("a_rows", a_rows), ("a_offsets", a_offsets), ("b_rows", b_rows), ("b_offsets", b_offsets)):
         check_index(op, name, tensor, 1)
     check_index_lists(op, x, a_rows=a_rows, a_offsets=a_offsets, b_rows=b_rows, b_offsets=b_offsets)

@@ -14,12 +14,8 @@ import torch
 
 from lightkv_core.budget import apportion
 from lightkv_core.methods.base import KVEviction, LayerEviction
-from lightkv_core.methods.eviction import (
-    DEFAULT_RETENTION,
-    check_retention,
-    evict_top_per_layer,
-    token_classes,
-)
+from lightkv_core.methods.eviction import DEFAULT_RETENTION, evict_top_per_layer, token_classes
+from lightkv_core.methods.fields import check_backend, check_fraction
 from lightkv_core.methods.received import received_attention
 
 
@@ -71,9 +67,9 @@ class AirCache(KVEviction):
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_retention(self.retention)
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {self.alpha}")
+        check_fraction("AirCache", "retention", self.retention)
+        check_fraction("AirCache", "alpha", self.alpha, zero=False)
+        check_backend("AirCache", self.backend)
 
     def elite(self, q: torch.Tensor, k: torch.Tensor, vision: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` bool elite observation window of one layer."""

@@ -13,11 +13,6 @@ from lightkv_core.spans import normalise_spans
 DEFAULT_RETENTION = 0.55  # about what LightKV's released LLaVA schedule keeps (0.57 at 32 layers)
 
 
-def check_retention(retention: float) -> None:
-    if not 0.0 <= retention <= 1.0:
-        raise ValueError(f"retention must lie in [0, 1], got {retention}")
-
-
 def check_observations(observations: Sequence, keys: Sequence, values: Sequence) -> None:
     if not len(observations) == len(keys) == len(values) or not keys:
         raise ValueError(

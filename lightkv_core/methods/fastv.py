@@ -11,6 +11,7 @@ import torch
 from lightkv_core.compaction import StageResult, drop_tokens
 from lightkv_core.config import POSITION_MODES
 from lightkv_core.methods.base import PrefillReduction
+from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_integer
 from lightkv_core.methods.received import received_attention
 from lightkv_core.plan import LengthPlan
 from lightkv_core.spans import check_sample_spans, normalise_spans
@@ -27,7 +28,10 @@ def released_layer(num_layers: int) -> int:
 
 def drop_ratio(num_layers: int, layer: int, retention: float) -> float | None:
     """Fraction of vision tokens one drop after ``layer`` (``-1``: the embeddings) removes so that the
-    vision KV summed over layers is ``retention`` of the full one; ``None`` if out of reach."""
+    vision KV summed over layers is ``retention`` of the full one; ``None`` if out of reach (no layer after
+    ``layer``, or ``retention`` below what the layers up to it keep)."""
+    if layer >= num_layers - 1:
+        return None
     keep = (retention * num_layers - (layer + 1)) / (num_layers - layer - 1)
     return None if keep < 0 else 1.0 - min(1.0, keep)
 
@@ -66,14 +70,11 @@ def keep_top_vision(scores: torch.Tensor, spans: Sequence, ratio: float, attenti
     return keep
 
 
-def check_drop_method(layer: int, ratio: float, positions: str, lowest_layer: int = 0) -> None:
-    """Constructor checks shared by the dropping methods."""
-    if layer < lowest_layer:
-        raise ValueError(f"layer must be >= {lowest_layer}, got {layer}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+def check_drop_method(owner: str, layer: int, ratio: float, positions: str, lowest_layer: int = 0) -> None:
+    """Constructor checks shared by the dropping methods (``owner``: the method's name, for the messages)."""
+    check_integer(owner, "layer", layer, lowest_layer)
+    check_fraction(owner, "ratio", ratio)
+    check_choice(owner, "positions", positions, POSITION_MODES)
 
 
 def check_layer(method: PrefillReduction, layer: int) -> None:
@@ -99,9 +100,9 @@ class FastV(PrefillReduction):
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_drop_method(self.layer, self.ratio, self.positions)
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_drop_method("FastV", self.layer, self.ratio, self.positions)
+        check_choice("FastV", "scoring", self.scoring, SCORINGS)
+        check_backend("FastV", self.backend)
 
     @property
     def position_mode(self) -> str:

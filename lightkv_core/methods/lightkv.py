@@ -10,6 +10,7 @@ import torch
 from lightkv_core.compaction import StageResult
 from lightkv_core.config import LightKVConfig
 from lightkv_core.methods.base import PrefillReduction
+from lightkv_core.methods.fields import check_backend
 from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import lightkv_stage
@@ -25,6 +26,11 @@ class LightKV(PrefillReduction):
 
     config: LightKVConfig
     backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, LightKVConfig):
+            raise TypeError(f"{type(self).__name__}: config must be a LightKVConfig, got {type(self.config).__name__}")
+        check_backend(type(self).__name__, self.backend)
 
     @property
     def position_mode(self) -> str:

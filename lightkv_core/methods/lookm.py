@@ -15,13 +15,13 @@ from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import (
     DEFAULT_RETENTION,
     check_observations,
-    check_retention,
     compact_layer,
     read_observations,
     retained_total,
     token_classes,
     top_indices,
 )
+from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_integer
 from lightkv_core.methods.received import received_attention
 
 MERGES = ("pivotal", "averaged", "weighted", "none")
@@ -94,11 +94,10 @@ class LookM(KVEviction):
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_retention(self.retention)
-        if self.recent < 0:
-            raise ValueError(f"recent must be >= 0, got {self.recent}")
-        if self.merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        check_fraction("LookM", "retention", self.retention)
+        check_integer("LookM", "recent", self.recent, 0)
+        check_choice("LookM", "merge", self.merge, MERGES)
+        check_backend("LookM", self.backend)
 
     def observe(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, spans: Sequence, *, attention_mask: torch.Tensor

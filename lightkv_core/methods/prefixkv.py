@@ -11,12 +11,8 @@ import torch
 
 from lightkv_core.budget import apportion
 from lightkv_core.methods.base import KVEviction, LayerEviction
-from lightkv_core.methods.eviction import (
-    DEFAULT_RETENTION,
-    check_retention,
-    evict_top_per_layer,
-    token_classes,
-)
+from lightkv_core.methods.eviction import DEFAULT_RETENTION, evict_top_per_layer, token_classes
+from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_fractions, check_integer
 from lightkv_core.methods.received import received_attention
 
 SCOPES = ("vision", "all")
@@ -93,13 +89,12 @@ class PrefixKV(KVEviction):
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        check_retention(self.retention)
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
-        if self.fractions is not None and any(not 0.0 <= f <= 1.0 for f in self.fractions):
-            raise ValueError("calibrated fractions must lie in [0, 1]")
+        check_fraction("PrefixKV", "retention", self.retention)
+        check_choice("PrefixKV", "scope", self.scope, SCOPES)
+        check_integer("PrefixKV", "sink", self.sink, 0)
+        if self.fractions is not None:
+            object.__setattr__(self, "fractions", check_fractions("PrefixKV", "fractions", self.fractions))
+        check_backend("PrefixKV", self.backend)
 
     @classmethod
     def from_calibration(cls, path: str | Path, retention: float | None = None, backend: str = "auto") -> PrefixKV:

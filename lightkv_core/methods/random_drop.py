@@ -10,6 +10,7 @@ import torch
 from lightkv_core.compaction import StageResult
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest, drop_plan
+from lightkv_core.methods.fields import check_integer
 from lightkv_core.plan import LengthPlan
 
 
@@ -26,7 +27,8 @@ class RandomDrop(PrefillReduction):
     positions: str = "original"
 
     def __post_init__(self) -> None:
-        check_drop_method(self.layer, self.ratio, self.positions, lowest_layer=-1)
+        check_drop_method("RandomDrop", self.layer, self.ratio, self.positions, lowest_layer=-1)
+        check_integer("RandomDrop", "seed", self.seed, -(2**63), 2**64 - 1)  # the range torch.Generator takes
 
     @property
     def position_mode(self) -> str:

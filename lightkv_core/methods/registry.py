@@ -7,6 +7,7 @@ from lightkv_core.methods.aircache import AirCache
 from lightkv_core.methods.base import KVEviction, PrefillReduction
 from lightkv_core.methods.eviction import DEFAULT_RETENTION
 from lightkv_core.methods.fastv import FastV, drop_ratio, released_layer
+from lightkv_core.methods.fields import check_fraction, check_integer
 from lightkv_core.methods.lightkv import LightKV
 from lightkv_core.methods.lookm import LookM
 from lightkv_core.methods.prefixkv import PrefixKV
@@ -40,6 +41,9 @@ def method_by_name(
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    check_integer("method_by_name", "num_layers", num_layers, 1)
+    if retention is not None:
+        check_fraction("method_by_name", "retention", retention)
     if name in ("lightkv", "unguided"):
         if retention is not None:
             raise ValueError(f"{name}'s budget is its schedule (merge_ratios); it takes no retention")

@@ -13,4 +13,5 @@ class UnguidedMerge(LightKV):
     (windowed bipartite averaging). Any ``guide`` in ``config`` is replaced."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "config", replace(self.config, guide="none"))

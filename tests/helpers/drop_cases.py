@@ -66,9 +66,14 @@ def batches(draw: st.DrawFn, max_images: int = 2, max_side: int = 6) -> dict:
 
 
 def check_drop_result(result, inputs: dict, keep: np.ndarray, mode: str, padding_side: str) -> None:
-    """The result of a drop keeps exactly ``keep`` (B, S): rows unchanged, positions and spans carried."""
+    """The result of a drop keeps exactly ``keep`` (B, S): rows unchanged, positions and spans carried. A drop of
+    nothing returns the input as it is: same shape, padding where it was."""
     hidden, position_ids = inputs["hidden"], inputs["position_ids"]
     batch = hidden.shape[0]
+    real = inputs["mask"].numpy()
+    if (keep == real).all():
+        check_unchanged(result, inputs, mode)
+        return
     lengths = keep.sum(axis=1)
     assert result.lengths.tolist() == lengths.tolist()
     out_len = int(lengths.max())
@@ -103,6 +108,22 @@ def check_drop_result(result, inputs: dict, keep: np.ndarray, mode: str, padding
             # a survivor's new slot holds the row of the old one
             for i, slot in zip(survivors, range(new.start, new.end), strict=True):
                 assert torch.equal(result.hidden[b, slot], hidden[b, i])
+
+
+def check_unchanged(result, inputs: dict, mode: str) -> None:
+    """``result`` of a stage or drop that removed nothing: the input hidden states themselves, every real token in
+    its place, positions as given (``"compact"``: each real token's ordinal), spans unchanged."""
+    hidden, real = inputs["hidden"], inputs["mask"]
+    assert result.hidden is hidden
+    index = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+    assert torch.equal(result.kept_padded, torch.where(real, index, -1))
+    assert result.lengths.tolist() == real.sum(dim=1).tolist()
+    assert bool((result.merged_into == -1).all())
+    expected = inputs["position_ids"] if mode == "original" else torch.cumsum(real.long(), dim=1) - 1
+    assert torch.equal(result.positions, torch.where(real, expected, 0))
+    assert [[(s.start, s.end) for s in sample] for sample in result.spans] == [
+        [(s.start, s.end) for s in sample] for sample in inputs["spans"]
+    ]
 
 
 def one_image_batch(seed: int = 0, side: int = 8) -> dict:
