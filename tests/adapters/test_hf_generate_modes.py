@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from helpers.hf_cases import BACKEND, batch_of_two, image_for, released  # noqa: E402
 from helpers.hf_models import KINDS, Sample, build, make_inputs  # noqa: E402
+from helpers.hf_replay import Replay  # noqa: E402
 from helpers.tolerances import assert_close_rounding, text_model_chain  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
@@ -101,50 +102,12 @@ def test_every_mode_runs_compressed_and_each_copy_is_compressed_as_its_prompt(ki
         assert streamed(model, single) == "".join(f"<{int(t)}>" for t in run(model, single)[0, -NEW_TOKENS:])
 
 
-class Replay(LightKV):
-    """LightKV whose first prefill's merges are replayed on every longer prefill of the same prompt (a no-cache
-    generation step): the prompt's survivors merged as first chosen, the new tokens kept."""
-
-    recorded: dict
-
-    def reduce(self, layer, hidden, q, k, spans, **kwargs):
-        recorded = vars(self).setdefault("recorded", {})
-        if layer not in recorded:
-            recorded[layer] = (hidden.shape[1], super().reduce(layer, hidden, q, k, spans, **kwargs))
-        length, first = recorded[layer]
-        extra = hidden.shape[1] - length
-        prompt = super().reduce(
-            layer,
-            hidden[:, :length],
-            q[:, :, :length],
-            k[:, :, :length],
-            spans,
-            **{
-                **kwargs,
-                "position_ids": kwargs["position_ids"][..., :length],
-                "attention_mask": kwargs["attention_mask"][:, :length],
-            },
-        )
-        assert torch.equal(prompt.kept_padded, first.kept_padded), "the prompt's merges changed"
-        appended = torch.arange(length, length + extra).expand(hidden.shape[0], -1)
-        return type(prompt)(
-            hidden=torch.cat([prompt.hidden, hidden[:, length:]], dim=1),
-            positions=torch.cat([prompt.positions, kwargs["position_ids"][..., length:]], dim=-1),
-            lengths=prompt.lengths + extra,
-            kept_padded=torch.cat([prompt.kept_padded, appended], dim=1),
-            kept=prompt.kept,
-            spans=prompt.spans,
-            merged_into=prompt.merged_into,
-            scores=prompt.scores,
-        )
-
-
 @pytest.mark.parametrize("kind", ["llava", "qwen2.5-vl"])
 def test_no_cache_generation_under_the_same_merges_equals_cached_decoding(kind: str) -> None:
     model = build(kind)
     inputs = make_inputs(model, kind, [Sample((image_for(kind),), after=7)])
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with lightkv(model, Replay(released(kind), BACKEND)):
+    with lightkv(model, Replay(LightKV(released(kind), BACKEND))):
         cached = model.generate(**inputs, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
