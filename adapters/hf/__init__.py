@@ -7,6 +7,6 @@
 ``with lightkv(model, config): ...`` applies it for a block; ``remove_lightkv(model)`` undoes it.
 """
 
-from lightkv_adapters.hf.hooks import apply_lightkv, lightkv, remove_lightkv
+from lightkv_adapters.hf.apply import apply_lightkv, lightkv, remove_lightkv
 
 __all__ = ["apply_lightkv", "lightkv", "remove_lightkv"]

@@ -1,5 +1,5 @@
-"""``apply_lightkv`` / ``remove_lightkv`` / ``with lightkv(model)``: the hooks that run a compression method
-inside a stock transformers model.
+"""The hooks that run a compression method inside a stock transformers model (:class:`ModelHooks`; applied by
+:mod:`lightkv_adapters.hf.apply`).
 
 At layer 0 of every forward of the text model they decide between a prefill (empty cache, or none), a decode step
 on a compressed cache, and a forward they leave alone (:meth:`_Adapter._start`). What the hooks do in each, and
@@ -8,12 +8,10 @@ the limits: README, "Transformers".
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +19,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightkv_adapters.hf import attention
-from lightkv_adapters.hf.families import Family, family_of
+from lightkv_adapters.hf.families import Family
 from lightkv_adapters.hf.images import GridRecorder
 from lightkv_adapters.hf.masks import (
     CacheLayout,
@@ -30,118 +28,10 @@ from lightkv_adapters.hf.masks import (
     gather_decode_mask,
     gather_prefill_inputs,
 )
-from lightkv_adapters.hf.methods import method_for
 from lightkv_adapters.hf.prompt import PromptLayout, read_prompt
-from lightkv_adapters.hf.versions import warn_if_untested
-from lightkv_core.config import LightKVConfig
 from lightkv_core.methods import CompressionMethod, KVEviction
 from lightkv_core.prefill import PrefillTracker, at_default_scale, kv_bytes_per_token_layer, synchronized_clock
 from lightkv_core.spans import VisionSpan
-
-_ADAPTERS: weakref.WeakKeyDictionary[nn.Module, _Adapter] = weakref.WeakKeyDictionary()
-
-
-def apply_lightkv(
-    model: nn.Module, config: LightKVConfig | CompressionMethod | str | None = None, *, backend: str = "auto"
-) -> nn.Module:
-    """Hook a compression method into ``model`` in place; ``generate()`` and ``forward()`` keep their API.
-
-    Args:
-        model: a ``LlavaForConditionalGeneration`` (Llama or Qwen2 text model),
-            ``LlavaNextForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
-            ``Qwen2_5_VLForConditionalGeneration`` loaded with ``attn_implementation="sdpa"`` or ``"eager"``.
-        config: a :class:`LightKVConfig` (used as given), the name of a released preset (scaled to the
-            model's depth), the name of a method in ``lightkv_core.METHODS`` (``"fastv"``, ``"prefixkv"``,
-            ... with its defaults, see :func:`~lightkv_core.methods.method_by_name`), any method instance
-            (:class:`PrefillReduction` such as ``FastV(2, 0.5)``, or :class:`KVEviction` such as
-            ``PrefixKV(retention=0.3)``), or ``None``: the released schedule of the model's family scaled to
-            its depth.
-        backend: kernels of a method given by name or as a schedule, ``"auto"``, ``"triton"`` or ``"torch"``.
-
-    After each prefill ``model.lightkv_stats`` holds a :class:`~lightkv_core.stats.PrefillStats`. A transformers
-    release outside the tested range (:data:`~lightkv_adapters.hf.versions.TESTED_TRANSFORMERS`) gets a warning.
-
-    ``model.lightkv_method`` is the method in force (a preset or ``None`` shows the schedule scaled to the model).
-    ``copy.deepcopy(model)`` gives a copy with lightkv applied the same way; pickling a hooked model is refused.
-
-    Applying is atomic: every argument is checked first, and a refusal leaves the model exactly as it was.
-
-    Raises:
-        NotImplementedError for an unsupported model class, text backbone or attention implementation;
-        ValueError for a schedule that does not fit the model, a method that renumbers positions or an unknown
-        backend; RuntimeError if lightkv is already applied.
-    """
-    if model in _ADAPTERS:
-        raise RuntimeError("lightkv is already applied to this model; call remove_lightkv(model) first")
-    warn_if_untested()
-    family = family_of(model)
-    text_model = model.model.language_model
-    method = method_for(family, text_model.config.num_hidden_layers, config, backend)
-    adapter = _Adapter(model, family, text_model, method)
-    adapter.check()
-    try:
-        adapter.attach()
-        _hook_copies(model)
-    except BaseException:
-        adapter.detach()
-        _unhook_copies(model)
-        raise
-    _ADAPTERS[model] = adapter
-    return model
-
-
-def remove_lightkv(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_lightkv`: hooks removed, attention implementation restored, ``lightkv_stats`` gone.
-
-    Raises:
-        ValueError if lightkv is not applied to ``model``.
-    """
-    adapter = _ADAPTERS.pop(model, None)
-    if adapter is None:
-        raise ValueError("lightkv is not applied to this model")
-    adapter.detach()
-    _unhook_copies(model)
-    return model
-
-
-def _hook_copies(model: nn.Module) -> None:
-    """Make ``copy.deepcopy(model)`` copy the plain model and apply the same method to the copy, and pickling
-    refuse with a message (hooks and their closures cannot be pickled)."""
-
-    def deepcopy_hooked(memo: dict) -> nn.Module:
-        adapter = _ADAPTERS[model]
-        remove_lightkv(model)
-        try:
-            duplicate = copy.deepcopy(model, memo)
-        finally:
-            apply_lightkv(model, adapter.method)
-        return apply_lightkv(duplicate, adapter.method)
-
-    def refuse_pickle(protocol: int) -> object:
-        raise TypeError(
-            "a model with lightkv applied cannot be pickled: remove_lightkv(model) first (or save its state_dict / "
-            "save_pretrained), and apply lightkv again after loading"
-        )
-
-    vars(model)["__deepcopy__"] = deepcopy_hooked
-    vars(model)["__reduce_ex__"] = refuse_pickle
-
-
-def _unhook_copies(model: nn.Module) -> None:
-    for name in ("__deepcopy__", "__reduce_ex__"):
-        vars(model).pop(name, None)
-
-
-@contextmanager
-def lightkv(
-    model: nn.Module, config: LightKVConfig | CompressionMethod | str | None = None, *, backend: str = "auto"
-) -> Iterator[nn.Module]:
-    """``with lightkv(model, config): model.generate(...)``: :func:`apply_lightkv` for the block only."""
-    apply_lightkv(model, config, backend=backend)
-    try:
-        yield model
-    finally:
-        remove_lightkv(model)
 
 
 @dataclass
@@ -166,10 +56,11 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
 
 
-class _Adapter:
+class ModelHooks:
     """lightkv on one model: its hooks, its method, the layout of every compressed cache.
 
-    Build it with :meth:`attach` only after every check passed: attaching changes nothing that can fail half-way.
+    :meth:`check` first, then :meth:`attach`; :meth:`detach` undoes :meth:`attach` (``lightkv_adapters.hf.apply``
+    drives them).
     """
 
     def __init__(self, model: nn.Module, family: Family, text_model: nn.Module, method: CompressionMethod) -> None:

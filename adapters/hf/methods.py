@@ -11,7 +11,7 @@ from lightkv_core.methods import METHODS, CompressionMethod, KVEviction, LightKV
 def method_for(
     family: Family, depth: int, config: LightKVConfig | CompressionMethod | str | None, backend: str
 ) -> CompressionMethod:
-    """The method ``config`` names (see :func:`~lightkv_adapters.hf.hooks.apply_lightkv`) for a ``depth``-layer text
+    """The method ``config`` names (see :func:`~lightkv_adapters.hf.apply.apply_lightkv`) for a ``depth``-layer text
     model of ``family``, checked to fit it (``backend`` too, even where a method instance makes it unused)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

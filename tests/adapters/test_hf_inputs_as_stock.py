@@ -200,7 +200,9 @@ def test_deepcopy_carries_the_patch_and_pickling_is_refused() -> None:
     inputs = make_inputs(model, "llava", batch_of_two("llava"))
     apply_lightkv(model, released("llava"), backend=BACKEND)
     generate(model, inputs)
+    stats = model.lightkv_stats
     twin = copy.deepcopy(model)
+    assert model.lightkv_stats is stats, "the original keeps its stats"
     assert twin.lightkv_stats is None and twin.lightkv_method == model.lightkv_method
     assert torch.equal(generate(twin, inputs).sequences, generate(model, inputs).sequences)
     assert torch.equal(twin.lightkv_stats.kv_tokens, model.lightkv_stats.kv_tokens)
