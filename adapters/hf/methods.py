@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightkv_adapters.hf.families import Family
 from lightkv_core.config import PRESET_DEPTHS, PRESETS, LightKVConfig
-from lightkv_core.kernels.launch import BACKENDS
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods import METHODS, CompressionMethod, KVEviction, LightKV, PrefillReduction, method_by_name
 
 
@@ -13,8 +13,7 @@ def method_for(
 ) -> CompressionMethod:
     """The method ``config`` names (see :func:`~lightkv_adapters.hf.apply.apply_lightkv`) for a ``depth``-layer text
     model of ``family``, checked to fit it (``backend`` too, even where a method instance makes it unused)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_backend("apply_lightkv", backend)
     if isinstance(config, str) and config.lower() in METHODS:
         config = method_by_name(config.lower(), depth, preset=family.preset, backend=backend)
     elif config is None or isinstance(config, str):

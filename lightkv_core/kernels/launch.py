@@ -29,14 +29,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_backend(op: str, backend: object) -> None:
+    """Raises ValueError naming ``op`` unless ``backend`` is one of :data:`BACKENDS`."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def choose_backend(backend: str, device: torch.device, op: str) -> str:
     """Resolve ``backend`` for an op whose tensors live on ``device``.
 
     ``"auto"`` picks Triton for CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``) when Triton
     is installed, and the PyTorch fallback otherwise. ``"triton"`` is an error where it cannot run.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(op, backend)
     triton_runs_here = TRITON_AVAILABLE and (device.type == "cuda" or interpreting())
     if backend == "auto":
         return "triton" if triton_runs_here else "torch"

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.budget import apportion
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import DEFAULT_RETENTION, evict_top_per_layer, token_classes
-from lightkv_core.methods.fields import check_backend, check_fraction
+from lightkv_core.methods.fields import check_fraction
 from lightkv_core.methods.received import received_attention
 
 

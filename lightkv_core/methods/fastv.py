@@ -10,8 +10,9 @@ import torch
 
 from lightkv_core.compaction import StageResult, drop_tokens
 from lightkv_core.config import POSITION_MODES
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_integer
+from lightkv_core.methods.fields import check_choice, check_fraction, check_integer
 from lightkv_core.methods.received import received_attention
 from lightkv_core.plan import LengthPlan
 from lightkv_core.spans import check_sample_spans, normalise_spans

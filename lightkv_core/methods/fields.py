@@ -6,8 +6,6 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from lightkv_core.kernels.launch import BACKENDS
-
 
 def check_integer(owner: str, name: str, value: object, lowest: int, highest: int | None = None) -> None:
     """``value`` an integer (NumPy's too) in ``[lowest, highest]`` (no upper bound for ``highest=None``).
@@ -47,8 +45,3 @@ def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...])
     """``value`` one of ``choices``. Raises ValueError otherwise."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
-
-
-def check_backend(owner: str, backend: object) -> None:
-    """``backend`` one of the kernels' backends (:data:`~lightkv_core.kernels.launch.BACKENDS`)."""
-    check_choice(owner, "backend", backend, BACKENDS)

@@ -9,8 +9,8 @@ import torch
 
 from lightkv_core.compaction import StageResult
 from lightkv_core.config import LightKVConfig
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import PrefillReduction
-from lightkv_core.methods.fields import check_backend
 from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import lightkv_stage

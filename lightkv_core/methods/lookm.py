@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lightkv_core.budget import apportion
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import (
     DEFAULT_RETENTION,
@@ -21,7 +22,7 @@ from lightkv_core.methods.eviction import (
     token_classes,
     top_indices,
 )
-from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_integer
+from lightkv_core.methods.fields import check_choice, check_fraction, check_integer
 from lightkv_core.methods.received import received_attention
 
 MERGES = ("pivotal", "averaged", "weighted", "none")

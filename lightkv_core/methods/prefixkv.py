@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from lightkv_core.budget import apportion
+from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import KVEviction, LayerEviction
 from lightkv_core.methods.eviction import DEFAULT_RETENTION, evict_top_per_layer, token_classes
-from lightkv_core.methods.fields import check_backend, check_choice, check_fraction, check_fractions, check_integer
+from lightkv_core.methods.fields import check_choice, check_fraction, check_fractions, check_integer
 from lightkv_core.methods.received import received_attention
 
 SCOPES = ("vision", "all")

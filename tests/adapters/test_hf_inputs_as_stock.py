@@ -191,7 +191,8 @@ def test_a_refused_apply_leaves_the_model_as_it_was() -> None:
     assert type(text.layers[0].self_attn.config) is type(text.config)
     text.layers[2].self_attn.config = text.config
     apply_lightkv(model, backend=BACKEND)  # was "get_image_features is already patched on this instance"
-    with pytest.raises(ValueError, match="backend must be one of auto, triton, torch, got 'cuda'"):
+    refused = r"apply_lightkv: backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"
+    with pytest.raises(ValueError, match=refused):
         apply_lightkv(build("llava"), backend="cuda")
 
 
