@@ -259,7 +259,10 @@ def check_real(per_sample: Sequence[Sequence[VisionSpan]], real: torch.Tensor) -
     Raises:
         ValueError naming the sample (and the span) and the problem.
     """
-    for b, (start, end) in enumerate(_real_bounds(real)):
+    for b, run in enumerate(real_runs(real)):
+        if run is None:
+            raise ValueError(f"attention_mask of sample {b} is not one contiguous run of real tokens")
+        start, end = run
         for index, span in enumerate(per_sample[b]):
             if span.start < start or span.end > end:
                 raise ValueError(
@@ -307,19 +310,18 @@ def _check_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, devic
     return attention_mask.to(device=device, dtype=torch.bool)
 
 
-def _real_bounds(real: torch.Tensor) -> list[tuple[int, int]]:
-    """``[start, end)`` of each sample's real tokens (``real`` on the host); they must be one contiguous run."""
-    bounds = []
-    for b, row in enumerate(real):
+def real_runs(real: torch.Tensor) -> list[tuple[int, int] | None]:
+    """``[start, end)`` of each sample's real tokens ``real`` ``(B, S)`` bool (host), ``(0, 0)`` for a sample
+    without any, ``None`` where they are not one contiguous run (the mask has holes)."""
+    runs: list[tuple[int, int] | None] = []
+    for row in real:
         index = row.nonzero().squeeze(1)
         if index.numel() == 0:
-            bounds.append((0, 0))
+            runs.append((0, 0))
             continue
         start, end = int(index[0]), int(index[-1]) + 1
-        if index.numel() != end - start:
-            raise ValueError(f"attention_mask of sample {b} is not one contiguous run of real tokens")
-        bounds.append((start, end))
-    return bounds
+        runs.append((start, end) if index.numel() == end - start else None)
+    return runs
 
 
 def lowest_position(position_ids: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:

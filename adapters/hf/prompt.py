@@ -17,7 +17,7 @@ from torch import nn
 
 from lightkv_adapters.hf.families import Family
 from lightkv_adapters.hf.images import GridRecorder, brings_images
-from lightkv_core.spans import VisionSpan
+from lightkv_core.spans import VisionSpan, real_runs
 
 
 @dataclass
@@ -67,21 +67,17 @@ def read_prompt(model: nn.Module, family: Family, recorder: GridRecorder, inputs
 def _fit_to_mask(spans: list[list[VisionSpan]], real: torch.Tensor) -> PromptLayout:
     """Keep from the method every image whose tokens are not all real tokens of ``real`` ``(B, S)`` (host), and
     every image of a batch whose mask has holes (the methods take one run of real tokens per sample)."""
-    bounds = []
-    for b, row in enumerate(real):
-        index = row.nonzero().squeeze(1).tolist()
-        if index and index[-1] - index[0] + 1 != len(index):
-            warnings.warn(
-                f"lightkv leaves this prompt uncompressed: the attention mask of sample {b} has holes (the methods "
-                "take one run of real tokens per sample)",
-                UserWarning,
-                stacklevel=2,
-            )
-            notes = [
-                [f"tokens [{s.start}, {s.end}): the mask of sample {b} has holes" for s in sample] for sample in spans
-            ]
-            return PromptLayout([[] for _ in spans], True, images_left_alone=notes)
-        bounds.append((index[0], index[-1] + 1) if index else (0, 0))
+    bounds = real_runs(real)
+    if None in bounds:
+        b = bounds.index(None)
+        warnings.warn(
+            f"lightkv leaves this prompt uncompressed: the attention mask of sample {b} has holes (the methods "
+            "take one run of real tokens per sample)",
+            UserWarning,
+            stacklevel=2,
+        )
+        notes = [[f"tokens [{s.start}, {s.end}): the mask of sample {b} has holes" for s in sample] for sample in spans]
+        return PromptLayout([[] for _ in spans], True, images_left_alone=notes)
     kept: list[list[VisionSpan]] = [[] for _ in spans]
     notes: list[list[str]] = [[] for _ in spans]
     for b, (sample, (start, end)) in enumerate(zip(spans, bounds, strict=True)):
