@@ -16,7 +16,7 @@ import torch
 
 from lightkv_core.config import LightKVConfig
 from lightkv_core.spans import VisionSpan, check_sample_spans
-from lightkv_core.windows import RATIO_EPS, band_of, num_merged
+from lightkv_core.windows import RATIO_EPS, band_of, min_mergeable_tokens, num_merged
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _reference_removed(sample: list[VisionSpan], stages: list[tuple[int, float]]
     original = sum(counts)
     removed = [0]
     for window, ratio in stages:
-        if ratio > 0.0 and all(count >= 8 * window * window for count in counts):
+        if ratio > 0.0 and all(count >= min_mergeable_tokens(window) for count in counts):
             counts = [count - _reference_merges(count, window, ratio) for count in counts]
         removed.append(original - sum(counts))
     return removed
@@ -169,7 +169,7 @@ class _GridImage:
                 self.low = self.high = int(self.regions.count.sum())
                 return
         windows = min(self.rows, window) * min(self.cols, window)
-        self.low, self.high = _bounded_stage(self.low, self.high, windows, ratio, 8 * window * window)
+        self.low, self.high = _bounded_stage(self.low, self.high, windows, ratio, min_mergeable_tokens(window))
 
 
 def _exact_stage(regions: _Regions, rows: int, cols: int, window: int, ratio: float) -> _Regions | None:
@@ -177,7 +177,7 @@ def _exact_stage(regions: _Regions, rows: int, cols: int, window: int, ratio: fl
     straddles two of its windows (window counts unknown). Windows that merge nothing keep their regions;
     a merging window becomes one region, the bounding box of its previous ones."""
     tokens = int(regions.count.sum())
-    if tokens < 8 * window * window or num_merged(ratio, tokens) == 0:
+    if tokens < min_mergeable_tokens(window) or num_merged(ratio, tokens) == 0:
         return regions
     row_band = band_of(regions.top, rows, window)
     col_band = band_of(regions.left, cols, window)

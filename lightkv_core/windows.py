@@ -24,6 +24,11 @@ def num_merged(ratio: float, tokens: int) -> int:
     return min(math.floor(ratio * tokens + RATIO_EPS), tokens // 2)
 
 
+def min_mergeable_tokens(window: int) -> int:
+    """Mergeable tokens an image needs for a stage of ``window x window`` windows to merge it: ``8 W^2``."""
+    return 8 * window * window
+
+
 def band_of(index: torch.Tensor, length: int, bands: int) -> torch.Tensor:
     """Band of every row (or column) ``index`` when ``length`` rows are cut into ``bands`` near-equal
     bands, the first ``length % bands`` of them one row taller."""
@@ -83,7 +88,7 @@ def plan_windows(per_sample: list[list[VisionSpan]], seq: int, window: int, rati
     does not merge (in the ``"reference"`` layout, then no image of its sample merges)."""
     a_parts, b_parts, a_counts, b_counts, merges = [], [], [], [], []
     samples_merging = []
-    min_tokens = 8 * window * window
+    min_tokens = min_mergeable_tokens(window)
     for b, sample_spans in enumerate(per_sample):
         counts = [span.num_mergeable() for span in sample_spans]
         skip_sample = layout == "reference" and any(c < min_tokens for c in counts)

@@ -14,6 +14,7 @@ from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.plan import LengthPlan, plan_lengths
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import lightkv_stage
+from lightkv_core.windows import min_mergeable_tokens
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class LightKV(PrefillReduction):
         if ratio == 0.0:
             return f"merge ratio 0 at layer {layer}"
         counts = [span.num_mergeable() for span in spans]
-        needed = 8 * window * window
+        needed = min_mergeable_tokens(window)
         if all(count < needed for count in counts):
             return (
                 f"images of {', '.join(map(str, counts))} mergeable tokens: a stage of {window}x{window} windows "
