@@ -2,7 +2,7 @@
 :mod:`lightkv_adapters.hf.apply`).
 
 At layer 0 of every forward of the text model they decide between a prefill (empty cache, or none), a decode step
-on a compressed cache, and a forward they leave alone (:meth:`_Adapter._start`). What the hooks do in each, and
+on a compressed cache, and a forward they leave alone (:meth:`ModelHooks._start`). What the hooks do in each, and
 the limits: README, "Transformers".
 """
 
@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lightkv_adapters.hf import attention
 from lightkv_adapters.hf.families import Family
-from lightkv_adapters.hf.images import GridRecorder
+from lightkv_adapters.hf.images import GridRecorder, check_unpatched
 from lightkv_adapters.hf.masks import (
     CacheLayout,
     cache_argument,
@@ -80,9 +80,7 @@ class ModelHooks:
     def check(self) -> None:
         """Every check :meth:`attach` needs, changing nothing."""
         attention.check_implementations(self.attention_modules)
-        for method, _ in self.family.grid_arguments:
-            if method in vars(self.model.model):
-                raise RuntimeError(f"{type(self.model.model).__name__}.{method} is already patched on this instance")
+        check_unpatched(self.model.model, self.family.grid_arguments)
 
     def attach(self) -> None:
         self.recorder = GridRecorder(self.model.model, self.family.grid_arguments)

@@ -38,6 +38,13 @@ def brings_images(inputs: dict) -> bool:
     return any(output is not None for output in encoded.values())
 
 
+def check_unpatched(base: nn.Module, grid_arguments: Sequence[tuple[str, str]]) -> None:
+    """Raises RuntimeError if a feature method of ``grid_arguments`` is already patched on the instance ``base``."""
+    for method, _ in grid_arguments:
+        if method in vars(base):
+            raise RuntimeError(f"{type(base).__name__}.{method} is already patched on this instance")
+
+
 class GridRecorder:
     """Wraps the base model's feature methods (on the instance) to remember the grid row of every per-image
     feature tensor they return.
@@ -54,9 +61,7 @@ class GridRecorder:
         self.base = base
         self.grid_arguments = tuple(grid_arguments)
         self._grids: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-        for method, _ in self.grid_arguments:
-            if method in vars(base):
-                raise RuntimeError(f"{type(base).__name__}.{method} is already patched on this instance")
+        check_unpatched(base, self.grid_arguments)
         for method, argument in self.grid_arguments:
             setattr(base, method, self._recording(getattr(base, method), argument))
 
