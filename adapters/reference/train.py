@@ -21,6 +21,7 @@ import torch
 from lightkv_adapters.reference import shapes_world as world
 from lightkv_adapters.reference.quality import score
 from lightkv_adapters.reference.tiny_lvlm import WEIGHTS, TinyLVLM
+from lightkv_core.cli import non_negative_int, positive_int
 from lightkv_core.errors import UsageError
 from lightkv_core.run_record import RESULTS_HELP, output_file
 
@@ -66,21 +67,15 @@ def evaluate(model: TinyLVLM, count: int) -> dict[str, float]:
     return score(model, [(e, q) for e in examples for q in e.questions], None, batch=64).per_type
 
 
-def _at_least(kind: type, minimum: float):
-    """An argparse ``type``: a finite ``kind`` value, ``> minimum`` for floats and ``>= minimum`` for integers."""
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if kind is float and not (math.isfinite(value) and value > minimum):
-            raise argparse.ArgumentTypeError(f"expected a finite number > {minimum}, got {text!r}")
-        if kind is int and value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return convert
+def _positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number ``> 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0.0, got {text!r}")
+    return value
 
 
 def _phases(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
@@ -109,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--phases", default="2:450,3:250,4:300", help="curriculum: cells:steps,... (the last phase on 4x4 cells)"
     )
-    parser.add_argument("--batch", type=_at_least(int, 1), default=24)
-    parser.add_argument("--lr", type=_at_least(float, 0.0), default=2e-3)
-    parser.add_argument("--seed", type=_at_least(int, 0), default=0)
+    parser.add_argument("--batch", type=positive_int, default=24)
+    parser.add_argument("--lr", type=_positive_float, default=2e-3)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
-        "--eval-every", type=_at_least(int, 0), default=0, help="print held-out accuracy every N steps (0: never)"
+        "--eval-every", type=non_negative_int, default=0, help="print held-out accuracy every N steps (0: never)"
     )
     args = parser.parse_args(argv)
     phases = _phases(parser, args.phases)
