@@ -7,8 +7,9 @@
     python scripts/pins.py without PKG FILE      FILE without PKG and the packages PKG requires (the
                                                  installed PKG's metadata): the pins for a venv that tries
                                                  another release of PKG (scripts/test-compat.sh)
-    python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every distribution installed in it but
-                                                 lightkv and pip), after the header in HEADER_FILE, on stdout
+    python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every distribution installed in it, or
+                                                 in its side folder .venv/sglang-live, but lightkv and pip),
+                                                 after the header in HEADER_FILE, on stdout
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import sysconfig
 from pathlib import Path
 
 NOT_PINNED = {"lightkv", "pip"}  # the project itself, and the installer that reads the pins
+#: Packages the test set-up installs --no-deps into a folder of their own (only the live SGLang servers of
+#: tests/live/ have it on their path): torchvision, whose compiled ops need a CUDA torch (scripts/setup.sh).
+SIDE_FOLDER = Path(__file__).resolve().parent.parent / ".venv" / "sglang-live"
 
 
 def canonical(name: str) -> str:
@@ -66,8 +70,15 @@ def torch_is_own() -> bool:
     return "torch" in own_distributions()
 
 
+def side_distributions() -> dict[str, str]:
+    """Canonical name -> version of every distribution in :data:`SIDE_FOLDER`."""
+    found = metadata.distributions(path=[str(SIDE_FOLDER)]) if SIDE_FOLDER.is_dir() else []
+    return {canonical(dist.metadata["Name"]): dist.version.split("+", 1)[0] for dist in found}
+
+
 def freeze(header: Path) -> list[str]:
-    pins = sorted(f"{name}=={version}" for name, version in own_distributions().items() if name not in NOT_PINNED)
+    installed = own_distributions() | side_distributions()
+    pins = sorted(f"{name}=={version}" for name, version in installed.items() if name not in NOT_PINNED)
     comments = [line for line in header.read_text().splitlines() if line.startswith("#")]
     return comments + pins
 

@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 VENV=.venv-refresh
 rm -rf "$VENV"
 python3 -m venv "$VENV"
-grep -E "^(torch|sglang|compressed-tensors|apache-tvm-ffi)==" scripts/constraints.txt > "$VENV/deliberate.txt"
+grep -E "^(torch|torchvision|sglang|compressed-tensors|apache-tvm-ffi)==" scripts/constraints.txt > "$VENV/deliberate.txt"
 PIP=("$VENV/bin/python" -m pip -qq install -c "$VENV/deliberate.txt")
 "${PIP[@]}" torch
 "${PIP[@]}" --no-warn-conflicts -e ".[dev,hf,perf]" -r scripts/sglang-cpu.txt
 "${PIP[@]}" --no-deps sglang compressed-tensors
+"${PIP[@]}" --no-deps --target "$VENV/sglang-live" torchvision
 export TRITON_INTERPRET=1
 if "$VENV/bin/python" -m ruff check . && "$VENV/bin/python" -m pytest -q -p no:cacheprovider; then
     "$VENV/bin/python" scripts/pins.py freeze scripts/constraints.txt > "$VENV/constraints.txt"

@@ -11,7 +11,7 @@
 #   replace the CPU torch. scripts/sglang-cpu.txt lists the small packages its CPU path imports. Its declared
 #   requirements (a CUDA server's) are therefore unmet on purpose, and pip would list all of them as
 #   "dependency conflicts" whenever a later install touches one of them: the test set-up installs with
-#   --no-warn-conflicts. The pins themselves come from one resolved, green environment (scripts/refresh-pins.sh).
+#   --no-warn-conflicts. torchvision goes into .venv/sglang-live (see below). The pins themselves come from one resolved, green environment (scripts/refresh-pins.sh).
 # pip runs with -qq: only errors are printed (this machine's pip configuration names package folders that do
 # not exist, and pip warns about each on every install).
 set -euo pipefail
@@ -41,3 +41,10 @@ if [ "$MODE" = demo ]; then
 fi
 "${PIP[@]}" install --no-warn-conflicts -c "$CONSTRAINTS" -e ".[dev,hf,perf]" -r scripts/sglang-cpu.txt
 "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps sglang compressed-tensors
+# torchvision for the live SGLang servers only (tests/live/): the image processors SGLang runs use its pure-Python
+# transforms, but its compiled ops need a CUDA torch, so it goes --no-deps into a folder of its own that only those
+# servers have on their path (tests/live/site/sitecustomize.py defines the two op schemas its import needs).
+if ! .venv/bin/python -c "import sys; sys.path.insert(0, '.venv/sglang-live'); import importlib.metadata as m; \
+        assert m.version('torchvision') == sys.argv[1]" "$(grep -oP '^torchvision==\K.*' "$CONSTRAINTS")" 2>/dev/null; then
+    "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps --upgrade --target .venv/sglang-live torchvision
+fi

@@ -1,8 +1,11 @@
-"""SGLang scheduler hooks of the layer-group pools (:mod:`~lightkv_adapters.sglang.pools`): :data:`POOL_HOOKS`.
+"""SGLang scheduler hooks (:data:`POOL_HOOKS`): the layer-group pools (:mod:`~lightkv_adapters.sglang.pools`) and
+the per-request refusals of compression.
 
-They install the pools, tell them each prefill's requests, admit a request only where every group has room, and
-add the groups to the scheduler's leak check; each does nothing unless the pools are installed. The pools are
-imported on first use, so SGLang's processes without a model runner never import them. See the README (SGLang).
+They install the pools, tell them each prefill's requests, admit a request only where every group has room, add
+the groups to the scheduler's leak check and report them in ``/server_info``; each does nothing unless the pools
+are installed. A request whose prompt compression would change what it asks for (input-token logprobs of a prompt
+with images) is refused alone, with the reason. The pools are imported on first use, so SGLang's processes without
+a model runner never import them. See the README (SGLang).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from collections.abc import Callable
 from sglang.srt.plugins.hook_registry import HookType
 
 from lightkv_adapters.sglang.settings import settings_of
+
+#: Key of the lightkv state in each scheduler's entry of ``/server_info``'s ``internal_states``.
+STATE_KEY = "lightkv"
 
 #: Attribute of SGLang's ``PrefillAdder`` holding, per group after the first, the slots reserved in its pass.
 RESERVED_ATTRIBUTE = "lightkv_reserved"
@@ -82,6 +88,56 @@ def admission_hook(original: Callable, adder: object, req: object, *args: object
     return result
 
 
+def input_logprobs_hook(scheduler: object, req: object, *args: object, **kwargs: object) -> None:
+    """Before ``Scheduler._add_request_to_queue``: under ``--kv-compress``, a request with images that asks for
+    input-token logprobs (``logprob_start_len`` inside its prompt) is finished with an abort naming why: its
+    vision tokens are merged or dropped during the prefill, so most of the prompt's logprobs do not exist. Text-only
+    requests and output logprobs are served as usual."""
+    settings = settings_of(scheduler.server_args)
+    if not settings.enabled or req.finished_reason is not None or getattr(req, "to_finish", None) is not None:
+        return
+    if not req.return_logprob or req.multimodal_inputs is None:
+        return
+    if 0 <= req.logprob_start_len < len(req.origin_input_ids):
+        start = req.logprob_start_len
+        req.logprob_start_len = -1
+        req.set_finish_with_abort(
+            f"lightkv: input-token logprobs (logprob_start_len={start}) of a prompt with images are not available "
+            f"under --kv-compress {settings.method}: its vision tokens are merged or dropped during the prefill; "
+            "ask for output logprobs only (leave logprob_start_len unset), or use a server without --kv-compress"
+        )
+
+
+def failed_requests_hook(scheduler: object, batch: object, *args: object, **kwargs: object) -> None:
+    """Before ``Scheduler.process_batch_result``: the requests of a prefill whose compression failed
+    (:mod:`~lightkv_adapters.sglang.failures`) finish with an abort (HTTP 500, the reason as message) instead of
+    their first token; SGLang then releases their slots as for any aborted request."""
+    from http import HTTPStatus
+
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    from lightkv_adapters.sglang import failures
+
+    for req in batch.reqs:
+        message = failures.take(req.rid)
+        if message is not None:
+            req.to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
+
+
+def pool_state_hook(result: object, controller: object, *args: object, **kwargs: object) -> object:
+    """After ``SchedulerInternalStateController.get_internal_state``: adds :data:`STATE_KEY` to the state
+    ``/server_info`` returns: the ``--kv-compress`` method and, per layer group, its pool's ``size`` and ``free``
+    slots (group 0 is SGLang's own pool; one group without layer-group pools)."""
+    scheduler = controller.scheduler
+    allocator = scheduler.token_to_kv_pool_allocator
+    pools = [{"size": int(allocator.size), "free": int(allocator.available_size())}]
+    groups = getattr(allocator, "groups", None)
+    if groups is not None:
+        pools += [{"size": group["size"], "free": group["free"]} for group in groups.state()]
+    result.internal_state[STATE_KEY] = {"kv_compress": settings_of(scheduler.server_args).method, "pools": pools}
+    return result
+
+
 def pool_check_hook(result: tuple, checker: object, *args: object, **kwargs: object) -> tuple:
     """After ``SchedulerInvariantChecker._check_all_pools``: the layer-group pools' own conservation check
     (every slot free or held by exactly one row) joins the scheduler's leak report."""
@@ -94,7 +150,7 @@ def pool_check_hook(result: tuple, checker: object, *args: object, **kwargs: obj
     return has_leak or bool(problems), [*messages, *problems]
 
 
-#: ``(target, hook, kind)`` of the layer-group pools, for SGLang's ``HookRegistry``.
+#: ``(target, hook, kind)`` of the scheduler hooks, for SGLang's ``HookRegistry``.
 POOL_HOOKS = (
     (
         "sglang.srt.model_executor.model_runner.ModelRunner._init_post_memory_pool_components",
@@ -106,6 +162,13 @@ POOL_HOOKS = (
     (
         "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools",
         pool_check_hook,
+        HookType.AFTER,
+    ),
+    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", input_logprobs_hook, HookType.BEFORE),
+    ("sglang.srt.managers.scheduler.Scheduler.process_batch_result", failed_requests_hook, HookType.BEFORE),
+    (
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+        pool_state_hook,
         HookType.AFTER,
     ),
 )

@@ -10,9 +10,7 @@ Llama config with ``mm_*`` keys, ``model.mm_projector.*`` weights and the CLIP t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +68,7 @@ def saved(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(family.kind)
     inputs = hf_models.make_inputs(model, family.kind, list(family.samples))
     if family.kind == "llava":
-        _save_original_llava(model, directory)
+        hf_models.save_original_llava(model, directory)
         requests = _llava_requests(inputs, family.samples)
     else:
         model.save_pretrained(directory)
@@ -108,51 +106,6 @@ def _llava_requests(inputs: dict, samples: tuple[hf_models.Sample, ...]) -> list
         requests.append(Request(prompt, pixels))
         image += count
     return requests
-
-
-def _save_original_llava(model, directory: Path) -> None:
-    """Save the Transformers LLaVA ``model`` as an original LLaVA-1.5 checkpoint (what SGLang's
-    ``LlavaLlamaForCausalLM`` loads), with the same vision features: layer ``vision_feature_layer``, CLS
-    dropped (``patch``; Transformers' ``default``)."""
-    from safetensors.torch import save_file
-
-    config = model.config
-    assert config.vision_feature_select_strategy == "default" and config.projector_hidden_act == "gelu"
-    tower = directory / "clip-vision"  # SGLang picks the tower class by "clip" in its path
-    model.model.vision_tower.save_pretrained(tower)
-    text = config.text_config.to_dict()
-    llava = {key: value for key, value in text.items() if key not in ("model_type", "architectures", "_name_or_path")}
-    llava.update(
-        architectures=["LlavaLlamaForCausalLM"],
-        model_type="llava",
-        dtype="float32",
-        text_config=text,
-        vision_config=config.vision_config.to_dict(),
-        image_token_index=config.image_token_id,
-        mm_vision_tower=str(tower),
-        mm_hidden_size=config.vision_config.hidden_size,
-        mm_projector_type="mlp2x_gelu",
-        projector_hidden_act=config.projector_hidden_act,
-        mm_vision_select_layer=config.vision_feature_layer,
-        mm_vision_select_feature="patch",
-        image_aspect_ratio="pad",
-        mm_patch_merge_type="flat",
-    )
-    (directory / "config.json").write_text(json.dumps(llava, indent=2))
-    renames = {
-        "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
-        "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
-        "model.language_model.": "model.",
-    }
-    weights = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("model.vision_tower."):
-            continue
-        for old, new in renames.items():
-            if name.startswith(old):
-                name = new + name.removeprefix(old)
-        weights[name] = tensor.contiguous()
-    save_file(weights, directory / "model.safetensors")
 
 
 def _transformers(model, inputs: dict, method: str):

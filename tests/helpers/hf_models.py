@@ -9,7 +9,9 @@ with a row-newline token per row; Qwen2-VL / Qwen2.5-VL: ``<vision_start>`` imag
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -48,12 +50,18 @@ _TEXT = dict(
 )
 
 
-def build(kind: str, attn: str = "sdpa", seed: int = 0, qwen_patch: int = QWEN_PATCH) -> torch.nn.Module:
+def build(
+    kind: str, attn: str = "sdpa", seed: int = 0, qwen_patch: int = QWEN_PATCH, vocab_size: int = VOCAB
+) -> torch.nn.Module:
     """A tiny float32 model of ``kind`` (one of :data:`KINDS`) in eval mode, with attention ``attn``.
 
-    ``qwen_patch`` is the Qwen vision patch side in pixels (SGLang's Qwen2.5-VL needs the released 14).
+    ``qwen_patch`` is the Qwen vision patch side in pixels (SGLang's Qwen2.5-VL needs the released 14);
+    ``vocab_size`` at least :data:`VOCAB` (a model with a real tokenizer needs more).
     """
+    if vocab_size < VOCAB:
+        raise ValueError(f"vocab_size must be at least {VOCAB} (the special tokens' ids), got {vocab_size}")
     torch.manual_seed(seed)
+    text_fields = dict(_TEXT, vocab_size=vocab_size)
     if kind in ("llava", "llava-qwen2", "llava-next"):
         vision = CLIPVisionConfig(
             hidden_size=32,
@@ -63,7 +71,7 @@ def build(kind: str, attn: str = "sdpa", seed: int = 0, qwen_patch: int = QWEN_P
             image_size=NEXT_TILE if kind == "llava-next" else LLAVA_IMAGE_SIZE,
             patch_size=4,
         )
-        text = Qwen2Config(**_TEXT) if kind == "llava-qwen2" else LlamaConfig(**_TEXT)
+        text = Qwen2Config(**text_fields) if kind == "llava-qwen2" else LlamaConfig(**text_fields)
         common = dict(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1)
         if kind == "llava-next":
             pinpoints = [[32, 64], [64, 32], [64, 64]]
@@ -77,7 +85,9 @@ def build(kind: str, attn: str = "sdpa", seed: int = 0, qwen_patch: int = QWEN_P
             vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
         )
-        text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        text = dict(
+            text_fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        )
         if kind == "qwen2-vl":
             vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=qwen_patch)
             model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
@@ -187,3 +197,48 @@ def _add_pixels(model, kind: str, image: Image, pixels: dict, generator: torch.G
     values = 3 * temporal * patch * patch
     pixels.setdefault(key, []).append(torch.randn(int(grid.prod()), values, generator=generator))
     return int(grid.prod()) // merge**2
+
+
+def save_original_llava(model, directory: Path) -> None:
+    """Save the Transformers LLaVA ``model`` as an original LLaVA-1.5 checkpoint (what SGLang's
+    ``LlavaLlamaForCausalLM`` loads), with the same vision features: layer ``vision_feature_layer``, CLS
+    dropped (``patch``; Transformers' ``default``)."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    assert config.vision_feature_select_strategy == "default" and config.projector_hidden_act == "gelu"
+    tower = directory / "clip-vision"  # SGLang picks the tower class by "clip" in its path
+    model.model.vision_tower.save_pretrained(tower)
+    text = config.text_config.to_dict()
+    llava = {key: value for key, value in text.items() if key not in ("model_type", "architectures", "_name_or_path")}
+    llava.update(
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava",
+        dtype="float32",
+        text_config=text,
+        vision_config=config.vision_config.to_dict(),
+        image_token_index=config.image_token_id,
+        mm_vision_tower=str(tower),
+        mm_hidden_size=config.vision_config.hidden_size,
+        mm_projector_type="mlp2x_gelu",
+        projector_hidden_act=config.projector_hidden_act,
+        mm_vision_select_layer=config.vision_feature_layer,
+        mm_vision_select_feature="patch",
+        image_aspect_ratio="pad",
+        mm_patch_merge_type="flat",
+    )
+    (directory / "config.json").write_text(json.dumps(llava, indent=2))
+    renames = {
+        "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
+        "model.multi_modal_projector.linear_2.": "model.mm_projector.2.",
+        "model.language_model.": "model.",
+    }
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.vision_tower."):
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+        weights[name] = tensor.contiguous()
+    save_file(weights, directory / "model.safetensors")

@@ -16,6 +16,7 @@ from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.model_executor.forward_context import get_attn_backend
 from torch import nn
 
+from lightkv_adapters.sglang import failures
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
 from lightkv_core.prefill import at_default_scale, survivor_columns
@@ -169,14 +170,18 @@ class LayerGroups:
         backend = get_attn_backend()
         pool = backend.req_to_token_pool
         prefill = None
+        view = forward_batch
         if mode.is_extend():
             self._reset_rows(forward_batch, pool)
             if spans is not None and any(spans) or self.pools is not None:
                 spans = spans if spans is not None else [[] for _ in range(forward_batch.batch_size)]
-                prefill = self._start_prefill(forward_batch, spans, positions)
+                try:
+                    prefill = self._start_prefill(forward_batch, spans, positions)
+                except Exception as error:
+                    self.final_batch = view
+                    return failures.fail_batch(hidden, forward_batch.rids, error)
         elif not mode.is_decode():
             raise NotImplementedError(f"lightkv layer groups do not support forward mode {mode!r}")
-        view = forward_batch
         residual_batch.start(view)
         try:
             for index in range(len(text_model.layers)):
@@ -186,7 +191,11 @@ class LayerGroups:
                     continue
                 group = self.reduce_layers.index(index)
                 if prefill is not None:
-                    hidden, view, positions = self._reduce(index, group, hidden, view, forward_batch, prefill, pool)
+                    try:
+                        hidden, view, positions = self._reduce(index, group, hidden, view, forward_batch, prefill, pool)
+                    except Exception as error:
+                        self.final_batch = view
+                        return failures.fail_batch(hidden, forward_batch.rids, error)
                 elif mode.is_decode():
                     view = self._decode_view(group, view, forward_batch)
                 else:
