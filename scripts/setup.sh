@@ -11,7 +11,8 @@
 #   replace the CPU torch. scripts/sglang-cpu.txt lists the small packages its CPU path imports. Its declared
 #   requirements (a CUDA server's) are therefore unmet on purpose, and pip would list all of them as
 #   "dependency conflicts" whenever a later install touches one of them: the test set-up installs with
-#   --no-warn-conflicts. torchvision goes into .venv/sglang-live (see below). The pins themselves come from one resolved, green environment (scripts/refresh-pins.sh).
+#   --no-warn-conflicts. torchvision goes into .venv/sglang-live (see below). The pins themselves come from one
+#   resolved, green environment (scripts/refresh-pins.sh).
 # pip runs with -qq: only errors are printed (this machine's pip configuration names package folders that do
 # not exist, and pip warns about each on every install).
 set -euo pipefail
