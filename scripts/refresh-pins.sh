@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 VENV=.venv-refresh
 rm -rf "$VENV"
 python3 -m venv "$VENV"
-grep -E "^(torch|torchvision|sglang|compressed-tensors|apache-tvm-ffi)==" scripts/constraints.txt > "$VENV/deliberate.txt"
+grep -E "^(torch|torchvision|sglang|compressed-tensors|apache-tvm-ffi|lmms-eval|filelock)==" scripts/constraints.txt > "$VENV/deliberate.txt"
 PIP=("$VENV/bin/python" -m pip -qq install -c "$VENV/deliberate.txt")
 "${PIP[@]}" torch
 "${PIP[@]}" --no-warn-conflicts -e ".[dev,hf,perf]" -r scripts/sglang-cpu.txt
 "${PIP[@]}" --no-deps sglang compressed-tensors
+"${PIP[@]}" --no-warn-conflicts -r scripts/lmms-eval-cpu.txt
+"${PIP[@]}" --no-deps lmms-eval
 "${PIP[@]}" --no-deps --target "$VENV/sglang-live" torchvision
 export TRITON_INTERPRET=1
 if "$VENV/bin/python" -m ruff check . && "$VENV/bin/python" -m pytest -q -p no:cacheprovider; then

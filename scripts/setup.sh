@@ -42,6 +42,9 @@ if [ "$MODE" = demo ]; then
 fi
 "${PIP[@]}" install --no-warn-conflicts -c "$CONSTRAINTS" -e ".[dev,hf,perf]" -r scripts/sglang-cpu.txt
 "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps sglang compressed-tensors
+# lmms-eval (lightkv[eval]) likewise --no-deps, with the packages its command line imports (scripts/lmms-eval-cpu.txt).
+"${PIP[@]}" install --no-warn-conflicts -c "$CONSTRAINTS" -r scripts/lmms-eval-cpu.txt
+"${PIP[@]}" install -c "$CONSTRAINTS" --no-deps lmms-eval
 # torchvision for the live SGLang servers only (tests/live/): the image processors SGLang runs use its pure-Python
 # transforms, but its compiled ops need a CUDA torch, so it goes --no-deps into a folder of its own that only those
 # servers have on their path (tests/live/site/sitecustomize.py defines the two op schemas its import needs).

@@ -198,8 +198,15 @@ class TinyLVLM(nn.Module):
         reduction: CompressionMethod | None = None,
     ) -> tuple[list[tuple[str, ...]], PrefillStats]:  # fmt: skip
         """Greedy answers to ``questions[i]`` about ``examples[i]``, and the prefill statistics."""
+        return self.answer_images(np.stack([e.image for e in examples]), questions, reduction)
+
+    @torch.no_grad()
+    def answer_images(
+        self, images: np.ndarray, questions: Sequence[world.Question], reduction: CompressionMethod | None = None
+    ) -> tuple[list[tuple[str, ...]], PrefillStats]:
+        """Greedy answers to ``questions[i]`` about ``images[i]`` (``(B, side, side, 3)`` float32 in [0, 1], as
+        :func:`~lightkv_adapters.reference.shapes_world.render` draws them), and the prefill statistics."""
         prompts = [prompt_ids(q) for q in questions]
-        images = np.stack([e.image for e in examples])
         batch = self.build_batch(prompts, images, padding_side="left")
         tokens, stats = self.decoder.generate(
             batch.embeds,

@@ -4,9 +4,10 @@ and the image processor's configuration.
 
 - ``qwen2.5-vl``: :func:`helpers.hf_models.build` with the released vision patch (14 pixels) and Qwen's special
   tokens; Transformers' ``Qwen2VLImageProcessor`` with at most :data:`QWEN_MAX_TOKENS` image tokens per image.
-- ``llava``: the LLaVA-1.5 layout SGLang serves (``LlavaLlamaForCausalLM``, :func:`hf_models.save_original_llava`),
-  with a ``CLIPImageProcessor`` of the tower's 48-pixel input (144 image tokens per image) and a LLaVA
-  ``USER: <image>\\n... ASSISTANT:`` template.
+- ``llava``: with a ``CLIPImageProcessor`` of the tower's 48-pixel input (144 image tokens per image) and a LLaVA
+  ``USER: <image>\\n... ASSISTANT:`` template; saved in the LLaVA-1.5 layout SGLang serves
+  (``LlavaLlamaForCausalLM``, :func:`hf_models.save_original_llava`), or with ``layout="transformers"`` as
+  Transformers saves ``LlavaForConditionalGeneration`` (what ``AutoModelForImageTextToText`` loads).
 
 :func:`save` writes one; :func:`load_transformers` gives back the Transformers model on the same weights.
 """
@@ -20,11 +21,16 @@ import torch
 
 from helpers import hf_models
 
+#: The families a live SGLang server serves.
 FAMILIES = ("qwen2.5-vl", "llava")
-#: Byte-level tokens (256) plus the specials, with room: the vocabulary of both models.
+#: The families saved for Transformers (``layout="transformers"``): every one ``apply_lightkv`` supports.
+TRANSFORMERS_FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava", "llava-next")
+#: Byte-level tokens (256) plus the specials, with room: the vocabulary of every model.
 VOCAB_SIZE = 264
 #: Weight seed of each family (LLaVA seed 2 decodes varied tokens, see tests/adapters/test_sglang_models.py).
-SEEDS = {"qwen2.5-vl": 0, "llava": 2}
+SEEDS = {"qwen2.5-vl": 0, "qwen2-vl": 0, "llava": 2, "llava-next": 2}
+#: The tokenizer, chat template and image tokens each family shares with its older sibling.
+TOKENS_OF = {"qwen2.5-vl": "qwen2.5-vl", "qwen2-vl": "qwen2.5-vl", "llava": "llava", "llava-next": "llava"}
 QWEN_PATCH = 14
 #: Most merged (28x28-pixel) tokens of one Qwen image; images are resized to fit.
 QWEN_MAX_TOKENS = 128
@@ -71,21 +77,30 @@ LLAVA_TEMPLATE = (
 )
 
 
-def save(family: str, directory: Path) -> Path:
-    """Build ``family``'s tiny model and save it, its tokenizer and its processor configuration in ``directory``."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+def save(family: str, directory: Path, layout: str = "sglang") -> Path:
+    """Build ``family``'s tiny model and save it, its tokenizer and its processor configuration in ``directory``
+    (``layout``: ``"sglang"`` or ``"transformers"``, which differ for LLaVA only)."""
+    if family not in TRANSFORMERS_FAMILIES or (layout == "sglang" and family not in FAMILIES):
+        known = FAMILIES if layout == "sglang" else TRANSFORMERS_FAMILIES
+        raise ValueError(f"unknown family {family!r} for layout {layout!r}; known: {known}")
+    if layout not in ("sglang", "transformers"):
+        raise ValueError(f"unknown layout {layout!r}; known: sglang, transformers")
     directory.mkdir(parents=True, exist_ok=True)
     model = _build(family)
-    _save_tokenizer(family, directory)
-    if family == "qwen2.5-vl":
-        model.save_pretrained(directory)
-        _save_qwen_processor(directory)
-    else:
+    _save_tokenizer(TOKENS_OF[family], directory)
+    if family == "llava" and layout == "sglang":
         hf_models.save_original_llava(model, directory)
+    else:
+        model.save_pretrained(directory)
+    if TOKENS_OF[family] == "qwen2.5-vl":
+        _save_qwen_processor(directory, "Qwen2_5_VLProcessor" if family == "qwen2.5-vl" else "Qwen2VLProcessor")
+    elif family == "llava":
         _save_llava_processor(model, directory)
+    else:
+        _save_llava_next_processor(model, directory)
     model.generation_config.save_pretrained(directory)
-    (directory / "lightkv-family.json").write_text(json.dumps({"family": family, "seed": SEEDS[family]}))
+    info = {"family": family, "seed": SEEDS[family], "layout": layout}
+    (directory / "lightkv-family.json").write_text(json.dumps(info))
     return directory
 
 
@@ -96,7 +111,7 @@ def load_transformers(directory: Path) -> torch.nn.Module:
 
 def _build(family: str) -> torch.nn.Module:
     model = hf_models.build(family, seed=SEEDS[family], qwen_patch=QWEN_PATCH, vocab_size=VOCAB_SIZE)
-    eos = SPECIALS[family][EOS[family]]
+    eos = SPECIALS[TOKENS_OF[family]][EOS[TOKENS_OF[family]]]
     for config in (model.config, model.config.text_config, model.generation_config):
         config.eos_token_id = eos
         config.bos_token_id = None
@@ -137,11 +152,11 @@ def _save_tokenizer(family: str, directory: Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-def _save_qwen_processor(directory: Path) -> None:
+def _save_qwen_processor(directory: Path, processor_class: str) -> None:
     side = 2 * QWEN_PATCH  # one merged token
     image = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "do_resize": True,
         "do_rescale": True,
         "do_normalize": True,
@@ -161,7 +176,7 @@ def _save_qwen_processor(directory: Path) -> None:
     video = {key: value for key, value in image.items() if key != "image_processor_type"}
     video["video_processor_type"] = "Qwen2VLVideoProcessor"
     (directory / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
 
 
 def _save_llava_processor(model: torch.nn.Module, directory: Path) -> None:
@@ -183,12 +198,43 @@ def _save_llava_processor(model: torch.nn.Module, directory: Path) -> None:
     }
     (directory / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
     tower = directory / "clip-vision"
-    (tower / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    if tower.is_dir():  # the SGLang layout's tower folder
+        (tower / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
     patch = model.config.vision_config.patch_size
     processor = {
         "processor_class": "LlavaProcessor",
         "patch_size": patch,
         "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "image_token": "<image>",
+    }
+    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def _save_llava_next_processor(model: torch.nn.Module, directory: Path) -> None:
+    tile = model.config.vision_config.image_size
+    image = {
+        "image_processor_type": "LlavaNextImageProcessor",
+        "processor_class": "LlavaNextProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": tile},
+        "do_center_crop": True,
+        "crop_size": {"height": tile, "width": tile},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+        "do_pad": True,
+        "resample": 3,
+        "image_grid_pinpoints": model.config.image_grid_pinpoints,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    processor = {
+        "processor_class": "LlavaNextProcessor",
+        "patch_size": model.config.vision_config.patch_size,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
         "num_additional_image_tokens": 1,
         "image_token": "<image>",
     }

@@ -6,11 +6,13 @@ Runs in a process with the live servers' environment (``helpers.live_server.live
 the one the server loads, from the same folder. ``REQUESTS_JSON`` lists OpenAI chat requests (``messages`` with
 base64 PNG ``image_url`` parts, ``max_tokens``); for each, the chat template and processor make the prompt as the
 server does, the model saved in ``MODEL_DIR`` decodes greedily (with ``apply_lightkv(model, METHOD)`` unless METHOD
-is ``none``), and ``OUT_JSON`` gets ``{"tokens", "logprobs", "prompt_tokens"}`` per request: the generated token ids,
-the log-probability of each (float32 log-softmax of the logits) and the prompt length.
+is ``none``), and ``OUT_JSON`` gets ``{"tokens", "logprobs", "prompt_tokens", "vision_retention"}`` per request: the
+generated token ids, the log-probability of each (float32 log-softmax of the logits), the prompt length and the
+adapter's measured vision retention (``None`` under ``none``).
 
-LLaVA: SGLang's LLaVA-1.5 processor pads each image to a square (``expand2square``, the processor's mean colour)
-and hands the pixels over in float16; the same is done here, so both sides see the same pixels.
+LLaVA saved for SGLang: SGLang's LLaVA-1.5 processor pads each image to a square (``expand2square``, the
+processor's mean colour) and hands the pixels over in float16; the same is done here, so both sides see the same
+pixels. A checkpoint saved for Transformers gets the processor's own pixels.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ def _square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
-def _inputs(processor, family: str, request: dict) -> dict:
+def _inputs(processor, as_sglang_llava: bool, request: dict) -> dict:
     text = processor.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
     images = _images(request["messages"])
-    if family == "llava" and images:
+    if as_sglang_llava and images:
         colour = tuple(int(mean * 255) for mean in processor.image_processor.image_mean)
         images = [_square(image, colour) for image in images]
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
-    if family == "llava" and images:
+    if as_sglang_llava and images:
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.float16).to(torch.float32)
     return dict(inputs)
 
@@ -68,14 +70,15 @@ def main(model_dir: str, method: str, requests_path: str, out_path: str) -> None
     from lightkv_adapters.hf import apply_lightkv
 
     torch.set_num_threads(1)
-    family = json.loads((Path(model_dir) / "lightkv-family.json").read_text())["family"]
+    info = json.loads((Path(model_dir) / "lightkv-family.json").read_text())
+    as_sglang_llava = info["family"] == "llava" and info.get("layout", "sglang") == "sglang"
     processor = AutoProcessor.from_pretrained(model_dir)
     model = live_models.load_transformers(Path(model_dir))
     if method != "none":
         apply_lightkv(model, method)
     answers = []
     for request in json.loads(Path(requests_path).read_text()):
-        inputs = _inputs(processor, family, request)
+        inputs = _inputs(processor, as_sglang_llava, request)
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -90,7 +93,8 @@ def main(model_dir: str, method: str, requests_path: str, out_path: str) -> None
             float(torch.log_softmax(logits[0].float(), dim=-1)[token])
             for logits, token in zip(out.logits, tokens, strict=True)
         ]
-        answers.append({"tokens": tokens, "logprobs": logprobs, "prompt_tokens": prompt})
+        retention = None if method == "none" else float(model.lightkv_stats.vision_retention()[0])
+        answers.append({"tokens": tokens, "logprobs": logprobs, "prompt_tokens": prompt, "vision_retention": retention})
     Path(out_path).write_text(json.dumps(answers))
 
 
