@@ -94,10 +94,8 @@ def save(family: str, directory: Path, layout: str = "sglang") -> Path:
         model.save_pretrained(directory)
     if TOKENS_OF[family] == "qwen2.5-vl":
         _save_qwen_processor(directory, "Qwen2_5_VLProcessor" if family == "qwen2.5-vl" else "Qwen2VLProcessor")
-    elif family == "llava":
-        _save_llava_processor(model, directory)
     else:
-        _save_llava_next_processor(model, directory)
+        _save_llava_processor(model, directory)
     model.generation_config.save_pretrained(directory)
     info = {"family": family, "seed": SEEDS[family], "layout": layout}
     (directory / "lightkv-family.json").write_text(json.dumps(info))
@@ -180,14 +178,18 @@ def _save_qwen_processor(directory: Path, processor_class: str) -> None:
 
 
 def _save_llava_processor(model: torch.nn.Module, directory: Path) -> None:
-    size = model.config.vision_config.image_size
+    """LLaVA-1.5 (``LlavaProcessor``, ``CLIPImageProcessor``) or LLaVA-NeXT (``LlavaNextProcessor``,
+    ``LlavaNextImageProcessor`` with the model's tile pinpoints)."""
+    next_tiles = getattr(model.config, "image_grid_pinpoints", None)
+    processor_class = "LlavaNextProcessor" if next_tiles else "LlavaProcessor"
+    side = model.config.vision_config.image_size
     image = {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "LlavaProcessor",
+        "image_processor_type": "LlavaNextImageProcessor" if next_tiles else "CLIPImageProcessor",
+        "processor_class": processor_class,
         "do_resize": True,
-        "size": {"shortest_edge": size},
+        "size": {"shortest_edge": side},
         "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
+        "crop_size": {"height": side, "width": side},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -196,43 +198,14 @@ def _save_llava_processor(model: torch.nn.Module, directory: Path) -> None:
         "do_convert_rgb": True,
         "resample": 3,
     }
+    if next_tiles:
+        image.update(do_pad=True, image_grid_pinpoints=next_tiles)
     (directory / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
     tower = directory / "clip-vision"
     if tower.is_dir():  # the SGLang layout's tower folder
         (tower / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
-    patch = model.config.vision_config.patch_size
     processor = {
-        "processor_class": "LlavaProcessor",
-        "patch_size": patch,
-        "vision_feature_select_strategy": "default",
-        "num_additional_image_tokens": 1,
-        "image_token": "<image>",
-    }
-    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))
-
-
-def _save_llava_next_processor(model: torch.nn.Module, directory: Path) -> None:
-    tile = model.config.vision_config.image_size
-    image = {
-        "image_processor_type": "LlavaNextImageProcessor",
-        "processor_class": "LlavaNextProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": tile},
-        "do_center_crop": True,
-        "crop_size": {"height": tile, "width": tile},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-        "do_pad": True,
-        "resample": 3,
-        "image_grid_pinpoints": model.config.image_grid_pinpoints,
-    }
-    (directory / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
-    processor = {
-        "processor_class": "LlavaNextProcessor",
+        "processor_class": processor_class,
         "patch_size": model.config.vision_config.patch_size,
         "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
         "num_additional_image_tokens": 1,
