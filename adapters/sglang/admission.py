@@ -111,12 +111,15 @@ def input_logprobs_hook(scheduler: object, req: object, *args: object, **kwargs:
 def failed_requests_hook(scheduler: object, batch: object, *args: object, **kwargs: object) -> None:
     """Before ``Scheduler.process_batch_result``: the requests of a prefill whose compression failed
     (:mod:`~lightkv_adapters.sglang.failures`) finish with an abort (HTTP 500, the reason as message) instead of
-    their first token; SGLang then releases their slots as for any aborted request."""
+    their first token; SGLang then releases their slots as for any aborted request. It runs after every forward of
+    every server with the plugin installed, so it returns at once while no failure is recorded."""
+    from lightkv_adapters.sglang import failures
+
+    if not failures.pending():
+        return
     from http import HTTPStatus
 
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
-    from lightkv_adapters.sglang import failures
 
     for req in batch.reqs:
         message = failures.take(req.rid)
@@ -133,7 +136,7 @@ def pool_state_hook(result: object, controller: object, *args: object, **kwargs:
     pools = [{"size": int(allocator.size), "free": int(allocator.available_size())}]
     groups = getattr(allocator, "groups", None)
     if groups is not None:
-        pools += [{"size": group["size"], "free": group["free"]} for group in groups.state()]
+        pools += groups.state()
     result.internal_state[STATE_KEY] = {"kv_compress": settings_of(scheduler.server_args).method, "pools": pools}
     return result
 

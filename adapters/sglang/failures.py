@@ -33,6 +33,11 @@ def fail_batch(hidden: torch.Tensor, rids: Iterable[str] | None, error: Exceptio
     return torch.zeros_like(hidden)
 
 
+def pending() -> bool:
+    """Whether any recorded failure has not been taken yet."""
+    return bool(_failed)
+
+
 def take(rid: str) -> str | None:
     """The failure recorded for request ``rid``, removed from the table; ``None`` if it did not fail."""
     return _failed.pop(rid, None)

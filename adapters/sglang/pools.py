@@ -304,12 +304,9 @@ class LayerGroupCache:
         return [allocator.available_size() for allocator in self.allocators]
 
     def state(self) -> list[dict[str, int]]:
-        """Per group after the first: ``size`` slots, ``free`` slots and ``rows`` holding any (what
-        ``/server_info`` reports, see :func:`lightkv_adapters.sglang.admission.pool_state_hook`)."""
-        return [
-            {"size": int(allocator.size), "free": int(allocator.available_size()), "rows": int((held > 0).sum())}
-            for allocator, held in zip(self.allocators, self.lengths, strict=True)
-        ]
+        """Per group after the first: its pool's ``size`` and ``free`` slots (what ``/server_info`` reports, see
+        :func:`lightkv_adapters.sglang.admission.pool_state_hook`)."""
+        return [{"size": int(allocator.size), "free": int(allocator.available_size())} for allocator in self.allocators]
 
     def leaks(self) -> list[str]:
         """One message per group whose slots are not exactly the free ones plus the rows' ones, each once."""

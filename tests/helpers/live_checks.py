@@ -37,7 +37,7 @@ def assert_serving(live) -> None:
     """The server answers the family's one-image request as the Transformers adapter does, and every pool is
     back at its free count."""
     prompt = CORRECTNESS_PROMPTS[live.config.family][0]
-    status, out = live.server.post("/generate", prompt.generate(live.tokenizer()))
+    status, out = live.server.post("/generate", prompt.generate(live.tokenizer))
     assert status == 200, out
     assert out["output_ids"] == live.reference()[0]["tokens"]
     wait_pools_free(live)

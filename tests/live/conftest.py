@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,9 @@ class Live:
             self._answers = json.loads(self._reference_out.read_text())
         return self._answers
 
+    @cached_property
     def tokenizer(self):
+        """The model's tokenizer, loaded once per server."""
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.model_dir)

@@ -22,7 +22,7 @@ ALL = ["qwen-none", "qwen-lightkv", "qwen-fastv", "llava-none", "llava-lightkv",
 
 @pytest.mark.parametrize("live", ALL, indirect=True)
 def test_generate_equals_transformers(live):
-    tokenizer = live.tokenizer()
+    tokenizer = live.tokenizer
     for prompt, expected in zip(CORRECTNESS_PROMPTS[live.config.family], live.reference(), strict=True):
         status, out = live.server.post("/generate", prompt.generate(tokenizer, return_logprob=True))
         assert status == 200, out
@@ -36,7 +36,7 @@ def test_generate_equals_transformers(live):
 
 @pytest.mark.parametrize("live", ALL, indirect=True)
 def test_chat_equals_transformers(live):
-    tokenizer = live.tokenizer()
+    tokenizer = live.tokenizer
     for prompt, expected in zip(CORRECTNESS_PROMPTS[live.config.family], live.reference(), strict=True):
         status, out = live.server.post("/v1/chat/completions", prompt.chat(logprobs=True, top_logprobs=2))
         assert status == 200, out

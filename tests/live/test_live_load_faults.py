@@ -60,7 +60,7 @@ def _agrees(tokens: list[int], alone: dict) -> bool:
 
 @pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none"], indirect=True)
 def test_concurrent_mixed_load(live):
-    tokenizer = live.tokenizer()
+    tokenizer = live.tokenizer
     before = pool_state(live)["pools"]
     alone = []
     for prompt in LOAD_PROMPTS:
@@ -131,7 +131,7 @@ def test_aborted_requests(live):
     prompt = CORRECTNESS_PROMPTS[live.config.family][0]
     for attempt in range(2):
         rid = f"lightkv-live-abort-{attempt}"
-        body = prompt.generate(live.tokenizer(), rid=rid)
+        body = prompt.generate(live.tokenizer, rid=rid)
         body["sampling_params"].update(max_new_tokens=1000, ignore_eos=True)
         status, out, abort_status = asyncio.run(_abort_while_running(live.server.base_url, body, rid))
         assert abort_status == 200

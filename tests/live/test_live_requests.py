@@ -38,7 +38,7 @@ def test_server_info_reports_the_pools(live):
 
 @pytest.mark.parametrize("live", COMPRESSED, indirect=True)
 def test_input_logprobs_of_a_compressed_prompt_are_refused_per_request(live):
-    tokenizer = live.tokenizer()
+    tokenizer = live.tokenizer
     body = image_prompt(live).generate(tokenizer, return_logprob=True, logprob_start_len=0)
     status, out = live.server.post("/generate", body)
     assert status == 400, out
@@ -54,7 +54,7 @@ def test_input_logprobs_of_a_compressed_prompt_are_refused_per_request(live):
 
 @pytest.mark.parametrize("live", ["qwen-none", "llava-none"], indirect=True)
 def test_input_logprobs_on_a_stock_server(live):
-    body = image_prompt(live).generate(live.tokenizer(), return_logprob=True, logprob_start_len=0)
+    body = image_prompt(live).generate(live.tokenizer, return_logprob=True, logprob_start_len=0)
     status, out = live.server.post("/generate", body)
     assert status == 200, out
     assert len(out["meta_info"]["input_token_logprobs"]) == out["meta_info"]["prompt_tokens"]
@@ -108,7 +108,7 @@ def test_several_choices(live):
 def test_stop_strings_and_stop_tokens(live):
     """Each stop cuts the server's own unstopped greedy answer (32 tokens) where it first occurs."""
     prompt = image_prompt(live)
-    body = prompt.generate(live.tokenizer())
+    body = prompt.generate(live.tokenizer)
     body["sampling_params"]["max_new_tokens"] = 32
     status, out = live.server.post("/generate", body)
     assert status == 200, out
