@@ -1,10 +1,16 @@
-"""The figure of the capacity benchmark (:mod:`lightkv_perf.capacity`): requests held against the KV budget and
-the decode budget, and the slots of each layer group."""
+"""The figure of the capacity benchmark (:mod:`lightkv_perf.capacity`): requests held per request mix and slot
+layout, requests held along the shifting trace, and the gain against the decode budget."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+
+#: Legend of each slot layout.
+LABELS = {
+    "one": "one pool (stock)",
+    "static": "fixed pools per layer group (former default ratios)",
+    "shared": "shared page arena (default)",
+}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -15,76 +21,59 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = result["settings"]
-    figure, (by_budget, by_decode, slots) = plt.subplots(1, 3, figsize=(17, 4.8))
-    lines = (
-        ("without", "one pool (stock)", "o-"),
-        ("with", f"layer-group pools, ratios {_ratios(settings['pool_ratios'])}", "s-"),
-        ("with_matched_ratios", "layer-group pools, ratios matched to the demand", "^--"),
-    )
-    for axes, sweep, x_key, xlabel, title in (
-        (
-            by_budget,
-            result["budget_sweep"],
-            "budget_gib",
-            "KV cache budget (GiB)",
-            f"LLaVA-NeXT-like requests, max_new_tokens {settings['max_new_tokens']}",
-        ),
-        (
-            by_decode,
-            result["max_new_tokens_sweep"],
-            "max_new_tokens",
-            "decode slots reserved per request (max_new_tokens)",
-            f"LLaVA-NeXT-like requests, {settings['budget_gib']:g} GiB",
-        ),
-    ):
-        xs = [point[x_key] for point in sweep]
-        for key, label, style in lines:
-            axes.plot(xs, [point[key] for point in sweep], style, label=label)
-        axes.set(xlabel=xlabel, ylabel="requests held at once", title=title, xticks=xs)
-        axes.set_ylim(bottom=0)
-        axes.grid(alpha=0.3)
-    by_budget.legend(loc="upper left", fontsize=8)
+    layouts = list(LABELS)
+    figure, (by_mix, trace, by_decode) = plt.subplots(1, 3, figsize=(18, 4.8))
 
-    groups = settings["layer_groups"]
-    labels = [f"layers {first}-{last}" for first, last in groups]
-    positions = range(len(groups))
-    grouped = settings["pool_slots_per_group"]
-    demand = settings["per_request"]["llava-next"]["demand_per_group"]
-    slots.bar([i - 0.2 for i in positions], [settings["stock_slots"]] * len(groups), width=0.4, label="one pool")
-    bars = slots.bar([i + 0.2 for i in positions], grouped, width=0.4, label="layer-group pools")
-    for bar, size, need in zip(bars, grouped, demand, strict=True):
-        slots.annotate(
-            f"~{size // need} req",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            color="C1",
-        )
-    slots.text(
-        -0.4,
-        settings["stock_slots"] * 1.01,
-        f"~{settings['stock_slots'] // demand[0]} req",
-        va="bottom",
-        fontsize=9,
-        color="C0",
+    names = list(result["requests"])
+    width = 0.8 / len(layouts)
+    for index, layout in enumerate(layouts):
+        xs = [i + (index - 1) * width for i in range(len(names))]
+        heights = [result["requests"][name][layout] for name in names]
+        bars = by_mix.bar(xs, heights, width=width, label=LABELS[layout])
+        for bar, height in zip(bars, heights, strict=True):
+            by_mix.annotate(
+                f"{height:g}", (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom", fontsize=8
+            )
+    by_mix.set_xticks(range(len(names)), names)
+    top = max(result["requests"][name][layout] for name in names for layout in layouts)
+    by_mix.set(
+        ylabel="requests held at once",
+        title=f"{settings['budget_gib']:g} GiB of KV, by request mix",
+        ylim=(0, top * 1.4),
     )
-    slots.set_xticks(list(positions), labels)
-    slots.set(
-        ylabel="KV slots (tokens) per layer",
-        title=f"KV slots per layer group, {settings['budget_gib']:g} GiB",
-        xlabel="~N req: LLaVA-NeXT-like requests the group alone fits",
-        ylim=(0, max(grouped[0], settings["stock_slots"]) * 1.12),
+    by_mix.legend(loc="upper left", fontsize=8)
+
+    served = result["shifting_trace"]
+    for layout in layouts:
+        held = served[layout]["held_per_step"]
+        trace.plot(range(len(held)), held, label=f"{LABELS[layout]}: {served[layout]['steps']} steps")
+    trace.set(
+        xlabel="decode step",
+        ylabel="requests held",
+        title=f"trace of {len(served['requests'])} requests shifting from images to text",
     )
-    slots.legend(loc="upper right", fontsize=8)
+    trace.legend(loc="upper right", fontsize=8)
+    trace.grid(alpha=0.3)
+
+    sweep = result["max_new_tokens_sweep"]
+    xs = [point["max_new_tokens"] for point in sweep]
+    for name, style in (("vision", "-"), ("50/50", "--"), ("text", ":")):
+        for layout, marker in (("static", "s"), ("shared", "o")):
+            gains = [point[name][layout] / point[name]["one"] for point in sweep]
+            by_decode.plot(xs, gains, f"{marker}{style}", label=f"{name}, {layout}")
+    by_decode.axhline(1.0, color="grey", linewidth=0.8)
+    by_decode.set(
+        xlabel="decode slots reserved per request (max_new_tokens)",
+        ylabel="requests held / one pool",
+        title="gain over one pool",
+        xticks=xs,
+    )
+    by_decode.legend(loc="lower left", fontsize=8, ncol=2)
+    by_decode.grid(alpha=0.3)
+
     figure.suptitle(
-        f"LLaVA-NeXT-7B KV shape, LightKV 12-18-24 / 4-2-1 / 0.5, max_new_tokens {settings['max_new_tokens']}: "
-        f"{result['requests_with']} vs {result['requests_without']} requests (x{result['ratio']})"
+        f"LLaVA-NeXT-7B KV shape, LightKV 12-18-24 / 4-2-1 / 0.5, max_new_tokens {settings['max_new_tokens']}"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def _ratios(ratios: Sequence[float]) -> str:
-    return "/".join(f"{ratio:.3f}" for ratio in ratios)

@@ -45,41 +45,35 @@ def prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> Non
 
 def admission_hook(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
     """Around ``PrefillAdder.add_one_req``: with layer-group pools a request is admitted only if every group has
-    room for its planned prompt tokens and its decode budget, beyond the decode budget of the running requests
-    and what this pass already admitted (kept on the adder as :data:`RESERVED_ATTRIBUTE`; a decode budget past a
-    group's whole pool counts as that pool). A request whose prompt could never fit one group is aborted with the
-    reason."""
+    room for its planned prompt tokens and its decode budget (priced together where the groups share an arena),
+    beyond the decode budget of the running requests and what this pass already admitted (kept on the adder as
+    :data:`RESERVED_ATTRIBUTE`, per group, group 0 first; a decode budget past the empty pools is clipped to them).
+    A request whose prompt could never fit is aborted with the reason."""
     groups = getattr(adder.token_to_kv_pool_allocator, "groups", None)
     if groups is None:
         return original(adder, req, *args, **kwargs)
     from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, AddReqResult
 
-    from lightkv_adapters.sglang.pools import admits, group_demand
+    from lightkv_adapters.sglang.pools import group_demand
 
     reserved = getattr(adder, RESERVED_ATTRIBUTE, None)
     if reserved is None:
         running = adder.running_batch.reqs if adder.running_batch is not None else []
         decode = int(sum(adder._get_running_request_total_token_offset(r) for r in running))
-        reserved = [decode] * len(groups.allocators)
+        reserved = [decode] * (len(groups.allocators) + 1)
         setattr(adder, RESERVED_ATTRIBUTE, reserved)
     aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
     max_new = (
         0 if aborting else min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
     )
     prompt = group_demand(groups, req, 0)
-    sizes = [allocator.size for allocator in groups.allocators]
-    too_big = [g + 1 for g, (need, size) in enumerate(zip(prompt, sizes, strict=True)) if need > size]
-    if too_big and not aborting:
+    refusal = None if aborting else groups.refusal(prompt)
+    if refusal is not None:
         # SGLang's own aborts replace the prompt by a stub at the next pass, which this hook then admits.
-        req.set_finish_with_abort(
-            f"lightkv: the prompt needs {prompt} KV slots in layer groups 1.. but groups {too_big} hold only "
-            f"{sizes}; raise --kv-compress-pool-ratios for them"
-        )
+        req.set_finish_with_abort(refusal)
         return AddReqResult.CONTINUE
-    # A decode budget past a group's whole pool is clipped to it, as SGLang clips generation to the empty pool;
-    # decoding past the free slots then retracts (the decode-capacity check asks every group).
-    demand = [min(need + max_new, size) for need, size in zip(prompt, sizes, strict=True)]
-    if not admits(groups, demand, reserved):
+    demand = groups.clip(prompt, max_new)
+    if not groups.fits(demand, reserved):
         return AddReqResult.NO_TOKEN
     admitted = len(adder.can_run_list)
     result = original(adder, req, *args, **kwargs)

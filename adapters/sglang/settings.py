@@ -40,7 +40,7 @@ KV_COMPRESS_KWARGS = (
     "kv_compress_pool_ratios",
 )
 #: Words ``--kv-compress-pool-ratios`` takes besides a list of ratios.
-POOL_RATIO_WORDS = ("auto", "off")
+POOL_RATIO_WORDS = ("shared", "off")
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ class KVCompressSettings:
         windows: LightKV windows per image side, one per layer; ``None`` takes the preset's.
         ratios: fraction of each window's tokens merged per stage (LightKV), or the one fraction of vision
             tokens dropped (FastV); ``None`` takes the released values.
-        grouped_pools: give each layer group between two reduce layers its own, smaller KV pool
+        grouped_pools: give each layer group between two reduce layers its own KV slots
             (:mod:`lightkv_adapters.sglang.pools`), so compression frees memory; ``False`` keeps SGLang's single
             pool (compression then saves compute only).
-        pool_ratios: slots of each layer group after the first per slot of group 0; ``None`` derives them from
-            the schedule for vision-dominated prompts (:func:`lightkv_adapters.sglang.pools.default_pool_ratios`).
+        pool_ratios: fixed pools with these slots of each layer group after the first per slot of group 0;
+            ``None``: the groups share one arena of pages (:mod:`lightkv_adapters.sglang.arena`).
 
     The four lists also accept what :func:`parse_list` reads (e.g. ``"12,18,24"``) and are stored as tuples. With
     ``"lightkv"`` the stages are the layers (the preset's if not given): a single window or ratio applies to every
@@ -169,7 +169,7 @@ def kv_compress_settings(
 ) -> KVCompressSettings:
     """The settings the ``--kv-compress*`` flags (or ``Engine`` keyword arguments of the same names) ask for.
     Lists are comma-separated strings, sequences or single numbers; ``kv_compress_pool_ratios`` also takes
-    ``"auto"`` (the default) or ``"off"``.
+    ``"shared"`` (the default) or ``"off"``.
 
     Raises:
         ValueError naming the flag whose value is wrong.
@@ -261,15 +261,16 @@ def add_kv_compress_args(parser: argparse.ArgumentParser) -> None:
         "--kv-compress-pool-ratios",
         type=_pool_ratios_arg,
         default=None,
-        help="Each layer group between two compressed layers gets its own KV pool, so compression frees memory: "
-        "comma-separated slots of each group after the first per slot of the first, e.g. 0.52,0.28,0.16; "
-        "'auto' (default): derived from the schedule for vision-dominated prompts; 'off': one pool for all "
-        "layers (compression then saves compute, not memory).",
+        help="Each layer group between two compressed layers holds its own KV slots, so compression frees memory. "
+        "'shared' (default): the groups draw pages from one arena, so any mix of text-only and image requests "
+        "holds at least as many requests as one pool; comma-separated ratios, e.g. 0.52,0.28,0.16: fixed pools "
+        "with that many slots of each group after the first per slot of the first (for a known, fixed mix); "
+        "'off': one pool for all layers (compression then saves compute, not memory).",
     )
 
 
 def _pool_ratios_arg(text: str) -> str | tuple:
-    """``argparse`` type of ``--kv-compress-pool-ratios``: ``auto``, ``off`` or a list of ratios."""
+    """``argparse`` type of ``--kv-compress-pool-ratios``: ``shared``, ``off`` or a list of ratios."""
     if text.strip().lower() in POOL_RATIO_WORDS:
         return text.strip().lower()
     return _cli_list(float, "--kv-compress-pool-ratios")(text)

@@ -125,11 +125,13 @@ def _transformers(model, inputs: dict, method: str):
 
 
 @pytest.mark.parametrize(
-    ("method", "pools"), [("none", "auto"), ("lightkv", "auto"), ("fastv", "auto"), ("lightkv", "off")]
+    ("method", "pools"),
+    [("none", "shared"), ("lightkv", "shared"), ("fastv", "shared"), ("lightkv", "0.6,0.5,0.4"), ("lightkv", "off")],
 )
 def test_sglang_matches_transformers(saved, method, pools):
-    """Layer-group pools (``auto``, the default) and the single pool (``off``, compute only) both give the
-    Transformers adapter's tokens, so they give the same tokens as each other."""
+    """Layer groups sharing an arena of pages (``shared``, the default), fixed pools per group (ratios) and the
+    single pool (``off``, compute only) all give the Transformers adapter's tokens, so they give the same tokens
+    as each other."""
     model, directory, inputs, requests = saved
     expected_tokens, expected_logits = _transformers(model, inputs, method)
     run = run_in_child(directory, method, requests, STEPS, pools)
@@ -146,10 +148,15 @@ def test_sglang_matches_transformers(saved, method, pools):
     if pools == "off":
         assert run.pool_sizes == []
         return
-    # one pool per layer group, later ones smaller; each request holds its survivors plus its decoded tokens in
-    # every later group (the text-only one all its tokens), and releasing them frees every slot
+    # shared: each group could take the whole arena (its size times its layers is every row but page 0's); fixed:
+    # one pool per layer group, later ones smaller. Each request holds its survivors plus its decoded tokens in
+    # every later group (the text-only one all its tokens), and releasing them frees every slot (and page).
     sizes = run.pool_sizes
-    assert len(sizes) >= 2 and all(later < earlier for earlier, later in zip(sizes, sizes[1:], strict=False))
+    assert len(sizes) >= 2
+    if pools == "shared":
+        assert len({size * layers for size, layers in zip(sizes, run.arena_layers, strict=True)}) == 1
+    else:
+        assert all(later < earlier for earlier, later in zip(sizes, sizes[1:], strict=False))
     prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()  # every image token, as SGLang pads them
     last = [held[-1] for held in run.held]
     assert last == [n - d + STEPS - 1 for n, d in zip(prompt_lengths, run.dropped, strict=True)]
@@ -165,6 +172,6 @@ def test_output_logprobs_of_compressed_prompts(saved, method):
     (the compressed view asked for input logprobs of every kept token); it now runs as without logprobs."""
     model, directory, inputs, requests = saved
     expected_tokens, _ = _transformers(model, inputs, method)
-    run = run_in_child(directory, method, requests, 2, "auto", logprobs=True)
+    run = run_in_child(directory, method, requests, 2, "shared", logprobs=True)
     assert torch.equal(run.tokens, expected_tokens[:, :2])
     assert run.dropped[0] > 0 and run.leaks == []

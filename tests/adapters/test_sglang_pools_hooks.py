@@ -20,7 +20,7 @@ from lightkv_adapters.sglang import cpu_env  # noqa: E402
 
 cpu_env.install()
 
-from helpers.sglang_pools import build_pools, halving_planner  # noqa: E402
+from helpers.sglang_pools import build_arena, build_pools, halving_planner  # noqa: E402
 from sglang.srt.managers.schedule_policy import AddReqResult  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 
@@ -30,6 +30,7 @@ from lightkv_adapters.sglang.admission import (  # noqa: E402
     pool_check_hook,
     prefill_requests_hook,
 )
+from lightkv_core.plan import LengthPlan  # noqa: E402
 
 # --- fake scheduler parts ------------------------------------------------------------------------------------------
 
@@ -87,14 +88,14 @@ def test_admission_reserves_every_group_until_one_is_full() -> None:
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     running = SimpleNamespace(reqs=[HookReq.of(100, 12, generated=2)])
     adder = FakeAdder(allocator, running)
-    req = HookReq.of(200, 20)  # demand: 100 + 21 and 50 + 21
+    req = HookReq.of(200, 20)  # demand: 200 + 21, 100 + 21 and 50 + 21
     for admitted in range(1, 4):
         assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
-        assert adder.lightkv_reserved == [10 + 121 * admitted, 10 + 71 * admitted]
+        assert adder.lightkv_reserved == [10 + 221 * admitted, 10 + 121 * admitted, 10 + 71 * admitted]
     # group 2 has 250 - 223 = 27 slots left for a demand of 71
     assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.NO_TOKEN
     assert len(adder.can_run_list) == 3
-    assert adder.lightkv_reserved == [373, 223]
+    assert adder.lightkv_reserved == [673, 373, 223]
     assert req.abort_messages == []
 
 
@@ -108,7 +109,7 @@ def test_admission_counts_free_slots_not_sizes() -> None:
     adder = FakeAdder(allocator)
     assert admission_hook(admit_all, adder, HookReq.of(100, 0), False, None) is AddReqResult.CONTINUE
     assert admission_hook(admit_all, adder, HookReq.of(100, 30), False, None) is AddReqResult.NO_TOKEN
-    assert adder.lightkv_reserved == [51, 26]
+    assert adder.lightkv_reserved == [101, 51, 26]
 
 
 def test_admission_declined_by_sglang_reserves_nothing() -> None:
@@ -116,7 +117,7 @@ def test_admission_declined_by_sglang_reserves_nothing() -> None:
     _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
     adder = FakeAdder(allocator)
     assert admission_hook(admit_none, adder, HookReq.of(200, 20), False, None) is AddReqResult.OTHER
-    assert adder.lightkv_reserved == [0, 0]
+    assert adder.lightkv_reserved == [0, 0, 0]
 
 
 def test_admission_without_pools_is_sglang_alone() -> None:
@@ -136,7 +137,7 @@ def test_admission_aborts_a_request_no_group_can_ever_hold() -> None:
     (message,) = req.abort_messages
     assert "[601, 301]" in message and "groups [1, 2]" in message and "[500, 250]" in message
     assert "--kv-compress-pool-ratios" in message
-    assert adder.lightkv_reserved == [0, 0]
+    assert adder.lightkv_reserved == [0, 0, 0]
 
 
 def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
@@ -146,7 +147,60 @@ def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
     req = HookReq.of(200, 300)  # demand: 100 + 301 fits 500, 50 + 301 exceeds 250
     assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
     assert req.abort_messages == []
-    assert adder.lightkv_reserved == [401, 250]
+    assert adder.lightkv_reserved == [501, 401, 250]
+
+
+# --- the shared arena: 4-, 2- and 2-layer groups, 64-row pages of 16, 32 and 32 tokens --------------------------------
+
+
+def test_arena_admission_prices_the_groups_together() -> None:
+    """In an arena a request is admitted while the pages its groups would take (beyond their free slots) are
+    free, its own decode budget and the running requests' included; group 0 counts too."""
+    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    adder = FakeAdder(allocator)
+    req = HookReq.of(200, 13)  # demand 214, 114, 64 slots: 14 + 4 + 2 pages, the whole arena
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    assert adder.lightkv_reserved == [214, 114, 64]
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.NO_TOKEN
+    assert (
+        admission_hook(admit_all, adder, HookReq.of(8, 0), False, None) is AddReqResult.NO_TOKEN
+    )  # 1 + 1 + 1 > 20 - 21
+    assert len(adder.can_run_list) == 1
+
+
+def test_arena_admission_holds_text_requests_as_one_pool_does() -> None:
+    """Text-only requests (a slot per token in every group) fill the arena as far as one pool of its memory: 20
+    pages of 64 rows are 160 tokens of all 8 layers, less rounding to whole pages."""
+    flat = lambda req, seq_len: LengthPlan.exactly((seq_len, seq_len, seq_len))  # noqa: E731
+    _, allocator, cache = build_arena(21, [4, 2, 2], 64, flat)
+    adder = FakeAdder(allocator)
+    while admission_hook(admit_all, adder, HookReq.of(15, 0), False, None) is AddReqResult.CONTINUE:
+        pass
+    assert len(adder.can_run_list) == 10  # 160 tokens in all, 16 per request
+    assert cache.arena.text_capacity() == 160
+
+
+def test_arena_admission_aborts_a_prompt_the_empty_arena_cannot_hold() -> None:
+    """A prompt past the whole arena is aborted with the pages it needs and the flags that give more memory."""
+    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    adder = FakeAdder(allocator)
+    req = HookReq.of(300, 0)  # 301, 151, 76 slots: 19 + 5 + 3 = 27 pages of 20
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    (message,) = req.abort_messages
+    assert "[301, 151, 76]" in message and "27 pages" in message and "holds 20" in message
+    assert "--mem-fraction-static" in message
+
+
+def test_arena_admission_clips_a_decode_budget_past_the_arena() -> None:
+    """A decode budget past the empty arena is clipped to the largest one the arena holds with the prompt."""
+    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    adder = FakeAdder(allocator)
+    req = HookReq.of(200, 10**4)
+    assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
+    demand = adder.lightkv_reserved
+    assert sum(-(-n // per_page) for n, per_page in zip(demand, (16, 32, 32), strict=True)) <= 20
+    assert sum(-(-(n + 1) // per_page) for n, per_page in zip(demand, (16, 32, 32), strict=True)) > 20
+    assert demand[0] - 201 == demand[1] - 101 == demand[2] - 51 > 0
 
 
 def test_pool_check_hook_reports_the_groups_leaks() -> None:

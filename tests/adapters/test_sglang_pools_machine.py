@@ -23,9 +23,11 @@ from lightkv_adapters.sglang import cpu_env  # noqa: E402
 
 cpu_env.install()
 
-from helpers.sglang_pools import CONTEXT, NUM_LAYERS, assert_conserved, build_pools  # noqa: E402
+from helpers.sglang_pools import CONTEXT, NUM_LAYERS, assert_conserved, build_arena, build_pools  # noqa: E402
 
-from lightkv_adapters.sglang.pools import admits, group_demand, layer_groups, pool_sizes  # noqa: E402
+from lightkv_adapters.sglang.arena import page_rows  # noqa: E402
+from lightkv_adapters.sglang.fixed_pools import pool_sizes  # noqa: E402
+from lightkv_adapters.sglang.pools import group_demand, layer_groups  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig  # noqa: E402
 from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
@@ -99,18 +101,29 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
 
     @initialize(
         method=st.sampled_from(sorted(METHODS)),
+        shared=st.booleans(),
         tokens=st.integers(1500, 3000),
         ratios=st.lists(st.floats(0.15, 1.0), min_size=3, max_size=3),
         need_sort=st.booleans(),
         reqs=st.lists(requests(), min_size=1, max_size=3),
     )
-    def build(self, method: str, tokens: int, ratios: list[float], need_sort: bool, reqs: list[FakeReq]) -> None:
-        """Pools for a ``tokens``-slot stock pool split by ``ratios`` (as many as the method has later groups),
-        and a first prefill batch."""
+    def build(
+        self, method: str, shared: bool, tokens: int, ratios: list[float], need_sort: bool, reqs: list[FakeReq]
+    ) -> None:
+        """Pools for the memory of a ``tokens``-slot stock pool: one arena of pages shared by the groups, or fixed
+        pools split by ``ratios`` (as many as the method has later groups); and a first prefill batch."""
         reduction = METHODS[method]
         counts = [len(layers) for layers in layer_groups(reduction.reduce_layers, NUM_LAYERS)]
-        self.sizes = pool_sizes(tokens, counts, ratios[: len(counts) - 1])
-        self.pool, self.allocator, self.cache = build_pools(self.sizes, planner_of(reduction), need_sort)
+        if shared:
+            rows = page_rows(counts)
+            self.pool, self.allocator, self.cache = build_arena(
+                (tokens + 1) * NUM_LAYERS // rows, counts, rows, planner_of(reduction)
+            )
+            self.sizes = [self.allocator.size, *(allocator.size for allocator in self.cache.allocators)]
+        else:
+            self.sizes = pool_sizes(tokens, counts, ratios[: len(counts) - 1])
+            self.pool, self.allocator, self.cache = build_pools(self.sizes, planner_of(reduction), need_sort)
+        self.arena = self.cache.arena
         self.running: list[Running] = []
         self.admit(reqs)
 
@@ -123,26 +136,24 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         (the plugin's admission hook; the group-0 check is SGLang's own). The batch then gets its rows, its
         group-0 slots and, in one ``alloc_aux_to_lengths``, each plan's slots in every later group."""
         decode = sum(running.remaining for running in self.running)
-        reserved, reserved_full = [decode] * len(self.cache.allocators), decode
+        reserved = [decode] * (len(self.cache.allocators) + 1)
         batch, plans = [], []
         for req in reqs:
             seq_len = len(req.full_untruncated_fill_ids)
             plan = self.cache.planner(req, seq_len)
-            demand = [length + req.max_new_tokens + 1 for length in plan.lengths[1:]]
+            demand = [length + req.max_new_tokens + 1 for length in plan.lengths]
             assert group_demand(self.cache, req, req.max_new_tokens) == demand
-            room = [free - held for free, held in zip(self.cache.available(), reserved, strict=True)]
-            fits = all(need <= free for need, free in zip(demand, room, strict=True))
-            assert admits(self.cache, demand, reserved) == fits
+            fits = self._fits(demand, reserved)
+            assert self.cache.fits(demand, reserved) == fits
             if (
                 not fits
                 or len(batch) == self.pool.available_size()
-                or seq_len + req.max_new_tokens + 1 > self.allocator.available_size() - reserved_full
+                or demand[0] > self.allocator.available_size() - reserved[0]
             ):
                 break
             batch.append(req)
             plans.append(plan)
             reserved = [held + need for held, need in zip(reserved, demand, strict=True)]
-            reserved_full += seq_len + req.max_new_tokens + 1
         if not batch:
             return
         seq_lens = [plan.lengths[0] for plan in plans]
@@ -156,9 +167,10 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         self.pool.alloc_aux_to_lengths(
             req_pool_indices_cpu=torch.tensor(rows), target_seq_lens_cpu=torch.tensor(seq_lens)
         )
-        assert self.cache.available() == [
-            before - sum(plan.lengths[group + 1] for plan in plans) for group, before in enumerate(free)
-        ]
+        if self.arena is None:
+            assert self.cache.available() == [
+                before - sum(plan.lengths[group + 1] for plan in plans) for group, before in enumerate(free)
+            ]
         for req, row, plan, slots in zip(batch, rows, plans, full_slots.split(seq_lens), strict=True):
             held = list(plan.lengths[1:])
             group_slots = [table[row, :length].clone() for table, length in zip(self.cache.tables, held, strict=True)]
@@ -185,9 +197,8 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         for running in batch:
             if not running.reduced:
                 self._reduce(running, data)
-        smallest = min(self.allocator.available_size(), *self.cache.available())
         fits = self.allocator.check_decode_capacity(num_tokens=len(batch), tree_cache=None)
-        assert fits == (len(batch) <= smallest)
+        assert fits == self._fits([len(batch)] * len(self.sizes), [0] * len(self.sizes))
         assert fits, "admission reserved every pool's room for the running requests' decode budget"
         slots = self.allocator.alloc(len(batch))
         rows = torch.tensor([running.row for running in batch])
@@ -220,7 +231,7 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         """A request is aborted or retracted, possibly between its allocation and its reduction."""
         self._release(data.draw(st.sampled_from(self.running)))
 
-    @precondition(lambda self: self.pool.available_size() > 0)
+    @precondition(lambda self: self.pool.available_size() > 0 and self.arena is None)
     @rule(req=requests())
     def over_allocate(self, req: FakeReq) -> None:
         """A prefill (past admission) whose plan needs more slots than a later pool has free: trailing text is
@@ -241,7 +252,7 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         lengths, full_lengths = self.cache.lengths.clone(), self.cache.full_lengths.clone()
         tables = [table.clone() for table in self.cache.tables]
         self.cache.expect([req])
-        with pytest.raises(RuntimeError, match="out of slots"):
+        with pytest.raises(RuntimeError, match="out of KV slots"):
             self.pool.alloc_aux_to_lengths(
                 req_pool_indices_cpu=torch.tensor([row]), target_seq_lens_cpu=torch.tensor([seq_len])
             )
@@ -265,7 +276,8 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         assert_conserved(self.allocator, [self.pool.req_to_token[run.row, : run.seq_len] for run in self.running])
         for group, allocator in enumerate(self.cache.allocators):
             lengths = self.cache.lengths[group].tolist()
-            assert allocator.available_size() + sum(lengths) == allocator.size
+            if self.arena is None:
+                assert allocator.available_size() + sum(lengths) == allocator.size
             table = self.cache.tables[group]
             assert_conserved(allocator, [table[row, :length] for row, length in enumerate(lengths)])
 
@@ -285,11 +297,17 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         assert not self.cache.lengths[:, self.pool.free_slots].any()
 
     @invariant()
-    def decode_capacity_is_the_smallest_pool(self) -> None:
-        """A decode step of ``n`` tokens fits exactly when every pool, group 0 included, has ``n`` free slots."""
-        smallest = min(self.allocator.available_size(), *self.cache.available())
-        assert self.allocator.check_decode_capacity(num_tokens=smallest, tree_cache=None)
-        assert not self.allocator.check_decode_capacity(num_tokens=smallest + 1, tree_cache=None)
+    def decode_capacity_is_what_every_group_can_take(self) -> None:
+        """A decode step of ``n`` tokens fits exactly when every pool, group 0 included, has ``n`` free slots (in an
+        arena: when the groups' free slots and the free pages hold ``n`` more tokens in every group at once)."""
+        count = len(self.sizes)
+        largest = max(
+            n
+            for n in range(min(self.allocator.available_size(), *self.cache.available()) + 1)
+            if self._fits([n] * count, [0] * count)
+        )
+        assert self.allocator.check_decode_capacity(num_tokens=largest, tree_cache=None)
+        assert not self.allocator.check_decode_capacity(num_tokens=largest + 1, tree_cache=None)
 
     def teardown(self) -> None:
         """Every request released: every pool is back to all of its slots."""
@@ -298,8 +316,24 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         assert self.allocator.available_size() == self.sizes[0]
         assert self.cache.available() == self.sizes[1:]
         assert self.cache.leaks() == []
+        if self.arena is not None:
+            assert self.arena.free_page_count() == self.arena.pages - 1
 
     # ---- helpers --------------------------------------------------------------------------------------------
+
+    def _fits(self, demand: list[int], reserved: list[int]) -> bool:
+        """The test's own account of whether ``demand[g]`` more slots fit in every group beyond ``reserved[g]``:
+        fixed pools each alone (group 0 is SGLang's check), an arena by the pages the groups' shortfalls take."""
+        groups = [self.allocator, *self.cache.allocators]
+        if self.arena is None:
+            return all(
+                d + r <= a.available_size() for d, r, a in zip(demand[1:], reserved[1:], groups[1:], strict=True)
+            )
+        pages = 0
+        for need, held, allocator in zip(demand, reserved, groups, strict=True):
+            short = need + held - len(allocator.free_pages)
+            pages += -(-short // allocator.tokens_per_page) if short > 0 else 0
+        return pages <= self.arena.free_page_count()
 
     def _reduce(self, running: Running, data: st.DataObject) -> None:
         """The prefill's forward: each reduction keeps between its plan's lower and upper bound, never more than
@@ -324,7 +358,8 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         self.allocator.free(self.pool.req_to_token[running.row, : running.seq_len].to(torch.int64))
         self.pool.free_rows([running.row])
         self.running.remove(running)
-        assert self.cache.available() == [before + held for before, held in zip(free, running.held, strict=True)]
+        if self.arena is None:
+            assert self.cache.available() == [before + held for before, held in zip(free, running.held, strict=True)]
 
 
 TestLayerGroupPools = LayerGroupPoolsMachine.TestCase

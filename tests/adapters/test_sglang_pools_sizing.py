@@ -23,10 +23,9 @@ cpu_env.install()
 
 from helpers.sglang_pools import NUM_LAYERS, build_pools, halving_planner  # noqa: E402
 
-from lightkv_adapters.sglang.pools import check_pool_ratios, default_pool_ratios, layer_groups, pool_sizes  # noqa: E402
+from lightkv_adapters.sglang.fixed_pools import check_pool_ratios, pool_sizes  # noqa: E402
+from lightkv_adapters.sglang.pools import layer_groups  # noqa: E402
 from lightkv_adapters.sglang.settings import add_kv_compress_args, kv_compress_settings  # noqa: E402
-from lightkv_core.config import LightKVConfig  # noqa: E402
-from lightkv_core.methods import FastV, LightKV  # noqa: E402
 
 # --- the cache outside the scheduler -------------------------------------------------------------------------------
 
@@ -95,14 +94,6 @@ def test_pool_sizes_never_exceed_the_stock_budget(tokens: int, counts: list[int]
     assert all(0 <= size <= ratio * sizes[0] for size, ratio in zip(sizes[1:], ratios, strict=True))
 
 
-def test_default_pool_ratios_follow_the_plan_of_a_vision_dominated_request() -> None:
-    """Five 24x24 images and 100 text tokens (2,980 tokens; LightKV's stages keep 1,540, 820 and 460, FastV's
-    drop 1,540) and 128 decoded tokens, which take a slot in every group."""
-    held = [length + 128 for length in (2980, 1540, 820, 460)]
-    assert default_pool_ratios(LightKV(LightKVConfig.preset("llava-1.5"))) == tuple(n / held[0] for n in held[1:])
-    assert default_pool_ratios(FastV(2, 0.5)) == (held[1] / held[0],)
-
-
 @pytest.mark.parametrize(
     ("ratios", "message"),
     [
@@ -139,15 +130,16 @@ def _parse(*flags: str) -> dict:
     ("flags", "grouped_pools", "pool_ratios"),
     [
         ((), True, None),
-        (("--kv-compress-pool-ratios", "auto"), True, None),
-        (("--kv-compress-pool-ratios", " AUTO "), True, None),
+        (("--kv-compress-pool-ratios", "shared"), True, None),
+        (("--kv-compress-pool-ratios", " SHARED "), True, None),
         (("--kv-compress-pool-ratios", "off"), False, None),
         (("--kv-compress-pool-ratios", "0.5,0.3,0.2"), True, (0.5, 0.3, 0.2)),
         (("--kv-compress-pool-ratios", "1"), True, (1.0,)),
     ],
 )
 def test_pool_ratios_flag(flags: tuple[str, ...], grouped_pools: bool, pool_ratios: tuple | None) -> None:
-    """``auto`` (the default) derives the ratios at start-up, ``off`` keeps one pool, a list gives the ratios."""
+    """``shared`` (the default) gives the groups one arena of pages, ``off`` keeps one pool, a list gives fixed pools
+    of those ratios."""
     settings = kv_compress_settings(**_parse("--kv-compress", "lightkv", *flags))
     assert (settings.grouped_pools, settings.pool_ratios) == (grouped_pools, pool_ratios)
 

@@ -38,7 +38,8 @@ class Run:
     """What a run produced: ``tokens`` ``(B, steps)`` greedy tokens, ``logits`` one ``(B, V)`` per step,
     ``dropped`` per request the prompt tokens the last layer group no longer holds.
 
-    With layer-group pools: ``pool_sizes`` slots per group, ``held`` per request the tokens it holds in each
+    With layer-group pools: ``pool_sizes`` slots per group (``arena_layers``: the layers of each group where they
+    share an arena of pages), ``held`` per request the tokens it holds in each
     group after the first at the end, and, once every request was released as the scheduler releases a
     finished one, ``free_after_release`` each later group's free slots and ``leaks`` the pools' own check."""
 
@@ -46,13 +47,14 @@ class Run:
     logits: list[torch.Tensor]
     dropped: list[int]
     pool_sizes: list[int] = field(default_factory=list)
+    arena_layers: list[int] = field(default_factory=list)
     held: list[list[int]] = field(default_factory=list)
     free_after_release: list[int] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
 
 
 def run_in_child(
-    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto", logprobs: bool = False
+    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "shared", logprobs: bool = False
 ) -> Run:
     """:func:`run` in a spawned process, so that every run starts from a clean SGLang."""
     context = multiprocessing.get_context("spawn")
@@ -61,7 +63,7 @@ def run_in_child(
 
 
 def run(
-    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "auto", logprobs: bool = False
+    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "shared", logprobs: bool = False
 ) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
@@ -107,6 +109,7 @@ def run(
     if cache is not None:
         model_runner = runner.torch_runner
         result.pool_sizes = [model_runner.token_to_kv_pool_allocator.size, *(a.size for a in cache.allocators)]
+        result.arena_layers = [] if cache.arena is None else cache.arena.layer_counts
         result.held = [cache.lengths[:, req.kv.req_pool_idx].tolist() for req in reqs]
         _release(model_runner, reqs, batch)
         result.free_after_release = cache.available()
