@@ -19,8 +19,12 @@ from lightkv_adapters.sglang.settings import settings_of
 #: Key of the lightkv state in each scheduler's entry of ``/server_info``'s ``internal_states``.
 STATE_KEY = "lightkv"
 
-#: Attribute of SGLang's ``PrefillAdder`` holding, per group after the first, the slots reserved in its pass.
+#: Attribute of SGLang's ``PrefillAdder`` holding, per group (group 0 first), the slots reserved in its pass.
 RESERVED_ATTRIBUTE = "lightkv_reserved"
+
+#: Attribute set on a SGLang ``Req`` whose prompt must be prefilled in one piece (it has images and chunked
+#: prefill is on): :func:`queued_request_hook` sets it, :func:`admission_hook` honours it.
+WHOLE_PREFILL_ATTRIBUTE = "lightkv_whole_prefill"
 
 
 def install_pools_hook(model_runner: object, *args: object, **kwargs: object) -> None:
@@ -44,11 +48,31 @@ def prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> Non
 
 
 def admission_hook(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
-    """Around ``PrefillAdder.add_one_req``: with layer-group pools a request is admitted only if every group has
-    room for its planned prompt tokens and its decode budget (priced together where the groups share an arena),
-    beyond the decode budget of the running requests and what this pass already admitted (kept on the adder as
-    :data:`RESERVED_ATTRIBUTE`, per group, group 0 first; a decode budget past the empty pools is clipped to them).
-    A request whose prompt could never fit is aborted with the reason."""
+    """Around ``PrefillAdder.add_one_req``: a request marked for a whole prefill (:data:`WHOLE_PREFILL_ATTRIBUTE`,
+    a prompt with images under chunked prefill) that the pass's chunk budget would split is admitted whole as the
+    pass's first request, or left for a later pass where it is first; then :func:`_admit_to_groups`."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    chunk = adder.rem_chunk_tokens
+    extend = len(req.full_untruncated_fill_ids) - req.prefix_len if chunk is not None else 0
+    aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
+    if aborting or not getattr(req, WHOLE_PREFILL_ATTRIBUTE, False) or extend <= chunk:
+        return _admit_to_groups(original, adder, req, *args, **kwargs)
+    if adder.can_run_list:
+        return AddReqResult.OTHER
+    adder.rem_chunk_tokens = extend
+    try:
+        return _admit_to_groups(original, adder, req, *args, **kwargs)
+    finally:
+        adder.rem_chunk_tokens = chunk - (extend - adder.rem_chunk_tokens)
+
+
+def _admit_to_groups(original: Callable, adder: object, req: object, *args: object, **kwargs: object) -> object:
+    """With layer-group pools a request is admitted only if every group has room for its planned prompt tokens
+    and its decode budget (priced together where the groups share an arena), beyond the decode budget of the
+    running requests and what this pass already admitted (kept on the adder as :data:`RESERVED_ATTRIBUTE`, per
+    group, group 0 first; a decode budget past the empty pools is clipped to them). A request whose prompt could
+    never fit is aborted with the reason."""
     groups = getattr(adder.token_to_kv_pool_allocator, "groups", None)
     if groups is None:
         return original(adder, req, *args, **kwargs)
@@ -82,17 +106,21 @@ def admission_hook(original: Callable, adder: object, req: object, *args: object
     return result
 
 
-def input_logprobs_hook(scheduler: object, req: object, *args: object, **kwargs: object) -> None:
-    """Before ``Scheduler._add_request_to_queue``: under ``--kv-compress``, a request with images that asks for
-    input-token logprobs (``logprob_start_len`` inside its prompt) is finished with an abort naming why: its
-    vision tokens are merged or dropped during the prefill, so most of the prompt's logprobs do not exist. Text-only
-    requests and output logprobs are served as usual."""
+def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs: object) -> None:
+    """Before ``Scheduler._add_request_to_queue``, under ``--kv-compress``, for a request with images:
+
+    * if it asks for input-token logprobs (``logprob_start_len`` inside its prompt), it is finished with an abort
+      naming why: its vision tokens are merged or dropped during the prefill, so most of the prompt's logprobs do
+      not exist. Text-only requests and output logprobs are served as usual;
+    * under chunked prefill it is marked for a whole prefill (:data:`WHOLE_PREFILL_ATTRIBUTE`: every reduce layer
+      must see the whole prompt), or, if longer than ``--max-prefill-tokens``, finished with an abort saying so.
+      Text-only requests are chunked as usual."""
     settings = settings_of(scheduler.server_args)
     if not settings.enabled or req.finished_reason is not None or getattr(req, "to_finish", None) is not None:
         return
-    if not req.return_logprob or req.multimodal_inputs is None:
+    if req.multimodal_inputs is None:
         return
-    if 0 <= req.logprob_start_len < len(req.origin_input_ids):
+    if req.return_logprob and 0 <= req.logprob_start_len < len(req.origin_input_ids):
         start = req.logprob_start_len
         req.logprob_start_len = -1
         req.set_finish_with_abort(
@@ -100,6 +128,18 @@ def input_logprobs_hook(scheduler: object, req: object, *args: object, **kwargs:
             f"under --kv-compress {settings.method}: its vision tokens are merged or dropped during the prefill; "
             "ask for output logprobs only (leave logprob_start_len unset), or use a server without --kv-compress"
         )
+        return
+    if scheduler.chunked_prefill_size is None or scheduler.chunked_prefill_size <= 0:
+        return
+    if len(req.origin_input_ids) > scheduler.max_prefill_tokens:
+        req.set_finish_with_abort(
+            f"lightkv: this prompt with images has {len(req.origin_input_ids)} tokens; under --kv-compress "
+            f"{settings.method} a prompt with images is prefilled in one piece (chunked prefill would hide part of "
+            f"it from the reduce layers), up to --max-prefill-tokens ({scheduler.max_prefill_tokens}); raise "
+            "--max-prefill-tokens or send fewer or smaller images"
+        )
+        return
+    setattr(req, WHOLE_PREFILL_ATTRIBUTE, True)
 
 
 def failed_requests_hook(scheduler: object, batch: object, *args: object, **kwargs: object) -> None:
@@ -123,15 +163,19 @@ def failed_requests_hook(scheduler: object, batch: object, *args: object, **kwar
 
 def pool_state_hook(result: object, controller: object, *args: object, **kwargs: object) -> object:
     """After ``SchedulerInternalStateController.get_internal_state``: adds :data:`STATE_KEY` to the state
-    ``/server_info`` returns: the ``--kv-compress`` method and, per layer group, its pool's ``size`` and ``free``
-    slots (group 0 is SGLang's own pool; one group without layer-group pools)."""
+    ``/server_info`` returns: the ``--kv-compress`` method, per layer group its pool's ``size`` and ``free`` slots
+    (group 0 is SGLang's own pool; one group without layer-group pools; in a shared arena both count every page)
+    and, where the groups share an arena, its ``pages``, ``free_pages`` and ``rows_per_page``."""
     scheduler = controller.scheduler
     allocator = scheduler.token_to_kv_pool_allocator
     pools = [{"size": int(allocator.size), "free": int(allocator.available_size())}]
     groups = getattr(allocator, "groups", None)
+    state = {"kv_compress": settings_of(scheduler.server_args).method, "pools": pools}
     if groups is not None:
         pools += groups.state()
-    result.internal_state[STATE_KEY] = {"kv_compress": settings_of(scheduler.server_args).method, "pools": pools}
+        if groups.arena is not None:
+            state["arena"] = groups.arena.state()
+    result.internal_state[STATE_KEY] = state
     return result
 
 
@@ -161,7 +205,7 @@ POOL_HOOKS = (
         pool_check_hook,
         HookType.AFTER,
     ),
-    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", input_logprobs_hook, HookType.BEFORE),
+    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", queued_request_hook, HookType.BEFORE),
     ("sglang.srt.managers.scheduler.Scheduler.process_batch_result", failed_requests_hook, HookType.BEFORE),
     (
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",

@@ -23,8 +23,9 @@ TESTED_SGLANG = ("0.5.23",)
 
 def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
     """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
-    compression can shorten: one whole prompt per forward, on one GPU, without CUDA graphs, overlap scheduling,
-    prefix caching or speculative decoding, on an attention backend that takes per-layer KV lengths. Reads the
+    compression can shorten: prompts with images in one piece (chunked prefill splits text-only ones only), on
+    one GPU, without CUDA graphs, overlap scheduling, prefix caching, mixed prefill-decode forwards or speculative
+    decoding, on an attention backend that takes per-layer KV lengths. Reads the
     arguments as given (before SGLang resolves them): an argument left to SGLang's automatic choice counts as
     incompatible where that choice can be.
 
@@ -87,15 +88,14 @@ def _problems(server_args: ServerArgs) -> Iterator[str]:
 
 
 def _chunked_prefill_problems(server_args: ServerArgs) -> Iterator[str]:
-    size, context = server_args.chunked_prefill_size, server_args.context_length
-    fix = "pass --chunked-prefill-size -1 (Engine: chunked_prefill_size=-1)"
-    if size is None:
-        yield f"chunked prefill is on by default, with an automatic chunk size that can split a prompt; {fix}"
-    elif size > 0 and (context is None or size < context):
-        limit = "without --context-length" if context is None else f"below --context-length {context}"
-        yield f"--chunked-prefill-size {size} can split a prompt ({limit}); {fix} or a size >= --context-length"
-    elif size > 0 and server_args.enable_mixed_chunk:
-        yield "--enable-mixed-chunk prefills while decoding in one forward; drop it (Engine: enable_mixed_chunk=False)"
+    """Chunked prefill itself runs (prompts with images are admitted whole: ``admission.admission_hook``); mixing
+    decode steps into a prefill forward does not."""
+    size = server_args.chunked_prefill_size
+    if (size is None or size > 0) and server_args.enable_mixed_chunk:
+        yield (
+            "--enable-mixed-chunk runs decode steps inside a prefill forward, where a compressed request's layer "
+            "groups would be read as a prompt's; drop it (Engine: enable_mixed_chunk=False)"
+        )
 
 
 def _cuda_graph_problems(server_args: ServerArgs) -> Iterator[str]:

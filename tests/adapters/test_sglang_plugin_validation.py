@@ -28,10 +28,8 @@ from lightkv_adapters.sglang.validation import validate  # noqa: E402
     ("fields", "message"),
     [
         ({"disable_radix_cache": False}, "pass --disable-radix-cache"),
-        ({"chunked_prefill_size": None}, "chunked prefill is on by default"),
-        ({"chunked_prefill_size": 8192}, "--chunked-prefill-size 8192 can split a prompt (without --context-length)"),
-        ({"chunked_prefill_size": 4096, "context_length": 8192}, "(below --context-length 8192)"),
-        ({"chunked_prefill_size": 8192, "context_length": 8192, "enable_mixed_chunk": True}, "--enable-mixed-chunk"),
+        ({"chunked_prefill_size": 8192, "enable_mixed_chunk": True}, "--enable-mixed-chunk runs decode steps"),
+        ({"chunked_prefill_size": None, "enable_mixed_chunk": True}, "drop it (Engine: enable_mixed_chunk=False)"),
         ({"cuda_graph_backend_decode": None}, "CUDA graphs are on (decode: full); pass --cuda-graph-backend-decode"),
         ({"cuda_graph_backend_prefill": "breakable"}, "(prefill: breakable); pass --cuda-graph-backend-prefill"),
         (
@@ -71,6 +69,10 @@ def test_each_incompatibility_names_its_fix(fields, message):
     [
         {},
         {"chunked_prefill_size": 8192, "context_length": 8192},
+        {"chunked_prefill_size": None},
+        {"chunked_prefill_size": 8192},
+        {"chunked_prefill_size": 4096, "context_length": 8192},
+        {"chunked_prefill_size": -1, "enable_mixed_chunk": True},
         {"chunked_prefill_size": 0},
         {"cuda_graph_backend_decode": None, "cuda_graph_backend_prefill": None, "disable_cuda_graph": True},
         {"cuda_graph_backend_decode": None, "disable_decode_cuda_graph": True, "disable_prefill_cuda_graph": True},
@@ -113,4 +115,4 @@ def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as error:
         validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)
-    assert str(error.value).count("\n  - ") == 7
+    assert str(error.value).count("\n  - ") == 6  # radix, CUDA graph, overlap, attention, TP, speculative

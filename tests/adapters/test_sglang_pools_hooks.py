@@ -26,6 +26,7 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 
 from lightkv_adapters.sglang.admission import (  # noqa: E402
     POOL_HOOKS,
+    WHOLE_PREFILL_ATTRIBUTE,
     admission_hook,
     pool_check_hook,
     prefill_requests_hook,
@@ -42,6 +43,7 @@ class HookReq:
     full_untruncated_fill_ids: range
     sampling_params: SimpleNamespace
     output_ids: list[int] = field(default_factory=list)
+    prefix_len: int = 0
     finished_reason: object = None
     abort_messages: list[str] = field(default_factory=list)
 
@@ -61,6 +63,7 @@ class FakeAdder:
     token_to_kv_pool_allocator: object
     running_batch: SimpleNamespace | None = None
     can_run_list: list = field(default_factory=list)
+    rem_chunk_tokens: int | None = None
 
     def _get_running_request_total_token_offset(self, req: HookReq) -> int:
         """Tokens a running request may still decode (SGLang scales them by its decode-ratio estimate)."""
@@ -70,6 +73,17 @@ class FakeAdder:
 def admit_all(adder: FakeAdder, req: HookReq, *args: object, **kwargs: object) -> AddReqResult:
     """SGLang's ``add_one_req`` with room for everything."""
     adder.can_run_list.append(req)
+    return AddReqResult.CONTINUE
+
+
+def admit_chunked(adder: FakeAdder, req: HookReq, *args: object, **kwargs: object) -> AddReqResult:
+    """SGLang's ``add_one_req`` under chunked prefill: the request's prompt (or the part the pass's chunk budget
+    leaves room for) joins the batch and is charged to that budget; a spent budget admits nothing."""
+    if adder.rem_chunk_tokens <= 0:
+        return AddReqResult.OTHER
+    extend = min(len(req.full_untruncated_fill_ids) - req.prefix_len, adder.rem_chunk_tokens)
+    adder.can_run_list.append((req, extend))
+    adder.rem_chunk_tokens -= extend
     return AddReqResult.CONTINUE
 
 
@@ -201,6 +215,41 @@ def test_arena_admission_clips_a_decode_budget_past_the_arena() -> None:
     assert sum(-(-n // per_page) for n, per_page in zip(demand, (16, 32, 32), strict=True)) <= 20
     assert sum(-(-(n + 1) // per_page) for n, per_page in zip(demand, (16, 32, 32), strict=True)) > 20
     assert demand[0] - 201 == demand[1] - 101 == demand[2] - 51 > 0
+
+
+def whole(prompt: int) -> HookReq:
+    req = HookReq.of(prompt, 4)
+    setattr(req, WHOLE_PREFILL_ATTRIBUTE, True)
+    return req
+
+
+def test_a_prompt_with_images_is_admitted_whole_as_the_first_of_a_pass() -> None:
+    """Under chunked prefill (a chunk budget of 100 tokens) a prompt marked for a whole prefill and longer than
+    the budget joins an empty batch whole, which spends the budget; in a batch that already holds requests it
+    waits for a later pass. Unmarked (text-only) prompts are chunked as usual, and marked ones that fit the budget
+    are admitted as any other."""
+    adder = FakeAdder(SimpleNamespace(groups=None), rem_chunk_tokens=100)
+    assert admission_hook(admit_chunked, adder, whole(250), False, None) is AddReqResult.CONTINUE
+    assert [extend for _, extend in adder.can_run_list] == [250] and adder.rem_chunk_tokens == -150
+    assert admission_hook(admit_chunked, adder, HookReq.of(50, 4), False, None) is AddReqResult.OTHER
+
+    adder = FakeAdder(SimpleNamespace(groups=None), rem_chunk_tokens=100)
+    assert admission_hook(admit_chunked, adder, whole(60), False, None) is AddReqResult.CONTINUE
+    assert admission_hook(admit_chunked, adder, whole(250), False, None) is AddReqResult.OTHER
+    assert admission_hook(admit_chunked, adder, HookReq.of(250, 4), False, None) is AddReqResult.CONTINUE
+    assert [extend for _, extend in adder.can_run_list] == [60, 40] and adder.rem_chunk_tokens == 0
+
+
+def test_a_whole_prefill_the_pools_turn_down_leaves_the_chunk_budget_as_it_was() -> None:
+    """A marked prompt that the layer groups have no room for is not admitted, and the pass's chunk budget is
+    restored for the requests after it."""
+    _, allocator, _ = build_pools([1000, 500, 250], halving_planner)
+    running = SimpleNamespace(reqs=[HookReq.of(100, 300)])  # may decode 300 more tokens in every group
+    adder = FakeAdder(allocator, running, rem_chunk_tokens=100)
+    assert admission_hook(admit_chunked, adder, whole(1200), False, None) is AddReqResult.CONTINUE  # aborted
+    assert adder.rem_chunk_tokens == 100
+    assert admission_hook(admit_chunked, adder, whole(600), False, None) is AddReqResult.NO_TOKEN  # 305 + 300 > 500
+    assert adder.rem_chunk_tokens == 100 and adder.can_run_list == []
 
 
 def test_pool_check_hook_reports_the_groups_leaks() -> None:

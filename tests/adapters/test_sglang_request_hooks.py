@@ -26,9 +26,10 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT  # noqa: E402
 from lightkv_adapters.sglang import failures  # noqa: E402
 from lightkv_adapters.sglang.admission import (  # noqa: E402
     STATE_KEY,
+    WHOLE_PREFILL_ATTRIBUTE,
     failed_requests_hook,
-    input_logprobs_hook,
     pool_state_hook,
+    queued_request_hook,
 )
 from lightkv_adapters.sglang.settings import SETTINGS_ATTRIBUTE, KVCompressSettings  # noqa: E402
 
@@ -55,16 +56,18 @@ def make_req(**fields) -> Req:
     return Req(**values)
 
 
-def scheduler(method: str) -> SimpleNamespace:
+def scheduler(method: str, chunked_prefill_size: int | None = None, max_prefill_tokens: int = 16384) -> SimpleNamespace:
     server_args = SimpleNamespace(**{SETTINGS_ATTRIBUTE: KVCompressSettings(method=method)})
-    return SimpleNamespace(server_args=server_args)
+    return SimpleNamespace(
+        server_args=server_args, chunked_prefill_size=chunked_prefill_size, max_prefill_tokens=max_prefill_tokens
+    )
 
 
 @pytest.mark.parametrize("method", ["lightkv", "fastv"])
 def test_input_logprobs_of_a_prompt_with_images_are_refused(method):
     for start in (0, 5, 9):
         req = make_req(logprob_start_len=start)
-        input_logprobs_hook(scheduler(method), req)
+        queued_request_hook(scheduler(method), req)
         assert req.aborted is not None and f"logprob_start_len={start}" in req.aborted
         assert f"--kv-compress {method}" in req.aborted
         assert req.logprob_start_len == -1
@@ -85,8 +88,31 @@ def test_input_logprobs_of_a_prompt_with_images_are_refused(method):
 def test_other_logprob_requests_pass(method, fields):
     req = make_req(**fields)
     start = req.logprob_start_len
-    input_logprobs_hook(scheduler(method), req)
+    queued_request_hook(scheduler(method), req)
     assert req.aborted is None and req.logprob_start_len == start
+
+
+@pytest.mark.parametrize("method", ["lightkv", "fastv"])
+def test_prompts_with_images_are_marked_for_a_whole_prefill_under_chunked_prefill(method):
+    """Under chunked prefill a prompt with images up to ``--max-prefill-tokens`` is marked to be prefilled in one
+    piece; a longer one is refused alone, naming the flag; text-only prompts and stock servers are left alone, and
+    without chunked prefill nothing is marked."""
+    req = make_req(return_logprob=False, origin_input_ids=[1] * 100)
+    queued_request_hook(scheduler(method, chunked_prefill_size=8), req)
+    assert req.aborted is None and getattr(req, WHOLE_PREFILL_ATTRIBUTE)
+    long = make_req(return_logprob=False, origin_input_ids=[1] * 101)
+    queued_request_hook(scheduler(method, chunked_prefill_size=8, max_prefill_tokens=100), long)
+    assert "101 tokens" in long.aborted and "--max-prefill-tokens (100)" in long.aborted
+    assert not hasattr(long, WHOLE_PREFILL_ATTRIBUTE)
+    for server, fields in (
+        (scheduler(method, chunked_prefill_size=8), {"multimodal_inputs": None}),
+        (scheduler("none", chunked_prefill_size=8), {}),
+        (scheduler(method, chunked_prefill_size=None), {}),
+        (scheduler(method, chunked_prefill_size=-1), {}),
+    ):
+        req = make_req(return_logprob=False, **fields)
+        queued_request_hook(server, req)
+        assert req.aborted is None and not hasattr(req, WHOLE_PREFILL_ATTRIBUTE)
 
 
 def test_a_failed_prefill_aborts_exactly_its_requests():

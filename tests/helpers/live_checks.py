@@ -17,19 +17,25 @@ def pool_state(live) -> dict:
     return info["internal_states"][0]["lightkv"]
 
 
+def all_free(state: dict) -> bool:
+    """Every pool at its size and, where the groups share an arena of pages, every page free."""
+    arena = state.get("arena", {"pages": 0, "free_pages": 0})
+    return all(pool["free"] == pool["size"] for pool in state["pools"]) and arena["free_pages"] == arena["pages"]
+
+
 def assert_pools_free(live) -> None:
-    pools = pool_state(live)["pools"]
-    assert all(pool["free"] == pool["size"] for pool in pools), pools
+    state = pool_state(live)
+    assert all_free(state), state
 
 
 def wait_pools_free(live) -> list[dict]:
     """Every pool back at its free count within :data:`RELEASE_TIMEOUT_S`; returns the pools."""
     deadline = time.monotonic() + RELEASE_TIMEOUT_S
     while True:
-        pools = pool_state(live)["pools"]
-        if all(pool["free"] == pool["size"] for pool in pools):
-            return pools
-        assert time.monotonic() < deadline, f"pools not free {RELEASE_TIMEOUT_S} s after the requests ended: {pools}"
+        state = pool_state(live)
+        if all_free(state):
+            return state["pools"]
+        assert time.monotonic() < deadline, f"pools not free {RELEASE_TIMEOUT_S} s after the requests ended: {state}"
         time.sleep(0.5)
 
 

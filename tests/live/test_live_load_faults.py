@@ -58,7 +58,7 @@ def _agrees(tokens: list[int], alone: dict) -> bool:
     return len(tokens) == len(expected)
 
 
-@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none"], indirect=True)
+@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-chunked"], indirect=True)
 def test_concurrent_mixed_load(live):
     tokenizer = live.tokenizer
     before = pool_state(live)["pools"]

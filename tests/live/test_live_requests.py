@@ -33,6 +33,11 @@ def test_server_info_reports_the_pools(live):
     assert state["kv_compress"] == live.config.method
     groups = {"none": 1, "fastv": 2, "lightkv": 4}[live.config.method]
     assert len(state["pools"]) == groups
+    # compressed servers share one arena of pages between their layer groups unless given fixed pool ratios
+    shared = live.config.method != "none" and "--kv-compress-pool-ratios" not in live.config.args
+    assert ("arena" in state) == shared, state
+    if shared:
+        assert state["arena"]["pages"] > 0 and state["arena"]["rows_per_page"] > 0
     assert_pools_free(live)
 
 

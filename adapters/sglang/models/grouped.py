@@ -41,7 +41,8 @@ class _Prefill:
     """One prefill batch's bookkeeping while its layers run."""
 
     spans: list[list]  # per request, vision spans in request-local token indices
-    lengths: list[int]  # per request, current token count
+    prefixes: list[int]  # per request, tokens it held before this extend (a text-only prompt's earlier chunks)
+    lengths: list[int]  # per request, current token count of this extend
     origin: list[torch.Tensor]  # per request, (length,) prompt index of every current token
     starts: list[int]  # per request, where its prompt starts in the stock packed batch
     positions: torch.Tensor  # (N,) or (3, N) the stock position ids the layers get
@@ -211,10 +212,11 @@ class LayerGroups:
         return hidden
 
     def _start_prefill(self, forward_batch: object, spans: list[list], positions: torch.Tensor) -> _Prefill:
-        if any(spans[b] and forward_batch.extend_prefix_lens_cpu[b] for b in range(len(spans))):
+        prefixes = [int(n) for n in forward_batch.extend_prefix_lens_cpu]
+        if any(request_spans and prefix for request_spans, prefix in zip(spans, prefixes, strict=True)):
             raise NotImplementedError(
-                "lightkv compresses an image in one prefill: this request's prompt was split (chunked prefill or a "
-                "cached prefix); run with --chunked-prefill-size -1 and --disable-radix-cache"
+                "lightkv compresses an image in one prefill, but this request's prompt was split (its images are "
+                "admitted whole: see lightkv_adapters.sglang.admission.admission_hook)"
             )
         if forward_batch.return_logprob and any(
             start < length
@@ -227,7 +229,8 @@ class LayerGroups:
         lengths = [int(n) for n in forward_batch.extend_seq_lens_cpu]
         device = positions.device
         starts = [sum(lengths[:b]) for b in range(len(lengths))]
-        return _Prefill(spans, lengths, [torch.arange(n, device=device) for n in lengths], starts, positions)
+        origin = [torch.arange(n, device=device) for n in lengths]
+        return _Prefill(spans, prefixes, lengths, origin, starts, positions)
 
     def _reduce(
         self,
@@ -284,35 +287,37 @@ class LayerGroups:
     ) -> object:
         device = forward_batch.seq_lens.device
         lengths = torch.tensor(prefill.lengths, device=device, dtype=forward_batch.seq_lens.dtype)
+        seq_lens = lengths + torch.tensor(prefill.prefixes, device=device, dtype=lengths.dtype)
         rows = forward_batch.req_pool_indices
         table = self._tables[group]
         origin_slots = []
-        for b, origin in enumerate(prefill.origin):
+        for b, (prefix, origin) in enumerate(zip(prefill.prefixes, prefill.origin, strict=True)):
             row = int(rows[b])
+            end = prefix + len(origin)
             if self.pools is not None:
-                self.pools.trim(group + 1, row, len(origin))
-                slots = table[row, : len(origin)]
+                self.pools.trim(group + 1, row, end)
+                slots = table[row, prefix:end]
             else:
-                slots = pool.req_to_token[row, origin]
-                table[row, : len(origin)] = slots
+                slots = pool.req_to_token[row, prefix + origin]
+                table[row, prefix:end] = slots
             origin_slots.append(slots)
-        self._dropped[group, rows] = forward_batch.seq_lens.to(torch.int64) - lengths.to(torch.int64)
+        self._dropped[group, rows] = forward_batch.seq_lens.to(torch.int64) - seq_lens.to(torch.int64)
         view = copy.copy(forward_batch)
         view.out_cache_loc = torch.cat(origin_slots).to(forward_batch.out_cache_loc.dtype)
         view.input_ids = None if forward_batch.input_ids is None else forward_batch.input_ids[stock]
         view.positions = forward_batch.positions[stock]
         if forward_batch.mrope_positions is not None:
             view.mrope_positions = forward_batch.mrope_positions[:, stock]
-        view.seq_lens = lengths
-        view.seq_lens_cpu = lengths.cpu()
-        view.seq_lens_sum = int(lengths.sum())
+        view.seq_lens = seq_lens
+        view.seq_lens_cpu = seq_lens.cpu()
+        view.seq_lens_sum = int(seq_lens.sum())
         view.extend_seq_lens = lengths.to(forward_batch.extend_seq_lens.dtype)
         view.extend_seq_lens_cpu = list(prefill.lengths)
         view.extend_start_loc = torch.cumsum(view.extend_seq_lens, 0) - view.extend_seq_lens
-        view.extend_num_tokens = view.seq_lens_sum
+        view.extend_num_tokens = sum(prefill.lengths)
         view.extend_logprob_start_lens_cpu = _logprob_starts(forward_batch, prefill.lengths)
         view.num_token_non_padded = None
-        view.global_num_token_non_padded_cpu = view.seq_lens_sum
+        view.global_num_token_non_padded_cpu = view.extend_num_tokens
         view.orig_seq_lens = None
         view.residual_stream = None
         return view

@@ -1,0 +1,75 @@
+"""Live servers at production settings (``tests/live/conftest.py::CONFIGS``): chunked prefill under
+``--kv-compress lightkv`` splits text-only prompts and prefills prompts with images whole, with the answers the
+Transformers adapter gives; an image prompt past ``--max-prefill-tokens`` is refused alone. The shared load and
+correctness tests run on the same servers (``qwen-chunked`` in their lists). The shared arena of KV pages (every
+compressed server but ``llava-lightkv``) serves a text-only prompt of most of the memory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import CHUNK_TOKENS
+from helpers.live_checks import assert_serving, pool_state, wait_pools_free
+from helpers.live_requests import CORRECTNESS_PROMPTS, Prompt
+
+pytestmark = pytest.mark.live_server
+
+#: SGLang's log line of each prefill forward: the requests and prompt tokens it ran.
+PREFILL_LINE = re.compile(r"Prefill batch.*?#new-seq: (\d+), #new-token: (\d+)")
+
+
+def prefills_of(live, post: dict, path: str = "/generate") -> tuple[dict, list[tuple[int, int]]]:
+    """The answer to ``post`` sent alone, and the ``(requests, tokens)`` of each prefill forward it caused."""
+    before = len(live.server.log_text())
+    status, out = live.server.post(path, post)
+    assert status == 200, out
+    return out, [(int(seqs), int(tokens)) for seqs, tokens in PREFILL_LINE.findall(live.server.log_text()[before:])]
+
+
+@pytest.mark.parametrize("live", ["qwen-chunked"], indirect=True)
+def test_chunked_prefill_splits_text_only_prompts_and_keeps_images_whole(live):
+    """With 32-token chunks: the text-only prompt runs in several prefill forwards of at most 32 tokens, each prompt
+    with images in one forward of all its tokens, and every answer equals the Transformers adapter's."""
+    image_one, image_two, text = CORRECTNESS_PROMPTS[live.config.family]
+    for prompt, expected in zip((image_one, image_two, text), live.reference(), strict=True):
+        out, prefills = prefills_of(live, prompt.generate(live.tokenizer))
+        assert out["output_ids"] == expected["tokens"], prompt
+        tokens = expected["prompt_tokens"]
+        assert tokens > CHUNK_TOKENS, (prompt, tokens)
+        if prompt.images:
+            assert prefills == [(1, tokens)], (prompt, prefills)
+        else:
+            assert len(prefills) == -(-tokens // CHUNK_TOKENS), (prompt, prefills)
+            assert all(n <= CHUNK_TOKENS for _, n in prefills) and sum(n for _, n in prefills) == tokens, prefills
+    assert "Scheduler hit an exception" not in live.server.log_text()
+
+
+@pytest.mark.parametrize("live", ["qwen-chunked"], indirect=True)
+def test_chunked_prefill_refuses_an_image_prompt_past_max_prefill_tokens(live):
+    """Three 448x448 images (768 vision tokens) cannot be prefilled whole within ``--max-prefill-tokens 400``: the
+    request gets one line naming the flag, and the server goes on serving."""
+    big = Prompt("Describe every picture.", tuple((448, 448, 30 + i) for i in range(3)))
+    status, out = live.server.post("/v1/chat/completions", big.chat())
+    assert status == 400, out
+    message = out["message"] if "message" in out else json.dumps(out)
+    assert "prefilled in one piece" in message and "--max-prefill-tokens (400)" in message, message
+    assert_serving(live)
+
+
+@pytest.mark.parametrize("live", ["qwen-lightkv"], indirect=True)
+def test_shared_arena_serves_a_text_only_prompt_of_most_of_the_memory(live):
+    """A text-only prompt of about 3,000 tokens takes a slot per token in every layer group. The shared arena holds
+    it as SGLang's single pool of the same memory (4,096 tokens) would; the fixed pools this server had before, at
+    the former default ratios, gave its last group 1,165 slots and refused it. It is answered alike twice, and every
+    page comes back."""
+    state = pool_state(live)
+    assert "arena" in state, state
+    story = Prompt(("The keeper of the lighthouse watched the grey sea every night. " * 48)[:3000], max_tokens=8)
+    status, out = live.server.post("/generate", story.generate(live.tokenizer))
+    assert status == 200, out
+    assert out["meta_info"]["prompt_tokens"] > 3000
+    status, again = live.server.post("/generate", story.generate(live.tokenizer))
+    assert status == 200 and again["output_ids"] == out["output_ids"], again
+    wait_pools_free(live)
