@@ -1,15 +1,15 @@
 """The pinned environment: scripts/constraints.txt, read and written by the set-up and maintenance scripts.
 
-    python scripts/pins.py for-venv FILE         FILE as this Python should install it: where torch is not
-                                                 installed in this venv itself (a system torch seen through
-                                                 --system-site-packages), without torch, triton and torch's
-                                                 own requirements
-    python scripts/pins.py without PKG FILE      FILE without PKG and the packages PKG requires (the
-                                                 installed PKG's metadata): the pins for a venv that tries
-                                                 another release of PKG (scripts/test-compat.sh)
-    python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every distribution installed in it, or
-                                                 in its side folder .venv/sglang-live, but lightkv and pip),
-                                                 after the header in HEADER_FILE, on stdout
+python scripts/pins.py for-venv FILE         FILE as this Python should install it: where torch is not
+                                             installed in this venv itself (a system torch seen through
+                                             --system-site-packages), without torch, triton and torch's
+                                             own requirements
+python scripts/pins.py without PKG FILE      FILE without PKG and the packages PKG requires (the
+                                             installed PKG's metadata): the pins for a venv that tries
+                                             another release of PKG (scripts/test-compat.sh)
+python scripts/pins.py freeze HEADER_FILE    the pins of this venv (every distribution installed in it, or
+                                             in its side folder .venv/sglang-live, but lightkv and pip),
+                                             after the header in HEADER_FILE, on stdout
 """
 
 from __future__ import annotations
