@@ -20,6 +20,7 @@ from lightkv_core.compaction import StageResult, check_padding_side, compact, re
 from lightkv_core.config import GUIDES, LAYOUTS, resolve_position_mode
 from lightkv_core.kernels import cross_attention_scores, window_best_match
 from lightkv_core.kernels.launch import check_float, softmax_scale
+from lightkv_core.shards import HeadShards
 from lightkv_core.spans import (
     VisionSpan,
     check_lowest_position,
@@ -146,6 +147,7 @@ def lightkv_stage(
     attention_mask: torch.Tensor | None = None,
     padding_side: str = "right",
     backend: str = "auto",
+    head_shards: HeadShards | None = None,
 ) -> StageResult:
     """Run one LightKV stage on the output of a decoder layer.
 
@@ -168,6 +170,8 @@ def lightkv_stage(
             right padding); default all real. Padding is neither a query nor a guide and is dropped.
         padding_side: where the outputs are padded, ``"right"`` or ``"left"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for all three kernels.
+        head_shards: ``q`` and ``k`` hold this tensor-parallel rank's heads only: the scores are summed over the
+            ranks (:class:`~lightkv_core.shards.HeadShards`) before they guide the merges.
 
     Returns:
         A :class:`~lightkv_core.compaction.StageResult`.
@@ -201,6 +205,8 @@ def lightkv_stage(
             scores = torch.ones(batch, seq, dtype=torch.float32, device=q.device)
         else:
             scores = cross_attention_scores(*plan.score_arguments, backend=backend, check_indices=False)
+            if head_shards is not None:
+                scores = head_shards.sum(scores)
         best, sim = window_best_match(*plan.match_arguments, backend=backend)
         merged_into = choose_merges(plan.windows, best, sim, batch, seq)
     real, keep, merged_into, flags = read_choice(plan.real, merged_into, flags=_device_flags(plan, scores))

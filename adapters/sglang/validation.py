@@ -63,12 +63,11 @@ def _problems(server_args: ServerArgs) -> Iterator[str]:
             "(Engine: disable_overlap_schedule=True)"
         )
     yield from _attention_backend_problems(server_args)
-    for flag, kwarg, size in (
-        ("--tp-size", "tp_size", server_args.tp_size),
-        ("--pp-size", "pp_size", server_args.pp_size),
-    ):
-        if size > 1:
-            yield f"{flag} {size}: only one GPU per model replica is supported; pass {flag} 1 (Engine: {kwarg}=1)"
+    if server_args.pp_size > 1:
+        yield (
+            f"--pp-size {server_args.pp_size}: pipeline stages would each hold part of the layer groups and pass "
+            "shortened hidden states between ranks; pass --pp-size 1 (Engine: pp_size=1)"
+        )
     if server_args.attn_dp_size > 1 or server_args.enable_dp_attention:
         yield (
             "data-parallel attention (--attn-dp-size > 1, --enable-dp-attention) is not supported; drop it "

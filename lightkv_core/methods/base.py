@@ -11,6 +11,7 @@ import torch
 
 from lightkv_core.compaction import StageResult
 from lightkv_core.plan import LengthPlan
+from lightkv_core.shards import HeadShards
 from lightkv_core.spans import VisionSpan
 
 
@@ -59,6 +60,7 @@ class PrefillReduction(ABC):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         padding_side: str,
+        head_shards: HeadShards | None = None,
     ) -> StageResult:
         """Reduce the output of ``layer``.
 
@@ -71,6 +73,8 @@ class PrefillReduction(ABC):
             position_ids: ``(B, S)`` or ``(3, B, S)`` position ids of the current tokens.
             attention_mask: ``(B, S)`` bool, real tokens.
             padding_side: padding side of the outputs.
+            head_shards: under tensor parallelism, ``q`` and ``k`` hold this rank's heads only; scores over heads
+                are summed over the ranks (:class:`~lightkv_core.shards.HeadShards`), so every rank decides alike.
 
         Returns:
             A :class:`~lightkv_core.stage.StageResult`.

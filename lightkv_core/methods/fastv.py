@@ -15,6 +15,7 @@ from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.fields import check_choice, check_fraction, check_integer
 from lightkv_core.methods.received import received_attention
 from lightkv_core.plan import LengthPlan
+from lightkv_core.shards import HeadShards
 from lightkv_core.spans import check_sample_spans, normalise_spans
 
 SCORINGS = ("last_token", "all_tokens")
@@ -127,11 +128,14 @@ class FastV(PrefillReduction):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         padding_side: str,
+        head_shards: HeadShards | None = None,
     ) -> StageResult:
         check_layer(self, layer)
         scores = mean_received_attention(
             q, k, attention_mask, last_token_only=self.scoring == "last_token", backend=self.backend
         )
+        if head_shards is not None:
+            scores = head_shards.mean(scores)
         return drop_lowest(
             hidden, scores, spans, self.ratio, self.positions, position_ids, attention_mask, padding_side
         )

@@ -12,6 +12,7 @@ from lightkv_core.config import LightKVConfig
 from lightkv_core.kernels.launch import check_backend
 from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.plan import LengthPlan, plan_lengths
+from lightkv_core.shards import HeadShards
 from lightkv_core.spans import VisionSpan
 from lightkv_core.stage import lightkv_stage
 from lightkv_core.windows import min_mergeable_tokens
@@ -75,6 +76,7 @@ class LightKV(PrefillReduction):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         padding_side: str,
+        head_shards: HeadShards | None = None,
     ) -> StageResult:
         stage = self.config.stage_at(layer)
         if stage is None:
@@ -94,4 +96,5 @@ class LightKV(PrefillReduction):
             attention_mask=attention_mask,
             padding_side=padding_side,
             backend=self.backend,
+            head_shards=head_shards,
         )

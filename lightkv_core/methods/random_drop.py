@@ -12,6 +12,7 @@ from lightkv_core.methods.base import PrefillReduction
 from lightkv_core.methods.fastv import check_drop_method, check_layer, drop_lowest, drop_plan
 from lightkv_core.methods.fields import check_integer
 from lightkv_core.plan import LengthPlan
+from lightkv_core.shards import HeadShards
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class RandomDrop(PrefillReduction):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         padding_side: str,
+        head_shards: HeadShards | None = None,
     ) -> StageResult:
+        """Random scores from :attr:`seed`, the same on every rank (``head_shards`` is not needed)."""
         check_layer(self, layer)
         generator = torch.Generator().manual_seed(self.seed)
         scores = torch.rand(hidden.shape[:2], generator=generator)

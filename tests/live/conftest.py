@@ -39,6 +39,7 @@ class Config:
     family: str
     method: str
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     def server_args(self) -> tuple[str, ...]:
         method = () if self.method == "none" else ("--kv-compress", self.method)
@@ -58,6 +59,9 @@ CONFIGS = {
     "qwen-chunked": Config(
         "qwen2.5-vl", "lightkv", ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400")
     ),
+    # tensor parallelism over two CPU processes (gloo), one core each (SGLang's CPU engine needs the binding when
+    # there are more ranks than NUMA nodes)
+    "qwen-tp2": Config("qwen2.5-vl", "lightkv", ("--tp-size", "2"), (("SGLANG_CPU_OMP_THREADS_BIND", "0|1"),)),
 }
 
 
@@ -114,7 +118,8 @@ def live(request, live_model_dirs, tmp_path_factory) -> Live:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
     fault = f"{FAULT_GRID[0]}x{FAULT_GRID[1]}"
-    server = LiveServer(name, model_dir, config.server_args(), work, env={"LIGHTKV_LIVE_FAULT_GRID": fault})
+    env = {"LIGHTKV_LIVE_FAULT_GRID": fault, **dict(config.env)}
+    server = LiveServer(name, model_dir, config.server_args(), work, env=env)
     try:
         server.start()
         yield Live(name, config, server, model_dir, reference, out)

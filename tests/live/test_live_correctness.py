@@ -17,7 +17,10 @@ from helpers.live_requests import CORRECTNESS_PROMPTS
 pytestmark = pytest.mark.live_server
 
 LOGPROB_ATOL = 1e-3
-ALL = ["qwen-none", "qwen-lightkv", "qwen-fastv", "llava-none", "llava-lightkv", "llava-fastv", "qwen-chunked"]
+ALL = [
+    *("qwen-none", "qwen-lightkv", "qwen-fastv", "llava-none", "llava-lightkv", "llava-fastv"),
+    *("qwen-chunked", "qwen-tp2"),
+]
 
 
 @pytest.mark.parametrize("live", ALL, indirect=True)

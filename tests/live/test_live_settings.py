@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import CHUNK_TOKENS
@@ -73,3 +74,19 @@ def test_shared_arena_serves_a_text_only_prompt_of_most_of_the_memory(live):
     status, again = live.server.post("/generate", story.generate(live.tokenizer))
     assert status == 200 and again["output_ids"] == out["output_ids"], again
     wait_pools_free(live)
+
+
+@pytest.mark.parametrize("live", ["qwen-tp2"], indirect=True)
+def test_tp2_ranks_sum_their_scores_and_answer_as_one_rank(live):
+    """Two tensor-parallel ranks, each with half of every layer's heads, sum their partial guide scores over the TP
+    group and so compress alike: a batch of the correctness prompts sent at once is answered as the Transformers
+    adapter answers each alone (the TP=1 servers give the same answers), and both ranks ran the prefill."""
+    prompts = CORRECTNESS_PROMPTS[live.config.family]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda prompt: live.server.post("/generate", prompt.generate(live.tokenizer)), prompts))
+    for prompt, (status, out), expected in zip(prompts, answers, live.reference(), strict=True):
+        assert status == 200 and out["output_ids"] == expected["tokens"], (prompt, out)
+    log = live.server.log_text()
+    assert "TP0" in log and "TP1" in log, "the server did not start two tensor-parallel ranks"
+    assert "Scheduler hit an exception" not in log
+    assert_serving(live)

@@ -20,6 +20,7 @@ from lightkv_adapters.sglang import failures
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
 from lightkv_core.prefill import at_default_scale, survivor_columns
+from lightkv_core.shards import HeadShards
 
 if TYPE_CHECKING:
     from lightkv_adapters.sglang.pools import LayerGroupCache
@@ -269,6 +270,7 @@ class LayerGroups:
             position_ids=padded_positions,
             attention_mask=mask,
             padding_side="left",
+            head_shards=_head_shards(),
         )
         origin = survivor_columns(_pad(torch.cat(prefill.origin), mask, fill=-1), result.kept_padded)
         alive = origin >= 0
@@ -362,6 +364,15 @@ def _use_table(backend: object, pool: object, view: object) -> None:
     raise NotImplementedError(
         f"lightkv layer groups support the torch_native and triton attention backends, not {type(backend).__name__}"
     )
+
+
+def _head_shards() -> HeadShards | None:
+    """This tensor-parallel rank's share of the attention heads (``None`` on one rank): the guide scores its layers'
+    local heads give are summed over SGLang's TP group."""
+    from sglang.srt.distributed import get_tp_group
+
+    group = get_tp_group()
+    return None if group.world_size == 1 else HeadShards(group.world_size, group.all_reduce)
 
 
 def _logprob_starts(forward_batch: object, lengths: list[int]) -> list[int]:
