@@ -125,16 +125,24 @@ def _transformers(model, inputs: dict, method: str):
 
 
 @pytest.mark.parametrize(
-    ("method", "pools"),
-    [("none", "shared"), ("lightkv", "shared"), ("fastv", "shared"), ("lightkv", "0.6,0.5,0.4"), ("lightkv", "off")],
+    ("method", "pools", "backend"),
+    [
+        ("none", "shared", "torch_native"),
+        ("lightkv", "shared", "torch_native"),
+        ("fastv", "shared", "torch_native"),
+        ("lightkv", "0.6,0.5,0.4", "torch_native"),
+        ("lightkv", "off", "torch_native"),
+        ("fastv", "shared", "triton"),  # LightKV on Triton: the live suite's qwen-triton
+    ],
 )
-def test_sglang_matches_transformers(saved, method, pools):
+def test_sglang_matches_transformers(saved, method, pools, backend):
     """Layer groups sharing an arena of pages (``shared``, the default), fixed pools per group (ratios) and the
     single pool (``off``, compute only) all give the Transformers adapter's tokens, so they give the same tokens
-    as each other."""
+    as each other; so do SGLang's Triton attention kernels (run by Triton's interpreter here), whose decode reads
+    each group's table through SGLang's KV index translator."""
     model, directory, inputs, requests = saved
     expected_tokens, expected_logits = _transformers(model, inputs, method)
-    run = run_in_child(directory, method, requests, STEPS, pools)
+    run = run_in_child(directory, method, requests, STEPS, pools, attention_backend=backend)
     assert torch.equal(run.tokens, expected_tokens)
     # two engines' float32 forwards of one model: they differ by rounding only
     chain = text_model_chain(model.model.language_model.config, inputs["input_ids"].shape[1] + STEPS)

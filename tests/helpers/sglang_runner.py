@@ -54,28 +54,41 @@ class Run:
 
 
 def run_in_child(
-    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "shared", logprobs: bool = False
+    model_dir: str,
+    method: str,
+    requests: list[Request],
+    steps: int,
+    pools: str = "shared",
+    logprobs: bool = False,
+    attention_backend: str = "torch_native",
 ) -> Run:
     """:func:`run` in a spawned process, so that every run starts from a clean SGLang."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(run, (model_dir, method, requests, steps, pools, logprobs))
+        return pool.apply(run, (model_dir, method, requests, steps, pools, logprobs, attention_backend))
 
 
 def run(
-    model_dir: str, method: str, requests: list[Request], steps: int, pools: str = "shared", logprobs: bool = False
+    model_dir: str,
+    method: str,
+    requests: list[Request],
+    steps: int,
+    pools: str = "shared",
+    logprobs: bool = False,
+    attention_backend: str = "torch_native",
 ) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
-    in ``model_dir``. The plugin's hooks are applied as SGLang applies them in a server process. ``logprobs``:
-    every request asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs)."""
+    in ``model_dir``, on SGLang's ``attention_backend`` (``triton`` runs its kernels in Triton's interpreter on a
+    CPU). The plugin's hooks are applied as SGLang applies them in a server process. ``logprobs``: every request
+    asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs)."""
     from lightkv_adapters.sglang import cpu_env
 
     cpu_env.install()
     from sglang.benchmark import one_batch
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    runner = _load(model_dir, method, pools)
+    runner = _load(model_dir, method, pools, attention_backend)
     model = runner.torch_runner.model
     multimodal_inputs = _llava_inputs if model.config.model_type == "llava" else _qwen_vl_inputs
     reqs = []
@@ -127,9 +140,9 @@ def _release(model_runner, reqs: list, batch) -> None:
         pool.free(req)
 
 
-def _load(model_dir: str, method: str, pools: str):
+def _load(model_dir: str, method: str, pools: str, attention_backend: str):
     """SGLang's model runner (as ``one_batch`` builds it) for the model in ``model_dir`` under ``--kv-compress
-    method``, with our model classes registered over SGLang's."""
+    method`` on ``attention_backend``, with our model classes registered over SGLang's."""
     from sglang.benchmark import one_batch
     from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
     from sglang.srt.models.registry import ModelRegistry, import_model_classes
@@ -148,7 +161,7 @@ def _load(model_dir: str, method: str, pools: str):
         tokenizer_path=model_dir,
         skip_tokenizer_init=True,
         device="cpu",
-        attention_backend="torch_native",
+        attention_backend=attention_backend,
         disable_cuda_graph=True,
         disable_radix_cache=True,
         chunked_prefill_size=-1,

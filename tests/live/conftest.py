@@ -62,6 +62,8 @@ CONFIGS = {
     # tensor parallelism over two CPU processes (gloo), one core each (SGLang's CPU engine needs the binding when
     # there are more ranks than NUMA nodes)
     "qwen-tp2": Config("qwen2.5-vl", "lightkv", ("--tp-size", "2"), (("SGLANG_CPU_OMP_THREADS_BIND", "0|1"),)),
+    # SGLang's Triton attention backend (its kernels run in Triton's interpreter on the CPU)
+    "qwen-triton": Config("qwen2.5-vl", "lightkv", ("--attention-backend", "triton")),
 }
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.live_server
 LOGPROB_ATOL = 1e-3
 ALL = [
     *("qwen-none", "qwen-lightkv", "qwen-fastv", "llava-none", "llava-lightkv", "llava-fastv"),
-    *("qwen-chunked", "qwen-tp2"),
+    *("qwen-chunked", "qwen-tp2", "qwen-triton"),
 ]
 
 

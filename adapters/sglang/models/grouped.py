@@ -346,6 +346,10 @@ class LayerGroups:
         return new_view
 
 
+#: Attribute of SGLang's Triton attention backend keeping its own KV index translator while a group's is in place.
+_STOCK_TRANSLATOR = "lightkv_stock_translator"
+
+
 def _use_table(backend: object, pool: object, view: object) -> None:
     """Point the attention backend at ``pool`` (a group's table, or the stock pool back) for the layers that
     get ``view``, and rebuild its metadata from them."""
@@ -359,6 +363,13 @@ def _use_table(backend: object, pool: object, view: object) -> None:
     if isinstance(backend, TritonAttnBackend):
         backend.req_to_token_pool = pool
         backend.req_to_token = pool.req_to_token
+        # the backend gathers KV indices through the runner's index translator, which reads its own table
+        stock = backend.__dict__.setdefault(_STOCK_TRANSLATOR, backend.kv_index_translator)
+        translator = stock
+        if pool.req_to_token is not stock.req_to_token:
+            translator = copy.copy(stock)
+            translator.req_to_token = pool.req_to_token
+        backend.kv_index_translator = translator
         backend.init_forward_metadata(view)
         return
     raise NotImplementedError(
