@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from helpers.live_requests import CORRECTNESS_PROMPTS
@@ -47,3 +48,10 @@ def assert_serving(live) -> None:
     assert status == 200, out
     assert out["output_ids"] == live.reference()[0]["tokens"]
     wait_pools_free(live)
+
+
+def refused_chat(live, prompt) -> str:
+    """The one-line reason a chat request of ``prompt`` is refused with (HTTP 400)."""
+    status, out = live.server.post("/v1/chat/completions", prompt.chat())
+    assert status == 400, out
+    return out["message"] if "message" in out else json.dumps(out)

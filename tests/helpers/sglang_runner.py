@@ -53,19 +53,11 @@ class Run:
     leaks: list[str] = field(default_factory=list)
 
 
-def run_in_child(
-    model_dir: str,
-    method: str,
-    requests: list[Request],
-    steps: int,
-    pools: str = "shared",
-    logprobs: bool = False,
-    attention_backend: str = "torch_native",
-) -> Run:
-    """:func:`run` in a spawned process, so that every run starts from a clean SGLang."""
+def run_in_child(*args: object, **kwargs: object) -> Run:
+    """:func:`run` (same arguments) in a spawned process, so that every run starts from a clean SGLang."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(run, (model_dir, method, requests, steps, pools, logprobs, attention_backend))
+        return pool.apply(run, args, kwargs)
 
 
 def run(

@@ -10,7 +10,7 @@ import json
 import urllib.request
 
 import pytest
-from helpers.live_checks import assert_pools_free, assert_serving, pool_state
+from helpers.live_checks import assert_pools_free, assert_serving, pool_state, refused_chat
 from helpers.live_requests import CORRECTNESS_PROMPTS, Prompt
 
 pytestmark = pytest.mark.live_server
@@ -150,8 +150,6 @@ def test_one_token(live):
 def test_a_prompt_too_large_for_a_layer_group_is_refused_alone(live):
     """``llava-lightkv`` runs with a last layer group of 159 slots: six images plan more than that there."""
     big = Prompt("Describe every picture.", tuple((48, 48, 10 + i) for i in range(6)))
-    status, out = live.server.post("/v1/chat/completions", big.chat())
-    assert status == 400, out
-    message = out["message"] if "message" in out else json.dumps(out)
+    message = refused_chat(live, big)
     assert "layer groups" in message and "--kv-compress-pool-ratios" in message, message
     assert_serving(live)

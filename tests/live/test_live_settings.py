@@ -6,13 +6,12 @@ compressed server but ``llava-lightkv``) serves a text-only prompt of most of th
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import CHUNK_TOKENS
-from helpers.live_checks import assert_serving, pool_state, wait_pools_free
+from helpers.live_checks import assert_serving, pool_state, refused_chat, wait_pools_free
 from helpers.live_requests import CORRECTNESS_PROMPTS, Prompt
 
 pytestmark = pytest.mark.live_server
@@ -52,9 +51,7 @@ def test_chunked_prefill_refuses_an_image_prompt_past_max_prefill_tokens(live):
     """Three 448x448 images (768 vision tokens) cannot be prefilled whole within ``--max-prefill-tokens 400``: the
     request gets one line naming the flag, and the server goes on serving."""
     big = Prompt("Describe every picture.", tuple((448, 448, 30 + i) for i in range(3)))
-    status, out = live.server.post("/v1/chat/completions", big.chat())
-    assert status == 400, out
-    message = out["message"] if "message" in out else json.dumps(out)
+    message = refused_chat(live, big)
     assert "prefilled in one piece" in message and "--max-prefill-tokens (400)" in message, message
     assert_serving(live)
 
