@@ -16,12 +16,13 @@ import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-from lightkv_adapters.sglang.arena import ArenaAllocator, PageArena, page_rows
+from lightkv_adapters.sglang.arena import PageArena
 from lightkv_adapters.sglang.fixed_pools import pool_sizes
 from lightkv_adapters.sglang.pools import (
-    ArenaFirstAllocator,
-    LayerGroupAllocator,
     LayerGroupCache,
+    arena_allocators,
+    attach_groups,
+    fixed_allocators,
     group_demand,
     layer_groups,
 )
@@ -95,18 +96,14 @@ class SlotSim:
             self.allocator = TokenToKVPoolAllocator(stock_tokens, dtype, "cpu", None, False)
             return
         if layout == "static":
-            self.sizes = pool_sizes(stock_tokens, counts, static_ratios)
-            self.allocator = LayerGroupAllocator(self.sizes[0], dtype, "cpu", None, False)
-            later = [TokenToKVPoolAllocator(size, dtype, "cpu", None, False) for size in self.sizes[1:]]
+            self.allocator, later = fixed_allocators(
+                pool_sizes(stock_tokens, counts, static_ratios), dtype, "cpu", False
+            )
         else:
-            rows_per_page = page_rows(counts)
-            self.arena = PageArena((stock_tokens + 1) * num_layers // rows_per_page, counts, rows_per_page)
-            self.allocator = ArenaFirstAllocator(self.arena, 0, dtype, "cpu", None)
-            later = [ArenaAllocator(self.arena, group, dtype, "cpu", None) for group in range(1, len(counts))]
-            self.sizes = [allocator.size for allocator in (self.allocator, *later)]
-        self.cache = LayerGroupCache(self.req_pool, later, self._plan, self.allocator.size, self.arena)
-        self.allocator.groups = self.cache
-        self.req_pool.attach_aux_cache(self.cache)
+            self.arena = PageArena.for_memory(stock_tokens, counts)
+            self.allocator, later = arena_allocators(self.arena, dtype, "cpu", None)
+        self.sizes = [allocator.size for allocator in (self.allocator, *later)]
+        self.cache = attach_groups(self.req_pool, self.allocator, later, self._plan, self.arena)
 
     def _plan(self, req: FakeReq, seq_len: int) -> LengthPlan:
         """``method.plan_lengths(req.spans, seq_len)``, once per request kind and length (it is deterministic)."""

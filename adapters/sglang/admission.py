@@ -54,9 +54,10 @@ def admission_hook(original: Callable, adder: object, req: object, *args: object
     from sglang.srt.managers.schedule_policy import AddReqResult
 
     chunk = adder.rem_chunk_tokens
-    extend = len(req.full_untruncated_fill_ids) - req.prefix_len if chunk is not None else 0
-    aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
-    if aborting or not getattr(req, WHOLE_PREFILL_ATTRIBUTE, False) or extend <= chunk:
+    if _finishing(req) or not getattr(req, WHOLE_PREFILL_ATTRIBUTE, False) or chunk is None:
+        return _admit_to_groups(original, adder, req, *args, **kwargs)
+    extend = len(req.full_untruncated_fill_ids) - req.prefix_len
+    if extend <= chunk:
         return _admit_to_groups(original, adder, req, *args, **kwargs)
     if adder.can_run_list:
         return AddReqResult.OTHER
@@ -86,7 +87,7 @@ def _admit_to_groups(original: Callable, adder: object, req: object, *args: obje
         decode = int(sum(adder._get_running_request_total_token_offset(r) for r in running))
         reserved = [decode] * (len(groups.allocators) + 1)
         setattr(adder, RESERVED_ATTRIBUTE, reserved)
-    aborting = getattr(req, "to_finish", None) is not None or req.finished_reason is not None
+    aborting = _finishing(req)
     max_new = (
         0 if aborting else min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
     )
@@ -116,9 +117,7 @@ def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs:
       must see the whole prompt), or, if longer than ``--max-prefill-tokens``, finished with an abort saying so.
       Text-only requests are chunked as usual."""
     settings = settings_of(scheduler.server_args)
-    if not settings.enabled or req.finished_reason is not None or getattr(req, "to_finish", None) is not None:
-        return
-    if req.multimodal_inputs is None:
+    if not settings.enabled or _finishing(req) or req.multimodal_inputs is None:
         return
     if req.return_logprob and 0 <= req.logprob_start_len < len(req.origin_input_ids):
         start = req.logprob_start_len
@@ -140,6 +139,11 @@ def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs:
         )
         return
     setattr(req, WHOLE_PREFILL_ATTRIBUTE, True)
+
+
+def _finishing(req: object) -> bool:
+    """Whether SGLang's ``req`` has finished or is being aborted."""
+    return req.finished_reason is not None or getattr(req, "to_finish", None) is not None
 
 
 def failed_requests_hook(scheduler: object, batch: object, *args: object, **kwargs: object) -> None:

@@ -62,6 +62,15 @@ class PageArena:
         self.allocators: list[ArenaAllocator] = []
         self.clear()
 
+    @classmethod
+    def for_memory(
+        cls, tokens: int, group_layer_counts: Sequence[int], device: str | torch.device = "cpu"
+    ) -> PageArena:
+        """The arena of :func:`page_rows`-row pages in the memory of a single pool of ``tokens`` slots (and SGLang's
+        padding slot) in every layer."""
+        rows = page_rows(group_layer_counts)
+        return cls((tokens + 1) * sum(group_layer_counts) // rows, group_layer_counts, rows, device)
+
     def clear(self) -> None:
         """Every page free."""
         self.free_pages = torch.arange(1, self.pages, dtype=torch.int64, device=self.device)
@@ -110,16 +119,21 @@ class PageArena:
         """Pages that ``tokens[g]`` slots in every group ``g`` take in an otherwise empty arena."""
         return sum(math.ceil(n / per_page) for n, per_page in zip(tokens, self.tokens_per_page, strict=True))
 
-    def text_capacity(self) -> int:
-        """Most tokens a request holding a slot per token in every group (text only) keeps in the empty arena."""
-        low, high = 0, (self.pages - 1) * min(self.tokens_per_page)
+    def most_added(self, tokens: Sequence[int], limit: int) -> int:
+        """The most slots ``n <= limit`` that every group ``g`` can hold besides ``tokens[g]`` in the empty arena
+        (``tokens`` must fit it)."""
+        low, high = 0, limit
         while low < high:
             middle = (low + high + 1) // 2
-            if self.pages_for([middle] * len(self.tokens_per_page)) <= self.pages - 1:
+            if self.pages_for([n + middle for n in tokens]) <= self.pages - 1:
                 low = middle
             else:
                 high = middle - 1
         return low
+
+    def text_capacity(self) -> int:
+        """Most tokens a request holding a slot per token in every group (text only) keeps in the empty arena."""
+        return self.most_added([0] * len(self.tokens_per_page), (self.pages - 1) * min(self.tokens_per_page))
 
     def group_slots(self, group: int) -> torch.Tensor:
         """(n,) int64 on the CPU, ascending: the slots of the pages ``group`` holds."""

@@ -19,7 +19,7 @@ import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from lightkv_adapters.sglang.arena import ArenaAllocator, ArenaKVPool, PageArena, page_rows
+from lightkv_adapters.sglang.arena import ArenaAllocator, ArenaKVPool, PageArena
 from lightkv_adapters.sglang.fixed_pools import LayerGroupKVPool, pool_sizes
 from lightkv_core.plan import LengthPlan
 
@@ -205,14 +205,8 @@ class LayerGroupCache:
                 need + max_new if size is None else min(need + max_new, size)
                 for need, size in zip(prompt, sizes, strict=True)
             ]
-        low, high = 0, max_new
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.arena.pages_for([need + middle for need in prompt]) <= self.arena.pages - 1:
-                low = middle
-            else:
-                high = middle - 1
-        return [need + low for need in prompt]
+        decode = self.arena.most_added(prompt, max_new)
+        return [need + decode for need in prompt]
 
     # ---- checks ----------------------------------------------------------------------------------------------
 
@@ -284,6 +278,43 @@ def group_demand(groups: LayerGroupCache, req: object, max_new_tokens: int) -> l
     return [length + max_new_tokens + 1 for length in plan.lengths]
 
 
+def arena_allocators(
+    arena: PageArena, dtype: torch.dtype, device: str, kvcache: object
+) -> tuple[ArenaFirstAllocator, list[ArenaAllocator]]:
+    """The allocators of an arena's groups: group 0's (the scheduler's), then one per later group."""
+    first = ArenaFirstAllocator(arena, 0, dtype, device, kvcache)
+    return first, [ArenaAllocator(arena, group, dtype, device, kvcache) for group in range(1, len(arena.layer_counts))]
+
+
+def fixed_allocators(
+    sizes: Sequence[int], dtype: torch.dtype, device: str, need_sort: bool, kv_pool: LayerGroupKVPool | None = None
+) -> tuple[LayerGroupAllocator, list[TokenToKVPoolAllocator]]:
+    """The allocators of fixed pools of ``sizes`` slots (group 0 first) over ``kv_pool``'s storage (``None``: slots
+    only)."""
+    kvcaches = [kv_pool, *(kv_pool.sub_pools[1:] if kv_pool is not None else [None] * (len(sizes) - 1))]
+    first = LayerGroupAllocator(sizes[0], dtype, device, kvcaches[0], need_sort)
+    later = [
+        TokenToKVPoolAllocator(size, dtype, device, kvcache, need_sort)
+        for size, kvcache in zip(sizes[1:], kvcaches[1:], strict=True)
+    ]
+    return first, later
+
+
+def attach_groups(
+    req_to_token_pool: object,
+    first: LayerGroupAllocator | ArenaFirstAllocator,
+    later: Sequence[TokenToKVPoolAllocator],
+    planner: Callable[[object, int], LengthPlan],
+    arena: PageArena | None = None,
+) -> LayerGroupCache:
+    """The :class:`LayerGroupCache` of the later groups' allocators, attached to SGLang's request-to-token pool and
+    to group 0's allocator (whose checks ask every group)."""
+    cache = LayerGroupCache(req_to_token_pool, later, planner, first.size, arena)
+    first.groups = cache
+    req_to_token_pool.attach_aux_cache(cache)
+    return cache
+
+
 def install_pools(model_runner: object, ratios: Sequence[float] | None) -> LayerGroupCache | None:
     """Replace ``model_runner``'s single KV pool by layer-group pools of the same memory.
 
@@ -315,26 +346,19 @@ def install_pools(model_runner: object, ratios: Sequence[float] | None) -> Layer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    planner = layer_groups_of_model.plan_request
     dtype = settings["dtype"]
     if ratios is None:
-        rows = page_rows(counts)
-        arena = PageArena((tokens + 1) * sum(counts) // rows, counts, rows, device)
+        arena = PageArena.for_memory(tokens, counts, device)
         kv_pool = ArenaKVPool(arena, device=device, **settings)
-        allocator = ArenaFirstAllocator(arena, 0, dtype, device, kv_pool)
-        allocators = [ArenaAllocator(arena, group, dtype, device, kv_pool) for group in range(1, len(counts))]
+        allocator, allocators = arena_allocators(arena, dtype, device, kv_pool)
     else:
         arena = None
         sizes = pool_sizes(tokens, counts, ratios)
         kv_pool = LayerGroupKVPool(sizes, groups, device=device, **settings)
-        allocator = LayerGroupAllocator(sizes[0], dtype, device, kv_pool, need_sort)
-        allocators = [
-            TokenToKVPoolAllocator(size, dtype, device, sub_pool, need_sort)
-            for size, sub_pool in zip(sizes[1:], kv_pool.sub_pools[1:], strict=True)
-        ]
-    cache = LayerGroupCache(model_runner.req_to_token_pool, allocators, planner, allocator.size, arena)
-    allocator.groups = cache
-    model_runner.req_to_token_pool.attach_aux_cache(cache)
+        allocator, allocators = fixed_allocators(sizes, dtype, device, need_sort, kv_pool)
+    cache = attach_groups(
+        model_runner.req_to_token_pool, allocator, allocators, layer_groups_of_model.plan_request, arena
+    )
     model_runner.token_to_kv_pool = kv_pool
     model_runner.token_to_kv_pool_allocator = allocator
     model_runner.max_total_num_tokens = allocator.size

@@ -95,7 +95,7 @@ def test_pages_move_between_groups_as_slots_come_and_go() -> None:
 def test_a_prefill_the_arena_cannot_hold_changes_nothing() -> None:
     """``alloc_to_lengths`` for a row whose later groups need more pages than are free raises and leaves every
     group's slots, every page and every row as they were."""
-    pool, allocator, cache = build_arena(8, [4, 2, 2], 64, halving_planner)  # 7 pages of 16 / 32 / 32 tokens
+    pool, allocator, cache = build_arena(PageArena(8, [4, 2, 2], 64), halving_planner)  # 7 pages of 16 / 32 / 32 tokens
     (row,) = pool.alloc_rows(1)
     full_slots = allocator.alloc(80)  # 5 pages
     pool.req_to_token[row, :80] = full_slots.to(torch.int32)

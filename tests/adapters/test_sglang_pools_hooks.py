@@ -31,6 +31,7 @@ from lightkv_adapters.sglang.admission import (  # noqa: E402
     pool_check_hook,
     prefill_requests_hook,
 )
+from lightkv_adapters.sglang.arena import PageArena  # noqa: E402
 from lightkv_core.plan import LengthPlan  # noqa: E402
 
 # --- fake scheduler parts ------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_admission_clips_a_decode_budget_past_a_group_to_the_pool() -> None:
 def test_arena_admission_prices_the_groups_together() -> None:
     """In an arena a request is admitted while the pages its groups would take (beyond their free slots) are
     free, its own decode budget and the running requests' included; group 0 counts too."""
-    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    _, allocator, _ = build_arena(PageArena(21, [4, 2, 2], 64), halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(200, 13)  # demand 214, 114, 64 slots: 14 + 4 + 2 pages, the whole arena
     assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
@@ -186,7 +187,7 @@ def test_arena_admission_holds_text_requests_as_one_pool_does() -> None:
     """Text-only requests (a slot per token in every group) fill the arena as far as one pool of its memory: 20
     pages of 64 rows are 160 tokens of all 8 layers, less rounding to whole pages."""
     flat = lambda req, seq_len: LengthPlan.exactly((seq_len, seq_len, seq_len))  # noqa: E731
-    _, allocator, cache = build_arena(21, [4, 2, 2], 64, flat)
+    _, allocator, cache = build_arena(PageArena(21, [4, 2, 2], 64), flat)
     adder = FakeAdder(allocator)
     while admission_hook(admit_all, adder, HookReq.of(15, 0), False, None) is AddReqResult.CONTINUE:
         pass
@@ -196,7 +197,7 @@ def test_arena_admission_holds_text_requests_as_one_pool_does() -> None:
 
 def test_arena_admission_aborts_a_prompt_the_empty_arena_cannot_hold() -> None:
     """A prompt past the whole arena is aborted with the pages it needs and the flags that give more memory."""
-    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    _, allocator, _ = build_arena(PageArena(21, [4, 2, 2], 64), halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(300, 0)  # 301, 151, 76 slots: 19 + 5 + 3 = 27 pages of 20
     assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE
@@ -207,7 +208,7 @@ def test_arena_admission_aborts_a_prompt_the_empty_arena_cannot_hold() -> None:
 
 def test_arena_admission_clips_a_decode_budget_past_the_arena() -> None:
     """A decode budget past the empty arena is clipped to the largest one the arena holds with the prompt."""
-    _, allocator, _ = build_arena(21, [4, 2, 2], 64, halving_planner)
+    _, allocator, _ = build_arena(PageArena(21, [4, 2, 2], 64), halving_planner)
     adder = FakeAdder(allocator)
     req = HookReq.of(200, 10**4)
     assert admission_hook(admit_all, adder, req, False, None) is AddReqResult.CONTINUE

@@ -25,7 +25,7 @@ cpu_env.install()
 
 from helpers.sglang_pools import CONTEXT, NUM_LAYERS, assert_conserved, build_arena, build_pools  # noqa: E402
 
-from lightkv_adapters.sglang.arena import page_rows  # noqa: E402
+from lightkv_adapters.sglang.arena import PageArena  # noqa: E402
 from lightkv_adapters.sglang.fixed_pools import pool_sizes  # noqa: E402
 from lightkv_adapters.sglang.pools import group_demand, layer_groups  # noqa: E402
 from lightkv_core.config import PRESET_DEPTHS, LightKVConfig  # noqa: E402
@@ -115,10 +115,8 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         reduction = METHODS[method]
         counts = [len(layers) for layers in layer_groups(reduction.reduce_layers, NUM_LAYERS)]
         if shared:
-            rows = page_rows(counts)
-            self.pool, self.allocator, self.cache = build_arena(
-                (tokens + 1) * NUM_LAYERS // rows, counts, rows, planner_of(reduction)
-            )
+            arena = PageArena.for_memory(tokens, counts)
+            self.pool, self.allocator, self.cache = build_arena(arena, planner_of(reduction))
             self.sizes = [self.allocator.size, *(allocator.size for allocator in self.cache.allocators)]
         else:
             self.sizes = pool_sizes(tokens, counts, ratios[: len(counts) - 1])

@@ -18,7 +18,14 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa:
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool  # noqa: E402
 
 from lightkv_adapters.sglang.arena import ArenaAllocator, PageArena  # noqa: E402
-from lightkv_adapters.sglang.pools import ArenaFirstAllocator, LayerGroupAllocator, LayerGroupCache  # noqa: E402
+from lightkv_adapters.sglang.pools import (  # noqa: E402
+    ArenaFirstAllocator,
+    LayerGroupAllocator,
+    LayerGroupCache,
+    arena_allocators,
+    attach_groups,
+    fixed_allocators,
+)
 from lightkv_core.plan import LengthPlan  # noqa: E402
 
 #: Decoder depth of the state machine's model.
@@ -34,26 +41,17 @@ def build_pools(
     """What ``install_pools`` wires up, without K/V storage: SGLang's request-to-token pool, the group-0
     allocator and the cache of groups ``1..`` attached to the pool (``sizes``: slots per group, group 0 first)."""
     pool = ReqToTokenPool(size=ROWS, max_context_len=CONTEXT, device="cpu", enable_memory_saver=False)
-    allocator = LayerGroupAllocator(sizes[0], DTYPE, "cpu", None, need_sort)
-    later = [TokenToKVPoolAllocator(size, DTYPE, "cpu", None, need_sort) for size in sizes[1:]]
-    cache = LayerGroupCache(pool, later, planner, sizes[0])
-    pool.attach_aux_cache(cache)
-    allocator.groups = cache
-    return pool, allocator, cache
+    allocator, later = fixed_allocators(sizes, DTYPE, "cpu", need_sort)
+    return pool, allocator, attach_groups(pool, allocator, later, planner)
 
 
 def build_arena(
-    pages: int, layer_counts: Sequence[int], rows_per_page: int, planner: Callable[[object, int], LengthPlan]
+    arena: PageArena, planner: Callable[[object, int], LengthPlan]
 ) -> tuple[ReqToTokenPool, ArenaFirstAllocator, LayerGroupCache]:
-    """:func:`build_pools` for groups of ``layer_counts`` layers drawing from one arena of ``pages`` pages."""
+    """:func:`build_pools` for layer groups drawing from ``arena``."""
     pool = ReqToTokenPool(size=ROWS, max_context_len=CONTEXT, device="cpu", enable_memory_saver=False)
-    arena = PageArena(pages, layer_counts, rows_per_page)
-    allocator = ArenaFirstAllocator(arena, 0, DTYPE, "cpu", None)
-    later = [ArenaAllocator(arena, group, DTYPE, "cpu", None) for group in range(1, len(layer_counts))]
-    cache = LayerGroupCache(pool, later, planner, allocator.size, arena)
-    pool.attach_aux_cache(cache)
-    allocator.groups = cache
-    return pool, allocator, cache
+    allocator, later = arena_allocators(arena, DTYPE, "cpu", None)
+    return pool, allocator, attach_groups(pool, allocator, later, planner, arena)
 
 
 def halving_planner(req: object, seq_len: int) -> LengthPlan:
