@@ -20,12 +20,14 @@ TEXT_ONLY_TOKENS = 1000
 @dataclass(frozen=True, eq=False)
 class FakeReq:
     """Stands in for SGLang's ``Req``: the prompt (``full_untruncated_fill_ids``), its vision spans (read by the
-    planner), its decode budget and a label for tallies."""
+    planner), its decode budget, a label for tallies and the prefix it matched in a radix tree."""
 
     spans: Sequence[VisionSpan]
     full_untruncated_fill_ids: range
     max_new_tokens: int = 0
     kind: str = ""
+    #: leading prompt tokens matched in a radix tree (their slots are the tree's)
+    prefix_len: int = 0
 
 
 def llava_next_request() -> FakeReq:

@@ -26,6 +26,10 @@ RESERVED_ATTRIBUTE = "lightkv_reserved"
 #: prefill is on): :func:`queued_request_hook` sets it, :func:`admission_hook` honours it.
 WHOLE_PREFILL_ATTRIBUTE = "lightkv_whole_prefill"
 
+#: Attribute set on a SGLang ``Req`` (one with images) that must not reuse a prefix of SGLang's radix tree:
+#: :func:`queued_request_hook` sets it, :func:`prefix_match_hook` honours it.
+NO_PREFIX_ATTRIBUTE = "lightkv_no_prefix"
+
 
 def install_pools_hook(model_runner: object, *args: object, **kwargs: object) -> None:
     """Before ``ModelRunner._init_post_memory_pool_components``: replace the single KV pool the runner just
@@ -40,7 +44,7 @@ def install_pools_hook(model_runner: object, *args: object, **kwargs: object) ->
 def prefill_requests_hook(batch: object, *args: object, **kwargs: object) -> None:
     """Before ``ScheduleBatch.prepare_for_extend``: tell the layer-group pools which requests the rows it is
     about to allocate belong to (their plans size each group's slots)."""
-    from lightkv_adapters.sglang.pools import LayerGroupCache
+    from lightkv_adapters.sglang.group_cache import LayerGroupCache
 
     cache = getattr(batch.req_to_token_pool, "_aux_cache", None)
     if isinstance(cache, LayerGroupCache):
@@ -98,7 +102,7 @@ def _admit_to_groups(original: Callable, adder: object, req: object, *args: obje
         req.set_finish_with_abort(refusal)
         return AddReqResult.CONTINUE
     demand = groups.clip(prompt, max_new)
-    if not groups.fits(demand, reserved):
+    if not groups.make_room(demand, reserved, adder.tree_cache):
         return AddReqResult.NO_TOKEN
     admitted = len(adder.can_run_list)
     result = original(adder, req, *args, **kwargs)
@@ -113,6 +117,10 @@ def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs:
     * if it asks for input-token logprobs (``logprob_start_len`` inside its prompt), it is finished with an abort
       naming why: its vision tokens are merged or dropped during the prefill, so most of the prompt's logprobs do
       not exist. Text-only requests and output logprobs are served as usual;
+    * it stays out of SGLang's radix tree both ways: its KV after the first reduce layer depends on its whole
+      prompt, so nothing of it is inserted (SGLang's ``skip_radix_cache_insert``) and it matches no cached prefix
+      (:data:`NO_PREFIX_ATTRIBUTE`, :func:`prefix_match_hook`), since every reduce layer must see its whole
+      prompt. Text-only requests share prefixes as usual;
     * under chunked prefill it is marked for a whole prefill (:data:`WHOLE_PREFILL_ATTRIBUTE`: every reduce layer
       must see the whole prompt), or, if longer than ``--max-prefill-tokens``, finished with an abort saying so.
       Text-only requests are chunked as usual."""
@@ -128,6 +136,8 @@ def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs:
             "ask for output logprobs only (leave logprob_start_len unset), or use a server without --kv-compress"
         )
         return
+    req.skip_radix_cache_insert = True
+    setattr(req, NO_PREFIX_ATTRIBUTE, True)
     if scheduler.chunked_prefill_size is None or scheduler.chunked_prefill_size <= 0:
         return
     if len(req.origin_input_ids) > scheduler.max_prefill_tokens:
@@ -139,6 +149,20 @@ def queued_request_hook(scheduler: object, req: object, *args: object, **kwargs:
         )
         return
     setattr(req, WHOLE_PREFILL_ATTRIBUTE, True)
+
+
+def prefix_match_hook(
+    original: Callable, tree_cache: object, params: object, *args: object, **kwargs: object
+) -> object:
+    """Around ``UnifiedRadixCache.match_prefix``: a request marked :data:`NO_PREFIX_ATTRIBUTE` gets a miss (SGLang's
+    own ``zero_match_result``); every other lookup is SGLang's."""
+    result = original(tree_cache, params, *args, **kwargs)
+    req = getattr(params, "req", None)
+    if req is None or not getattr(req, NO_PREFIX_ATTRIBUTE, False):
+        return result
+    from sglang.srt.mem_cache.base_prefix_cache import zero_match_result
+
+    return zero_match_result(tree_cache, result, extra_key=req.extra_key)
 
 
 def _finishing(req: object) -> bool:
@@ -185,13 +209,21 @@ def pool_state_hook(result: object, controller: object, *args: object, **kwargs:
 
 def pool_check_hook(result: tuple, checker: object, *args: object, **kwargs: object) -> tuple:
     """After ``SchedulerInvariantChecker._check_all_pools``: the layer-group pools' own conservation check
-    (every slot free or held by exactly one row) joins the scheduler's leak report."""
+    (every slot free, held by exactly one row, or partnered with a group-0 slot) joins the scheduler's leak report.
+    In a shared arena SGLang's check of group 0 (free + cached + held slots == the arena's group-0 slots) is redone
+    counting the pages the later groups hold as held: they are no leak of group 0."""
     cache = getattr(checker.req_to_token_pool, "_aux_cache", None)
     leaks = getattr(cache, "leaks", None)
     if leaks is None:
         return result
     problems = leaks()
     has_leak, messages = result
+    if cache.arena is not None and messages:
+        pool_stats, *rest = args
+        uncached = kwargs.get("uncached", rest[0] if rest else 0)
+        elsewhere = cache.arena.slots_held_elsewhere(0)
+        has_leak, first = checker._check_full_pool(pool_stats, uncached=uncached + elsewhere)
+        messages = [f"{first}, held by the later layer groups' pages={elsewhere}", *messages[1:]]
     return has_leak or bool(problems), [*messages, *problems]
 
 
@@ -210,6 +242,7 @@ POOL_HOOKS = (
         HookType.AFTER,
     ),
     ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", queued_request_hook, HookType.BEFORE),
+    ("sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.match_prefix", prefix_match_hook, HookType.AROUND),
     ("sglang.srt.managers.scheduler.Scheduler.process_batch_result", failed_requests_hook, HookType.BEFORE),
     (
         "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",

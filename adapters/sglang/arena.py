@@ -135,6 +135,10 @@ class PageArena:
         """Most tokens a request holding a slot per token in every group (text only) keeps in the empty arena."""
         return self.most_added([0] * len(self.tokens_per_page), (self.pages - 1) * min(self.tokens_per_page))
 
+    def slots_held_elsewhere(self, group: int) -> int:
+        """Slots ``group`` would have in the pages the other groups hold."""
+        return int((self.owner.cpu() >= 0).sum() - (self.owner.cpu() == group).sum()) * self.tokens_per_page[group]
+
     def group_slots(self, group: int) -> torch.Tensor:
         """(n,) int64 on the CPU, ascending: the slots of the pages ``group`` holds."""
         pages = torch.nonzero(self.owner.cpu() == group).flatten()

@@ -23,11 +23,11 @@ TESTED_SGLANG = ("0.5.23",)
 
 def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
     """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
-    compression can shorten: prompts with images in one piece (chunked prefill splits text-only ones only), on
-    one GPU, without CUDA graphs, overlap scheduling, prefix caching, mixed prefill-decode forwards or speculative
-    decoding, on an attention backend that takes per-layer KV lengths. Reads the
-    arguments as given (before SGLang resolves them): an argument left to SGLang's automatic choice counts as
-    incompatible where that choice can be.
+    compression can shorten: prompts with images in one piece (chunked prefill splits text-only ones only; the
+    radix cache keeps them out), without CUDA graphs, overlap scheduling, pipeline or data-parallel attention ranks,
+    mixed prefill-decode forwards or speculative decoding, on an attention backend that takes per-layer KV
+    lengths. Reads the arguments as given (before SGLang resolves them): an argument left to SGLang's automatic
+    choice counts as incompatible where that choice can be.
 
     Raises:
         ValueError listing every problem with the flag (and ``Engine`` keyword) that fixes it.
@@ -49,11 +49,6 @@ def _problems(server_args: ServerArgs) -> Iterator[str]:
             f"SGLang {sglang.__version__} is not a release this plugin is tested with ({', '.join(TESTED_SGLANG)}); "
             "the plugin patches SGLang's scheduler, memory pools and model runner, and on other internals it "
             f"could keep a wrong KV layout without an error; install sglang=={TESTED_SGLANG[-1]}"
-        )
-    if not server_args.disable_radix_cache:
-        yield (
-            "the radix (prefix) cache is on (the default), and one prompt's compressed KV cannot be another's "
-            "prefix; pass --disable-radix-cache (Engine: disable_radix_cache=True)"
         )
     yield from _chunked_prefill_problems(server_args)
     yield from _cuda_graph_problems(server_args)

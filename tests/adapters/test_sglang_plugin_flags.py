@@ -40,7 +40,7 @@ def test_help_lists_the_flags(plugins_loaded, capsys):
     assert "--kv-compress {none,lightkv,fastv}" in help_text
     for flag in ("--kv-compress-layers", "--kv-compress-windows", "--kv-compress-ratios"):
         assert flag in help_text
-    assert "Needs --disable-radix-cache" in help_text
+    assert "Needs --cuda-graph-backend-decode disabled" in help_text
 
 
 def test_prepare_server_args_attaches_the_settings(plugins_loaded):
@@ -109,13 +109,13 @@ def test_incompatible_server_arguments_stop_prepare_server_args(plugins_loaded):
     with pytest.raises(ValueError, match="--kv-compress lightkv cannot run") as error:
         sglang_server_args.prepare_server_args(["--model-path", "m", "--kv-compress", "lightkv"])
     for fix in (
-        "--disable-radix-cache",
         "--cuda-graph-backend-decode disabled",
         "--disable-overlap-schedule",
         "--attention-backend triton (GPU) or torch_native (CPU)",
     ):
         assert fix in str(error.value)
-    assert "chunked" not in str(error.value)  # chunked prefill is on by default and runs
+    # chunked prefill and the radix cache are on by default and run
+    assert "chunked" not in str(error.value) and "radix" not in str(error.value)
 
 
 # --- Engine ---------------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_engine_attaches_settings_to_given_server_args(engine_calls):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"kv_compress": "lightkv"}, ValueError, "pass --disable-radix-cache"),
+        ({"kv_compress": "lightkv"}, ValueError, "pass --disable-overlap-schedule"),
         (
             {"kv_compress": "lightkv", "kv_compress_layers": [2.5], **COMPATIBLE},
             ValueError,

@@ -65,6 +65,7 @@ class FakeAdder:
     running_batch: SimpleNamespace | None = None
     can_run_list: list = field(default_factory=list)
     rem_chunk_tokens: int | None = None
+    tree_cache: object | None = None  # SGLang's radix tree (None: no prefix cache to evict from)
 
     def _get_running_request_total_token_offset(self, req: HookReq) -> int:
         """Tokens a running request may still decode (SGLang scales them by its decode-ratio estimate)."""

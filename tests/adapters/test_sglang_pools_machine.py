@@ -1,14 +1,13 @@
 """Layer-group KV pools (``lightkv_adapters.sglang.pools``) on SGLang's real classes (CPU), property-based: a
 Hypothesis state machine drives SGLang's ``ReqToTokenPool`` and token allocators through admissions, reductions,
-decodes, finishes, aborts and over-allocations the way SGLang's scheduler does, checking slot conservation after
+decodes, finishes, aborts and over-allocations the way SGLang's scheduler does, with a radix tree that keeps
+finished text-only requests, lends their prefixes to new ones and evicts them, checking slot conservation after
 every step.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,75 +22,13 @@ from lightkv_adapters.sglang import cpu_env  # noqa: E402
 
 cpu_env.install()
 
+from helpers.pool_machine import MAX_NEW, METHODS, Cached, Running, Tree, planner_of, requests  # noqa: E402
 from helpers.sglang_pools import CONTEXT, NUM_LAYERS, assert_conserved, build_arena, build_pools  # noqa: E402
 
 from lightkv_adapters.sglang.arena import PageArena  # noqa: E402
 from lightkv_adapters.sglang.fixed_pools import pool_sizes  # noqa: E402
 from lightkv_adapters.sglang.pools import group_demand, layer_groups  # noqa: E402
-from lightkv_core.config import PRESET_DEPTHS, LightKVConfig  # noqa: E402
-from lightkv_core.methods import FastV, LightKV, PrefillReduction  # noqa: E402
-from lightkv_core.plan import LengthPlan  # noqa: E402
-from lightkv_core.spans import VisionSpan  # noqa: E402
 from lightkv_perf.capacity_requests import FakeReq  # noqa: E402
-
-#: Methods the state machine plans with: LightKV schedules scaled to ``NUM_LAYERS`` (LLaVA's windows nest, so
-#: its plans are mostly exact; Qwen2.5-VL's 6-4-2 windows do not, so many of its plans are only bounds) and FastV.
-METHODS: dict[str, PrefillReduction] = {
-    "lightkv-llava": LightKV(LightKVConfig.preset("llava-1.5").scaled_to(NUM_LAYERS, PRESET_DEPTHS["llava-1.5"])),
-    "lightkv-qwen": LightKV(LightKVConfig.preset("qwen2.5-vl").scaled_to(NUM_LAYERS, PRESET_DEPTHS["qwen2.5-vl"])),
-    "fastv": FastV(2, 0.5),
-}
-#: Most tokens a state-machine request decodes.
-MAX_NEW = 128
-
-
-# --- the state machine -------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Running:
-    """A request holding a row, as the test expects the pools to hold it."""
-
-    req: FakeReq
-    row: int
-    plan: LengthPlan
-    #: tokens (slots) in group 0
-    seq_len: int
-    #: group-0 slots, from ``ReqToTokenPool.req_to_token``
-    full_slots: torch.Tensor
-    #: tokens each later group holds
-    held: list[int]
-    #: slots each later group holds, from the cache's tables
-    group_slots: list[torch.Tensor]
-    generated: int = 0
-    reduced: bool = False
-
-    @property
-    def remaining(self) -> int:
-        """Tokens the request may still decode."""
-        return self.req.max_new_tokens - self.generated
-
-
-@st.composite
-def requests(draw: st.DrawFn) -> FakeReq:
-    """A prompt of one or two images of 8..24 tokens per side, with text before, between and after them."""
-    position = draw(st.integers(0, 20))
-    spans = []
-    for _ in range(draw(st.integers(1, 2))):
-        rows, cols = draw(st.integers(8, 24)), draw(st.integers(8, 24))
-        spans.append(VisionSpan(position, position + rows * cols, rows, cols))
-        position += rows * cols + draw(st.integers(0, 10))
-    seq_len = position + draw(st.integers(1, 40))
-    return FakeReq(spans, range(seq_len), draw(st.integers(1, MAX_NEW)))
-
-
-def planner_of(method: PrefillReduction) -> Callable[[FakeReq, int], LengthPlan]:
-    """The cache's planner for ``method``: the request's spans in a prompt of ``seq_len`` tokens."""
-
-    def plan(req: FakeReq, seq_len: int) -> LengthPlan:
-        return method.plan_lengths(req.spans, seq_len)
-
-    return plan
 
 
 class LayerGroupPoolsMachine(RuleBasedStateMachine):
@@ -123,6 +60,7 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
             self.pool, self.allocator, self.cache = build_pools(self.sizes, planner_of(reduction), need_sort)
         self.arena = self.cache.arena
         self.running: list[Running] = []
+        self.tree = Tree(self.allocator)
         self.admit(reqs)
 
     # ---- rules ----------------------------------------------------------------------------------------------
@@ -143,6 +81,10 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
             assert group_demand(self.cache, req, req.max_new_tokens) == demand
             fits = self._fits(demand, reserved)
             assert self.cache.fits(demand, reserved) == fits
+            if not fits and self.tree.evictable_size():
+                # the pools evict cached text until the request fits, or nothing evictable is left
+                fits = self.cache.make_room(demand, reserved, self.tree)
+                assert fits == self._fits(demand, reserved) and (fits or not self.tree.evictable_size())
             if (
                 not fits
                 or len(batch) == self.pool.available_size()
@@ -214,14 +156,64 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
                 running.group_slots[group] = grown
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def finish(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), cache=st.booleans())
+    def finish(self, data: st.DataObject, cache: bool) -> None:
         """A request ends (stop token or budget spent; its prefill forward first, where it has not run) and
-        SGLang frees its slots and row."""
+        SGLang frees its slots and row, or (``cache``, a text-only request that reused no prefix) the radix tree
+        keeps its group-0 slots and frees the row."""
         running = data.draw(st.sampled_from(self.running))
         if not running.reduced:
             self._reduce(running, data)
-        self._release(running)
+        if cache and running.shared and running.cached is None:
+            self.tree.entries.append(Cached(running.full_slots.clone(), [s.clone() for s in running.group_slots]))
+            self._release(running, keep=running.seq_len)
+        else:
+            self._release(running)
+
+    @precondition(lambda self: self.tree.entries and self.pool.available_size() > 0)
+    @rule(data=st.data(), extra=st.integers(1, 40), max_new=st.integers(1, MAX_NEW))
+    def admit_cached(self, data: st.DataObject, extra: int, max_new: int) -> None:
+        """A text-only request whose first ``prefix`` tokens match a cached entry: its row starts with the entry's
+        group-0 slots, and it gets the same later-group slots the cached request had (their partners), plus
+        fresh ones for its ``extra`` tokens. Admitted if every group has room for ``extra`` tokens and its decode
+        budget (evicting other entries if needed)."""
+        cached = data.draw(st.sampled_from(self.tree.entries))
+        prefix = data.draw(st.integers(1, cached.slots.numel()))
+        req = FakeReq((), range(prefix + extra), max_new, prefix_len=prefix)
+        demand = group_demand(self.cache, req, max_new)
+        assert demand == [extra + max_new + 1] * len(self.sizes)
+        reserved = [sum(running.remaining for running in self.running)] * len(self.sizes)
+        cached.locks += 1  # the match locks the entry, so making room cannot evict it
+        if not self.cache.make_room(demand, reserved, self.tree) or extra > self.allocator.available_size():
+            cached.locks -= 1
+            return
+        (row,) = self.pool.alloc_rows(1)
+        fresh = self.allocator.alloc(extra)
+        full_slots = torch.cat([cached.slots[:prefix], fresh])
+        self.pool.req_to_token[row, : prefix + extra] = full_slots.to(torch.int32)
+        self.cache.expect([req])
+        self.pool.alloc_aux_to_lengths(
+            req_pool_indices_cpu=torch.tensor([row]), target_seq_lens_cpu=torch.tensor([prefix + extra])
+        )
+        plan = self.cache.planner(req, prefix + extra)
+        group_slots = [table[row, : prefix + extra].clone() for table in self.cache.tables]
+        for slots, before in zip(group_slots, cached.group_slots, strict=True):
+            assert torch.equal(slots[:prefix], before[:prefix]), "a reused prefix got other later-group slots"
+        held = [prefix + extra] * len(self.cache.tables)
+        self.running.append(
+            Running(req, row, plan, prefix + extra, full_slots, held, group_slots, 0, False, prefix, cached)
+        )
+
+    @precondition(lambda self: any(not entry.locks for entry in self.tree.entries))
+    @rule(data=st.data())
+    def evict(self, data: st.DataObject) -> None:
+        """The tree evicts an entry no running request uses: its group-0 slots, and their partners in every later
+        group, are free again."""
+        entry = data.draw(st.sampled_from([entry for entry in self.tree.entries if not entry.locks]))
+        free = self.cache.available()
+        self.tree.drop(entry)
+        if self.arena is None:
+            assert self.cache.available() == [before + entry.slots.numel() for before in free]
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -271,13 +263,12 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
     def slots_are_conserved(self) -> None:
         """In every pool (group 0 with SGLang's table, later groups with the cache's), free slots plus the rows'
         slots make up the pool, each slot once."""
-        assert_conserved(self.allocator, [self.pool.req_to_token[run.row, : run.seq_len] for run in self.running])
+        cached = [entry.slots for entry in self.tree.entries]
+        rows = [self.pool.req_to_token[run.row, run.prefix : run.seq_len] for run in self.running]
+        assert_conserved(self.allocator, [*rows, *cached])
         for group, allocator in enumerate(self.cache.allocators):
-            lengths = self.cache.lengths[group].tolist()
-            if self.arena is None:
-                assert allocator.available_size() + sum(lengths) == allocator.size
-            table = self.cache.tables[group]
-            assert_conserved(allocator, [table[row, :length] for row, length in enumerate(lengths)])
+            rows = [self.cache.tables[group][run.row, run.prefix : run.held[group]] for run in self.running]
+            assert_conserved(allocator, [*rows, *(entry.group_slots[group] for entry in self.tree.entries)])
 
     @invariant()
     def rows_hold_what_was_allocated(self) -> None:
@@ -308,9 +299,11 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
         assert not self.allocator.check_decode_capacity(num_tokens=largest + 1, tree_cache=None)
 
     def teardown(self) -> None:
-        """Every request released: every pool is back to all of its slots."""
+        """Every request released and every cached entry evicted: every pool is back to all of its slots."""
         for running in list(self.running):
             self._release(running)
+        for entry in list(self.tree.entries):
+            self.tree.drop(entry)
         assert self.allocator.available_size() == self.sizes[0]
         assert self.cache.available() == self.sizes[1:]
         assert self.cache.leaks() == []
@@ -349,15 +342,21 @@ class LayerGroupPoolsMachine(RuleBasedStateMachine):
             running.group_slots[group - 1] = running.group_slots[group - 1][:kept]
         running.reduced = True
 
-    def _release(self, running: Running) -> None:
-        """What SGLang does when a request leaves: its group-0 slots back to the allocator, its row (and with
-        it the row's slots in every later group) back to the request pool."""
+    def _release(self, running: Running, keep: int = 0) -> None:
+        """What SGLang does when a request leaves: its group-0 slots (but the prefix it borrowed from the tree,
+        and the ``keep`` first ones the tree takes over) back to the allocator, its row (and with it the row's
+        slots in every later group, or, for a text-only row, the partners of the group-0 slots freed) back to the
+        request pool."""
         free = self.cache.available()
-        self.allocator.free(self.pool.req_to_token[running.row, : running.seq_len].to(torch.int64))
+        start = max(running.prefix, keep)
+        self.allocator.free(self.pool.req_to_token[running.row, start : running.seq_len].to(torch.int64))
         self.pool.free_rows([running.row])
         self.running.remove(running)
+        if running.cached is not None:
+            running.cached.locks -= 1
         if self.arena is None:
-            assert self.cache.available() == [before + held for before, held in zip(free, running.held, strict=True)]
+            back = [held - start if running.shared else held for held in running.held]
+            assert self.cache.available() == [before + n for before, n in zip(free, back, strict=True)]
 
 
 TestLayerGroupPools = LayerGroupPoolsMachine.TestCase

@@ -23,7 +23,7 @@ from lightkv_core.prefill import at_default_scale, survivor_columns
 from lightkv_core.shards import HeadShards
 
 if TYPE_CHECKING:
-    from lightkv_adapters.sglang.pools import LayerGroupCache
+    from lightkv_adapters.sglang.group_cache import LayerGroupCache
 
 
 class _GroupTable:
