@@ -29,8 +29,19 @@ def assert_pools_free(live) -> None:
     assert all_free(state), state
 
 
+def flush_radix_cache(live) -> None:
+    """SGLang's radix cache emptied (``/flush_cache``, which waits until no request runs); nothing to do on a
+    server without it."""
+    if not live.config.radix_cache:
+        return
+    status, out = live.server.post(f"/flush_cache?timeout={RELEASE_TIMEOUT_S}", {})
+    assert status == 200, out
+
+
 def wait_pools_free(live) -> list[dict]:
-    """Every pool back at its free count within :data:`RELEASE_TIMEOUT_S`; returns the pools."""
+    """Every pool back at its free count within :data:`RELEASE_TIMEOUT_S` (with the radix cache on, once the
+    cache is flushed: it keeps text-only prompts); returns the pools."""
+    flush_radix_cache(live)
     deadline = time.monotonic() + RELEASE_TIMEOUT_S
     while True:
         state = pool_state(live)

@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "tests" / "live" / "site"
 SIDE_FOLDER = ROOT / ".venv" / "sglang-live"
 READY_LINE = "The server is fired up and ready to roll!"
-#: Server arguments of every live server (the ones --kv-compress requires, on SGLang's CPU engine).
+#: Server arguments of every live server (the ones --kv-compress requires, on SGLang's CPU engine; each
+#: configuration says whether the radix cache is on).
 CPU_ARGS = (
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--disable-cuda-graph",
-    "--disable-radix-cache",
     "--disable-overlap-schedule",
     "--chunked-prefill-size", "-1",
     "--mem-fraction-static", "0.05",

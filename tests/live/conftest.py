@@ -34,16 +34,20 @@ CHUNK_TOKENS = 32
 
 @dataclass(frozen=True)
 class Config:
-    """A server configuration: the model family, the ``--kv-compress`` method and further server arguments."""
+    """A server configuration: the model family, the ``--kv-compress`` method, further server arguments and
+    environment, and whether SGLang's radix cache is on (off unless a test is about it: a request's answer then
+    does not depend on what the server served before)."""
 
     family: str
     method: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    radix_cache: bool = False
 
     def server_args(self) -> tuple[str, ...]:
         method = () if self.method == "none" else ("--kv-compress", self.method)
-        return (*method, *self.args)
+        radix = () if self.radix_cache else ("--disable-radix-cache",)
+        return (*method, *radix, *self.args)
 
 
 CONFIGS = {
@@ -58,6 +62,14 @@ CONFIGS = {
     # are split while prompts with images are prefilled whole, up to 400 tokens
     "qwen-chunked": Config(
         "qwen2.5-vl", "lightkv", ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400")
+    ),
+    # the radix cache on, with the chunked prefill of qwen-chunked: text-only prompts share cached prefixes, prompts
+    # with images stay out of the tree
+    "qwen-radix": Config(
+        "qwen2.5-vl",
+        "lightkv",
+        ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400"),
+        radix_cache=True,
     ),
     # tensor parallelism over two CPU processes (gloo), one core each (SGLang's CPU engine needs the binding when
     # there are more ranks than NUMA nodes)

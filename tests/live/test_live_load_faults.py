@@ -58,7 +58,8 @@ def _agrees(tokens: list[int], alone: dict) -> bool:
     return len(tokens) == len(expected)
 
 
-@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-chunked"], indirect=True)
+#: qwen-radix runs chunked prefill and the radix cache: text chunks, whole image prompts and cached prefixes mix
+@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-radix"], indirect=True)
 def test_concurrent_mixed_load(live):
     tokenizer = live.tokenizer
     before = pool_state(live)["pools"]
