@@ -1,8 +1,7 @@
 """``sglang.Engine`` with the ``--kv-compress*`` settings as keyword arguments.
 
     from lightkv_adapters.sglang.engine import Engine
-    engine = Engine(model_path="Qwen/Qwen2.5-VL-7B-Instruct", kv_compress="lightkv",
-                    disable_overlap_schedule=True, attention_backend="triton",
+    engine = Engine(model_path="Qwen/Qwen2.5-VL-7B-Instruct", kv_compress="lightkv", attention_backend="triton",
                     cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled")
 
 SGLang's own ``Engine(**kwargs)`` passes every keyword to ``ServerArgs``, which has no ``kv_compress`` field.

@@ -24,8 +24,8 @@ TESTED_SGLANG = ("0.5.23",)
 def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
     """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
     compression can shorten: prompts with images in one piece (chunked prefill splits text-only ones only; the
-    radix cache keeps them out), without CUDA graphs, overlap scheduling, pipeline or data-parallel attention ranks,
-    mixed prefill-decode forwards or speculative decoding, on an attention backend that takes per-layer KV
+    radix cache keeps them out), without CUDA graphs, pipeline or data-parallel attention ranks, mixed
+    prefill-decode forwards or speculative decoding, on an attention backend that takes per-layer KV
     lengths. Reads the arguments as given (before SGLang resolves them): an argument left to SGLang's automatic
     choice counts as incompatible where that choice can be.
 
@@ -52,11 +52,6 @@ def _problems(server_args: ServerArgs) -> Iterator[str]:
         )
     yield from _chunked_prefill_problems(server_args)
     yield from _cuda_graph_problems(server_args)
-    if not server_args.disable_overlap_schedule:
-        yield (
-            "overlap scheduling is on (the default); pass --disable-overlap-schedule "
-            "(Engine: disable_overlap_schedule=True)"
-        )
     yield from _attention_backend_problems(server_args)
     if server_args.pp_size > 1:
         yield (

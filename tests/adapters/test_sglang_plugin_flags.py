@@ -110,12 +110,11 @@ def test_incompatible_server_arguments_stop_prepare_server_args(plugins_loaded):
         sglang_server_args.prepare_server_args(["--model-path", "m", "--kv-compress", "lightkv"])
     for fix in (
         "--cuda-graph-backend-decode disabled",
-        "--disable-overlap-schedule",
         "--attention-backend triton (GPU) or torch_native (CPU)",
     ):
         assert fix in str(error.value)
-    # chunked prefill and the radix cache are on by default and run
-    assert "chunked" not in str(error.value) and "radix" not in str(error.value)
+    # chunked prefill, the radix cache and the overlap scheduler are on by default and run
+    assert all(word not in str(error.value) for word in ("chunked", "radix", "overlap"))
 
 
 # --- Engine ---------------------------------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ def test_engine_attaches_settings_to_given_server_args(engine_calls):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"kv_compress": "lightkv"}, ValueError, "pass --disable-overlap-schedule"),
+        ({"kv_compress": "lightkv"}, ValueError, "pass --cuda-graph-backend-decode disabled"),
         (
             {"kv_compress": "lightkv", "kv_compress_layers": [2.5], **COMPATIBLE},
             ValueError,

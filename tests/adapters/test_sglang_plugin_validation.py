@@ -39,7 +39,6 @@ from lightkv_adapters.sglang.validation import validate  # noqa: E402
             },
             "(decode: full); pass --cuda-graph-backend-decode disabled and no other backend in --cuda-graph-config",
         ),
-        ({"disable_overlap_schedule": False}, "pass --disable-overlap-schedule"),
         ({"attention_backend": None}, "the prefill and decode attention backend is left to SGLang's automatic choice"),
         ({"attention_backend": "flashinfer"}, "--attention-backend flashinfer is not supported"),
         ({"prefill_attention_backend": "fa3"}, "--prefill-attention-backend fa3 is not supported"),
@@ -67,6 +66,7 @@ def test_each_incompatibility_names_its_fix(fields, message):
     [
         {},
         {"disable_radix_cache": False},
+        {"disable_overlap_schedule": False},
         {"chunked_prefill_size": 8192, "context_length": 8192},
         {"chunked_prefill_size": None},
         {"chunked_prefill_size": 8192},
@@ -115,4 +115,4 @@ def test_an_untested_sglang_is_refused_only_when_compression_is_on(monkeypatch):
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as error:
         validate(ServerArgs(model_path="m", tp_size=2, speculative_algorithm="EAGLE"), LIGHTKV)
-    assert str(error.value).count("\n  - ") == 4  # CUDA graph, overlap, attention, speculative
+    assert str(error.value).count("\n  - ") == 3  # CUDA graph, attention, speculative

@@ -31,7 +31,6 @@ CPU_ARGS = (
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--disable-cuda-graph",
-    "--disable-overlap-schedule",
     "--chunked-prefill-size", "-1",
     "--mem-fraction-static", "0.05",
     "--max-total-tokens", "4096",

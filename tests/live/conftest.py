@@ -35,19 +35,21 @@ CHUNK_TOKENS = 32
 @dataclass(frozen=True)
 class Config:
     """A server configuration: the model family, the ``--kv-compress`` method, further server arguments and
-    environment, and whether SGLang's radix cache is on (off unless a test is about it: a request's answer then
-    does not depend on what the server served before)."""
+    environment, and whether SGLang's radix cache and overlap scheduler are on (off unless a test is about them:
+    a request's answer then does not depend on what the server served before)."""
 
     family: str
     method: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     radix_cache: bool = False
+    overlap: bool = False
 
     def server_args(self) -> tuple[str, ...]:
         method = () if self.method == "none" else ("--kv-compress", self.method)
         radix = () if self.radix_cache else ("--disable-radix-cache",)
-        return (*method, *radix, *self.args)
+        overlap = () if self.overlap else ("--disable-overlap-schedule",)
+        return (*method, *radix, *overlap, *self.args)
 
 
 CONFIGS = {
@@ -70,6 +72,15 @@ CONFIGS = {
         "lightkv",
         ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400"),
         radix_cache=True,
+    ),
+    # SGLang's overlap scheduler (batch N+1 prepared while batch N runs), with the radix cache and chunked prefill
+    # of qwen-radix: SGLang's defaults but for the attention backend and CUDA graphs
+    "qwen-overlap": Config(
+        "qwen2.5-vl",
+        "lightkv",
+        ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400"),
+        radix_cache=True,
+        overlap=True,
     ),
     # tensor parallelism over two CPU processes (gloo), one core each (SGLang's CPU engine needs the binding when
     # there are more ranks than NUMA nodes)

@@ -58,8 +58,9 @@ def _agrees(tokens: list[int], alone: dict) -> bool:
     return len(tokens) == len(expected)
 
 
-#: qwen-radix runs chunked prefill and the radix cache: text chunks, whole image prompts and cached prefixes mix
-@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-radix"], indirect=True)
+#: qwen-overlap runs the overlap scheduler, chunked prefill and the radix cache: text chunks, whole image prompts and
+#: cached prefixes mix, with each batch prepared while the previous one runs
+@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-overlap"], indirect=True)
 def test_concurrent_mixed_load(live):
     tokenizer = live.tokenizer
     before = pool_state(live)["pools"]

@@ -162,3 +162,21 @@ def test_radix_cache_gives_way_to_a_prompt_that_needs_its_memory(live):
     assert "Scheduler hit an exception" not in live.server.log_text()
     assert "memory leak" not in live.server.log_text()
     wait_pools_free(live)
+
+
+@pytest.mark.parametrize("live", ["qwen-overlap"], indirect=True)
+def test_overlap_scheduler_answers_batches_prepared_while_one_runs(live):
+    """Under SGLang's overlap scheduler each batch's slots in every layer group are allocated while the previous
+    batch runs, and a batch's results (finishes, trims' effects, the radix tree's inserts) are processed after the
+    next one starts: the correctness prompts sent three times each, all at once, are each answered as the
+    Transformers adapter answers them alone, and every page comes back."""
+    status, info = live.server.get("/server_info")
+    assert status == 200 and info["disable_overlap_schedule"] is False, info
+    prompts = CORRECTNESS_PROMPTS[live.config.family] * 3
+    expected = live.reference() * 3
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda prompt: live.server.post("/generate", prompt.generate(live.tokenizer)), prompts))
+    for prompt, (status, out), want in zip(prompts, answers, expected, strict=True):
+        assert status == 200 and out["output_ids"] == want["tokens"], (prompt, out)
+    assert "Scheduler hit an exception" not in live.server.log_text()
+    wait_pools_free(live)
