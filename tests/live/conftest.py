@@ -28,7 +28,7 @@ from helpers.live_server import LiveServer, live_env  # noqa: E402
 #: The image grid (rows x cols of merged tokens) whose prefill the servers' fault injector fails
 #: (``LIGHTKV_LIVE_FAULT_GRID``, tests/live/site/sitecustomize.py): a 392 x 56-pixel Qwen image.
 FAULT_GRID = (2, 14)
-#: Chunk size of the ``qwen-chunked`` server.
+#: Chunk size of the ``qwen-radix`` and ``qwen-overlap`` servers.
 CHUNK_TOKENS = 32
 
 
@@ -61,12 +61,8 @@ CONFIGS = {
     "llava-lightkv": Config("llava", "lightkv", ("--kv-compress-pool-ratios", "0.5,0.3,0.025")),
     "llava-fastv": Config("llava", "fastv"),
     # production settings (test_live_settings.py): chunked prefill with 32-token chunks, so that text-only prompts
-    # are split while prompts with images are prefilled whole, up to 400 tokens
-    "qwen-chunked": Config(
-        "qwen2.5-vl", "lightkv", ("--chunked-prefill-size", str(CHUNK_TOKENS), "--max-prefill-tokens", "400")
-    ),
-    # the radix cache on, with the chunked prefill of qwen-chunked: text-only prompts share cached prefixes, prompts
-    # with images stay out of the tree
+    # are split while prompts with images are prefilled whole, up to 400 tokens; and the radix cache on: text-only
+    # prompts share cached prefixes, prompts with images stay out of the tree
     "qwen-radix": Config(
         "qwen2.5-vl",
         "lightkv",

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.live_server
 LOGPROB_ATOL = 1e-3
 BASE = ["qwen-none", "qwen-lightkv", "qwen-fastv", "llava-none", "llava-lightkv", "llava-fastv"]
 #: the production settings answer through ``/generate``; the chat route is the same code after the request is parsed
-ALL = [*BASE, "qwen-chunked", "qwen-radix", "qwen-overlap", "qwen-tp2", "qwen-triton"]
+ALL = [*BASE, "qwen-radix", "qwen-overlap", "qwen-tp2", "qwen-triton"]
 
 
 @pytest.mark.parametrize("live", ALL, indirect=True)

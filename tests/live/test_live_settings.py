@@ -3,7 +3,7 @@
 Transformers adapter gives; an image prompt past ``--max-prefill-tokens`` is refused alone. The radix cache reuses
 text-only prefixes (SGLang's own hit counts), keeps prompts with images out, and gives way to a prompt that needs
 its memory. Tensor parallelism answers as one rank. The shared load and correctness tests run on the same servers
-(``qwen-chunked``, ``qwen-radix``, ``qwen-tp2`` in their lists). The shared arena of KV pages (every compressed
+(``qwen-radix``, ``qwen-overlap``, ``qwen-tp2`` in their lists). The shared arena of KV pages (every compressed
 server but ``llava-lightkv``) serves a text-only prompt of most of the memory."""
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def prefills_of(live, post: dict, path: str = "/generate") -> tuple[dict, list[t
     return out, [(int(seqs), int(tokens)) for seqs, tokens in PREFILL_LINE.findall(live.server.log_text()[before:])]
 
 
-@pytest.mark.parametrize("live", ["qwen-chunked"], indirect=True)
+@pytest.mark.parametrize("live", ["qwen-radix"], indirect=True)
 def test_chunked_prefill_splits_text_only_prompts_and_keeps_images_whole(live):
     """With 32-token chunks: the text-only prompt runs in several prefill forwards of at most 32 tokens, each prompt
-    with images in one forward of all its tokens, and every answer equals the Transformers adapter's."""
+    with images in one forward of all its tokens, and every answer equals the Transformers adapter's (on an empty
+    radix cache, so that no prefix is reused)."""
+    flush_radix_cache(live)
     image_one, image_two, text = CORRECTNESS_PROMPTS[live.config.family]
     for prompt, expected in zip((image_one, image_two, text), live.reference(), strict=True):
         out, prefills = prefills_of(live, prompt.generate(live.tokenizer))
@@ -53,7 +55,7 @@ def test_chunked_prefill_splits_text_only_prompts_and_keeps_images_whole(live):
     assert "Scheduler hit an exception" not in live.server.log_text()
 
 
-@pytest.mark.parametrize("live", ["qwen-chunked"], indirect=True)
+@pytest.mark.parametrize("live", ["qwen-radix"], indirect=True)
 def test_chunked_prefill_refuses_an_image_prompt_past_max_prefill_tokens(live):
     """Three 448x448 images (768 vision tokens) cannot be prefilled whole within ``--max-prefill-tokens 400``: the
     request gets one line naming the flag, and the server goes on serving."""
