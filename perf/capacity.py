@@ -5,10 +5,12 @@ A simulation of KV slots over SGLang's real request pool and allocators and the 
 is allocated. Three ways to hold the slots are compared on the same memory: one pool (stock SGLang), fixed pools per
 layer group at the plugin's former default ratios, and the groups drawing pages from one shared arena (the plugin's
 default). Mixes of LLaVA-NeXT-like and text-only requests are admitted until full, decoded, freed and checked for
-leaks; a trace shifting from images to text is served step by step. The model, mixes, limits and recorded numbers
-are in perf/README.md (SGLang capacity).
+leaks; a trace shifting from images to text is served step by step. Both again with SGLang's radix cache on and a
+system prompt every request shares (one pool reuses it for every request, the layer groups for text-only ones). The
+model, mixes, limits and recorded numbers are in perf/README.md (SGLang capacity).
 
-    .venv/bin/python perf/capacity.py [--budget-gib 40] [--max-new-tokens 128] [--trace-requests 240] [--out DIR]
+    .venv/bin/python perf/capacity.py [--budget-gib 40] [--max-new-tokens 128] [--trace-requests 240]
+        [--system-prompt-tokens 200] [--out DIR]
 
 Writes ``capacity.json`` and ``.png`` to ``--out`` (default: the results folder, ``$LIGHTKV_RESULTS_DIR`` or
 ``~/.cache/lightkv/results``; the committed ones with ``--out perf/results``); about a minute on 2 CPU cores.
@@ -37,7 +39,7 @@ from lightkv_core.errors import UsageError  # noqa: E402
 from lightkv_core.methods import LightKV  # noqa: E402
 from lightkv_core.run_record import RESULTS_HELP, git_commit, output_dir  # noqa: E402
 from lightkv_perf.capacity_plot import plot  # noqa: E402
-from lightkv_perf.capacity_requests import SHAPE, llava_next_request, text_request  # noqa: E402
+from lightkv_perf.capacity_requests import SHAPE, llava_next_request, text_request, with_system_prompt  # noqa: E402
 from lightkv_perf.capacity_sim import LAYOUTS, SlotSim, fill, serve, shifting_trace, static_default_ratios  # noqa: E402
 
 GIB = 1 << 30
@@ -65,8 +67,8 @@ def run(args: argparse.Namespace) -> dict:
     stock_tokens = budget // token_bytes
     max_new = args.max_new_tokens
 
-    def sim(layout: str, tokens: int = stock_tokens) -> SlotSim:
-        return SlotSim(layout, tokens, method, NUM_LAYERS, ratios)
+    def sim(layout: str, tokens: int = stock_tokens, cached_prefix: int = 0) -> SlotSim:
+        return SlotSim(layout, tokens, method, NUM_LAYERS, ratios, cached_prefix=cached_prefix)
 
     mixes = {}
     for name, cycle in MIXES.items():
@@ -89,6 +91,24 @@ def run(args: argparse.Namespace) -> dict:
             f"{served[layout]['steps']} decode steps",
             flush=True,
         )
+
+    system = args.system_prompt_tokens
+    radix = {"system_prompt_tokens": system}
+    for name, cycle in MIXES.items():
+        prompted = tuple(with_system_prompt(req, system) for req in cycle)
+        radix[name] = {
+            layout: fill(sim(layout, cached_prefix=system), prompted, max_new)["requests"] for layout in LAYOUTS
+        }
+        print(f"radix cache on, {name}: " + ", ".join(f"{k} {v}" for k, v in radix[name].items()), flush=True)
+    prompted_trace = [with_system_prompt(req, system) for req in trace]
+    radix["shifting trace"] = {
+        layout: serve(sim(layout, cached_prefix=system), prompted_trace, max_new) for layout in LAYOUTS
+    }
+    print(
+        "radix cache on, shifting trace: "
+        + ", ".join(f"{k} {v['mean_held']} held, {v['steps']} steps" for k, v in radix["shifting trace"].items()),
+        flush=True,
+    )
 
     budget_sweep = []
     for gib in sorted({*SWEEP_GIB, args.budget_gib}):
@@ -122,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "sglang-capacity",
         "requests": {name: {layout: mixes[name][layout]["requests"] for layout in LAYOUTS} for name in MIXES}
         | {"shifting trace (mean held)": {layout: served[layout]["mean_held"] for layout in LAYOUTS}},
+        "requests_with_radix_cache": {name: radix[name] for name in MIXES}
+        | {"shifting trace (mean held)": {layout: radix["shifting trace"][layout]["mean_held"] for layout in LAYOUTS}},
         "settings": {
             "budget_bytes": budget,
             "budget_gib": args.budget_gib,
@@ -151,11 +173,15 @@ def run(args: argparse.Namespace) -> dict:
             "max_new_tokens": max_new,
             "prefill": "an image request is admitted whole (one chunk); text-only requests hold the same slots "
             "whether chunked or not",
-            "prefix_cache": "off: every request holds its own slots",
+            "prefix_cache": "off in 'requests' (every request holds its own slots); on in "
+            "'requests_with_radix_cache': every prompt starts with the same cached system prompt of "
+            f"{system} tokens, which one pool lends to every request and the layer groups to text-only requests "
+            "(prompts with images stay out of the tree); the cache holds nothing else",
             "per_request": per_request,
         },
         "mixes": mixes,
         "shifting_trace": {"requests": [req.kind for req in trace], **served},
+        "radix_cache": radix,
         "budget_sweep": budget_sweep,
         "max_new_tokens_sweep": decode_sweep,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -182,11 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--trace-requests", type=int, default=240, help="requests of the shifting trace (default 240)")
     parser.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=200,
+        help="tokens of the system prompt every request shares in the radix-cache runs (default 200)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help=f"folder for capacity.json and .png (default {RESULTS_HELP})"
     )
     args = parser.parse_args(argv)
-    if not args.budget_gib > 0 or args.max_new_tokens < 0 or args.trace_requests < 2:  # not > 0: also refuses nan
-        parser.error("--budget-gib must be > 0, --max-new-tokens >= 0 and --trace-requests >= 2")
+    # not > 0: also refuses nan
+    if not args.budget_gib > 0 or args.max_new_tokens < 0 or args.trace_requests < 2 or args.system_prompt_tokens < 0:
+        parser.error(
+            "--budget-gib must be > 0, --max-new-tokens >= 0, --trace-requests >= 2 and --system-prompt-tokens >= 0"
+        )
     try:
         out = output_dir(args.out)
     except UsageError as error:
@@ -195,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "capacity.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, path.with_suffix(".png"))
-    print(f"wrote {path}: requests held per mix and layout {result['requests']}")
+    print(
+        f"wrote {path}: requests held per mix and layout {result['requests']}; with the radix cache on "
+        f"{result['requests_with_radix_cache']}"
+    )
     return 0
 
 

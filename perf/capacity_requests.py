@@ -4,7 +4,7 @@ layer-group pools' tests: the parts of SGLang's ``Req`` that the pools and their
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lightkv_core.budget import MODEL_SHAPES
 from lightkv_core.spans import VisionSpan
@@ -41,3 +41,10 @@ def llava_next_request() -> FakeReq:
 def text_request() -> FakeReq:
     """1,000 text tokens, no image."""
     return FakeReq((), range(TEXT_ONLY_TOKENS), kind="text")
+
+
+def with_system_prompt(req: FakeReq, tokens: int) -> FakeReq:
+    """``req`` after a system prompt of ``tokens`` text tokens that every request of a server shares (the prompt
+    grows by ``tokens``, its images move after them)."""
+    spans = tuple(replace(span, start=span.start + tokens, end=span.end + tokens) for span in req.spans)
+    return replace(req, spans=spans, full_untruncated_fill_ids=range(len(req.full_untruncated_fill_ids) + tokens))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -52,12 +52,14 @@ def static_default_ratios(method: PrefillReduction) -> tuple[float, ...]:
 
 @dataclass(eq=False)
 class Held:
-    """A request holding a row: its kind, row, tokens in group 0 and tokens decoded."""
+    """A request holding a row: its kind, row, tokens in group 0, tokens decoded and leading tokens whose slots are
+    the radix tree's."""
 
     kind: str
     row: int
     seq_len: int
     generated: int = 0
+    prefix: int = 0
 
 
 class SlotSim:
@@ -69,6 +71,9 @@ class SlotSim:
         method: the compression method (its plan sizes the later groups).
         num_layers: decoder depth.
         static_ratios: the fixed pools' ratios (``"static"`` only).
+        cached_prefix: with SGLang's radix cache on, the tokens of a system prompt every request starts with, cached
+            once (0: no radix cache). One pool reuses it for every request, as stock SGLang does; the layer groups
+            for text-only requests only (README, SGLang: the radix cache), holding it in every group.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class SlotSim:
         static_ratios: Sequence[float],
         rows: int = 512,
         context: int = 8192,
+        cached_prefix: int = 0,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -91,9 +97,14 @@ class SlotSim:
         self.cache: LayerGroupCache | None = None
         self.arena: PageArena | None = None
         dtype = torch.float16
+        self.cached_prefix = cached_prefix
+        #: the cached system prompt's group-0 slots, held by the radix tree (``None``: nothing cached)
+        self.prefix_slots: torch.Tensor | None = None
         if layout == "one":
             self.sizes = [stock_tokens]
             self.allocator = TokenToKVPoolAllocator(stock_tokens, dtype, "cpu", None, False)
+            if cached_prefix:
+                self.prefix_slots = self.allocator.alloc(cached_prefix)
             return
         if layout == "static":
             self.allocator, later = fixed_allocators(
@@ -104,6 +115,17 @@ class SlotSim:
             self.allocator, later = arena_allocators(self.arena, dtype, "cpu", None)
         self.sizes = [allocator.size for allocator in (self.allocator, *later)]
         self.cache = attach_groups(self.req_pool, self.allocator, later, self._plan, self.arena)
+        # the tree keeps a finished text-only request's group-0 slots, and with them their partners in every group
+        if cached_prefix:
+            system = self.admit(FakeReq((), range(cached_prefix), kind="system prompt"))
+            self.prefix_slots = self.req_pool.req_to_token[system.row, :cached_prefix].long()
+            self.req_pool.free_rows([system.row])
+
+    def _matched(self, req: FakeReq) -> FakeReq:
+        """``req`` with the prefix it matches in the radix tree: the cached system prompt, for every request in one
+        pool and for text-only ones with layer groups (prompts with images stay out of the tree)."""
+        matches = self.cached_prefix and (self.cache is None or not req.spans)
+        return replace(req, prefix_len=self.cached_prefix if matches else 0)
 
     def _plan(self, req: FakeReq, seq_len: int) -> LengthPlan:
         """``method.plan_lengths(req.spans, seq_len)``, once per request kind and length (it is deterministic)."""
@@ -115,7 +137,8 @@ class SlotSim:
     def fits(self, req: FakeReq, max_new: int, reserved: int) -> bool:
         """SGLang's admission check of group 0 and, with layer groups, the plugin's (``admission_hook``): the
         prompt, ``max_new`` decode slots and a spare beyond ``reserved`` decode slots of the running requests."""
-        seq_len = len(req.full_untruncated_fill_ids)
+        req = self._matched(req)
+        seq_len = len(req.full_untruncated_fill_ids) - req.prefix_len
         if seq_len + max_new + 1 > self.allocator.available_size() - reserved:
             return False
         if self.cache is None:
@@ -125,12 +148,15 @@ class SlotSim:
 
     def admit(self, req: FakeReq) -> Held:
         """Allocate ``req``'s prefill as SGLang does (row, group-0 slots, the later groups' planned slots) and the
-        forward's trims (the plan is exact for these requests)."""
+        forward's trims (the plan is exact for these requests); a matched prefix takes the tree's slots."""
+        prefix = self._matched(req).prefix_len if self.prefix_slots is not None else 0
         seq_len = len(req.full_untruncated_fill_ids)
         (row,) = self.req_pool.alloc_rows(1)
-        slots = self.allocator.alloc(seq_len)
+        slots = self.allocator.alloc(seq_len - prefix)
         if slots is None:
             raise RuntimeError("group 0 ran out of slots for an admitted prefill")
+        if prefix:
+            slots = torch.cat([self.prefix_slots[:prefix], slots])
         self.req_pool.write((row, slice(0, seq_len)), slots.to(torch.int32))
         if self.cache is not None:
             self.cache.expect([req])
@@ -140,7 +166,7 @@ class SlotSim:
             plan = self._plan(req, seq_len)
             for group in range(1, len(plan.lengths)):
                 self.cache.trim(group, row, plan.lengths[group])
-        return Held(req.kind, row, seq_len)
+        return Held(req.kind, row, seq_len, prefix=prefix)
 
     def decode(self, held: Sequence[Held]) -> None:
         """One decode step: a slot per group for every request in ``held``.
@@ -167,7 +193,7 @@ class SlotSim:
         if not held:
             return
         self.allocator.free(
-            torch.cat([self.req_pool.req_to_token[r.row, : r.seq_len + r.generated] for r in held]).long()
+            torch.cat([self.req_pool.req_to_token[r.row, r.prefix : r.seq_len + r.generated] for r in held]).long()
         )
         self.req_pool.free_rows([request.row for request in held])
 
@@ -176,7 +202,11 @@ class SlotSim:
         return [self.allocator.available_size(), *([] if self.cache is None else self.cache.available())]
 
     def check_empty(self) -> None:
-        """Raises ``RuntimeError`` unless every slot (and page) is free again and nothing leaked."""
+        """Evicts the cached prefix; raises ``RuntimeError`` unless every slot (and page) is then free again and
+        nothing leaked."""
+        if self.prefix_slots is not None:
+            self.allocator.free(self.prefix_slots)
+            self.prefix_slots = None
         problems = [] if self.cache is None else self.cache.leaks()
         if problems or self.free() != self.sizes:
             raise RuntimeError(f"slots leaked after freeing every request: {problems or self.free()}")
