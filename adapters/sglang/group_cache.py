@@ -284,8 +284,9 @@ class LayerGroupCache:
         return [{"size": int(allocator.size), "free": int(allocator.available_size())} for allocator in self.allocators]
 
     def leaks(self) -> list[str]:
-        """One message per group whose slots are not exactly the free ones plus the rows' ones, each once (in an
-        arena: the slots of the pages the group holds), and per broken invariant of the arena."""
+        """One message per group whose slots are not exactly the free ones plus the ones held by rows (shared rows
+        excepted) or partnered with a group-0 slot, each once (in an arena: the slots of the pages the group holds),
+        and per broken invariant of the arena."""
         problems = []
         for group, allocator in enumerate(self.allocators):
             own_rows = [
