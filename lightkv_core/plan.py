@@ -47,6 +47,11 @@ class LengthPlan:
         if self.exact and self.lower != self.lengths:
             raise ValueError(f"an exact plan needs lower == lengths, got {self.lower} and {self.lengths}")
 
+    @property
+    def keeps_every_token(self) -> bool:
+        """Whether every group holds exactly the whole prompt (nothing is merged or dropped: a text-only sample)."""
+        return self.exact and all(length == self.lengths[0] for length in self.lengths)
+
     @classmethod
     def exactly(cls, lengths: Sequence[int]) -> LengthPlan:
         """An exact plan of the given per-group token counts."""

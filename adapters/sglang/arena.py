@@ -137,7 +137,8 @@ class PageArena:
 
     def slots_held_elsewhere(self, group: int) -> int:
         """Slots ``group`` would have in the pages the other groups hold."""
-        return int((self.owner.cpu() >= 0).sum() - (self.owner.cpu() == group).sum()) * self.tokens_per_page[group]
+        owner = self.owner.cpu()
+        return int(((owner >= 0) & (owner != group)).sum()) * self.tokens_per_page[group]
 
     def group_slots(self, group: int) -> torch.Tensor:
         """(n,) int64 on the CPU, ascending: the slots of the pages ``group`` holds."""

@@ -92,7 +92,7 @@ class LayerGroupCache:
                     )
                 plan = self.planner(expected[i], target)
                 wanted[:, i] = torch.tensor(plan.lengths[1:], dtype=torch.int64)
-                shared[i] = plan.exact and all(length == target for length in plan.lengths)
+                shared[i] = plan.keeps_every_token
             else:
                 wanted[:, i] += target - held
         own = [i for i in range(len(rows)) if not shared[i]]

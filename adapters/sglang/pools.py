@@ -70,8 +70,7 @@ def group_demand(groups: LayerGroupCache, req: object, max_new_tokens: int) -> l
     radix tree (``req.prefix_len``: the prefix's slots, and their partners in every group, are the tree's)."""
     seq_len = len(req.full_untruncated_fill_ids)
     plan = groups.planner(req, seq_len)
-    keeps_all = plan.exact and all(length == seq_len for length in plan.lengths)
-    prefix = getattr(req, "prefix_len", 0) if keeps_all else 0
+    prefix = getattr(req, "prefix_len", 0) if plan.keeps_every_token else 0
     return [length - prefix + max_new_tokens + 1 for length in plan.lengths]
 
 

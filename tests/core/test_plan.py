@@ -213,3 +213,12 @@ def test_schedule_must_be_a_config_and_plans_check_their_bounds():
         LengthPlan(lengths=(10, 8), exact=True, lower=(10, 7))
     with pytest.raises(ValueError, match="exceeds lengths"):
         LengthPlan(lengths=(10, 8), exact=False, lower=(10, 9))
+
+
+def test_only_an_exact_plan_of_the_whole_prompt_in_every_group_keeps_every_token():
+    """A text-only sample keeps every token (the SGLang pools share its slots with the radix tree); a plan that
+    drops tokens, or only bounds the groups by the prompt length, does not."""
+    assert LightKV(LightKVConfig.preset("llava-1.5")).plan_lengths([], 40).keeps_every_token
+    assert FastV(1, 0.5).plan_lengths([], 40).keeps_every_token
+    assert not FastV(1, 0.5).plan_lengths([(0, 16)], 40).keeps_every_token
+    assert not LengthPlan(lengths=(10, 10), exact=False, lower=(10, 9)).keeps_every_token

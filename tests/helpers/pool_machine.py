@@ -53,7 +53,7 @@ class Running:
     @property
     def shared(self) -> bool:
         """Whether the plan keeps every token (a text-only prompt): the later groups' slots partner group 0's."""
-        return self.plan.exact and all(length == self.plan.lengths[0] for length in self.plan.lengths)
+        return self.plan.keeps_every_token
 
     @property
     def remaining(self) -> int:
