@@ -13,7 +13,7 @@ model, mixes, limits and recorded numbers are in perf/README.md (SGLang capacity
         [--system-prompt-tokens 200] [--out DIR]
 
 Writes ``capacity.json`` and ``.png`` to ``--out`` (default: the results folder, ``$LIGHTKV_RESULTS_DIR`` or
-``~/.cache/lightkv/results``; the committed ones with ``--out perf/results``); about a minute on 2 CPU cores.
+``~/.cache/lightkv/results``; the committed ones with ``--out perf/results``); about 2.5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
