@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from lightkv_adapters.sglang.admission import POOL_HOOKS
+from lightkv_adapters.sglang.decode_graph import GRAPH_HOOKS
 from lightkv_adapters.sglang.routing import MODELS_PACKAGE, MODELS_PACKAGE_ENV, route_models
 from lightkv_adapters.sglang.settings import add_cli_args_hook, from_cli_args_hook
 
@@ -22,6 +23,7 @@ HOOKS = (
     ("sglang.srt.server_args.ServerArgs.add_cli_args", add_cli_args_hook, HookType.AFTER),
     ("sglang.srt.server_args.ServerArgs.from_cli_args", from_cli_args_hook, HookType.AFTER),
     *POOL_HOOKS,
+    *GRAPH_HOOKS,
 )
 
 _registered = False

@@ -5,6 +5,7 @@ Each problem names the flag (and ``Engine`` keyword) that fixes it; the README (
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 
 #: Attention backends that run a prefill whose vision tokens shrink between layers.
 ATTENTION_BACKENDS = ("triton", "torch_native")
+#: Environment variable opting in to decode CUDA graphs (``1``), which have not run on a GPU yet.
+GRAPH_DECODE_ENV = "LIGHTKV_CUDA_GRAPH_DECODE"
 #: SGLang releases whose internals (scheduler, memory pools, model runner) the plugin is tested against.
 TESTED_SGLANG = ("0.5.23",)
 
@@ -24,10 +27,10 @@ TESTED_SGLANG = ("0.5.23",)
 def validate(server_args: ServerArgs, settings: KVCompressSettings) -> None:
     """Checks that the installed SGLang is a tested release (:data:`TESTED_SGLANG`) and will run a prefill that
     compression can shorten: prompts with images in one piece (chunked prefill splits text-only ones only; the
-    radix cache keeps them out), without CUDA graphs, pipeline or data-parallel attention ranks, mixed
-    prefill-decode forwards or speculative decoding, on an attention backend that takes per-layer KV
-    lengths. Reads the arguments as given (before SGLang resolves them): an argument left to SGLang's automatic
-    choice counts as incompatible where that choice can be.
+    radix cache keeps them out), without prefill CUDA graphs (decode graphs run on the triton backend, opted in),
+    pipeline or data-parallel attention ranks, mixed prefill-decode forwards or speculative decoding, on an
+    attention backend that takes per-layer KV lengths. Reads the arguments as given (before SGLang resolves them):
+    an argument left to SGLang's automatic choice counts as incompatible where that choice can be.
 
     Raises:
         ValueError listing every problem with the flag (and ``Engine`` keyword) that fixes it.
@@ -88,13 +91,45 @@ def _chunked_prefill_problems(server_args: ServerArgs) -> Iterator[str]:
 
 
 def _cuda_graph_problems(server_args: ServerArgs) -> Iterator[str]:
+    """Prefill graphs are refused (a reduction changes the lengths a captured prefill fixes); decode graphs run on
+    the triton attention backend, opted in with :data:`GRAPH_DECODE_ENV` until they have run on a GPU."""
     on = {phase: backend for phase, backend in _cuda_graph_backends(server_args).items() if backend != "disabled"}
+    decode = on.pop("decode", None)
+    if decode is not None:
+        reason = _decode_graph_refusal(server_args, decode)
+        if reason is not None:
+            yield (
+                f"CUDA graphs are on (decode: {decode}) but {reason}; or pass --cuda-graph-backend-decode disabled "
+                "(Engine: cuda_graph_backend_decode='disabled')"
+            )
     if on:
-        phases = ", ".join(f"{phase}: {backend}" for phase, backend in on.items())
-        flags = " ".join(f"--cuda-graph-backend-{phase} disabled" for phase in on)
-        kwargs = ", ".join(f"cuda_graph_backend_{phase}='disabled'" for phase in on)
         also = " and no other backend in --cuda-graph-config" if server_args.cuda_graph_config else ""
-        yield f"CUDA graphs are on ({phases}); pass {flags}{also} (Engine: {kwargs})"
+        yield (
+            f"CUDA graphs are on (prefill: {on['prefill']}): a captured prefill fixes the sequence lengths that "
+            f"lightkv's reductions shorten; pass --cuda-graph-backend-prefill disabled{also} "
+            "(Engine: cuda_graph_backend_prefill='disabled')"
+        )
+
+
+def _decode_graph_refusal(server_args: ServerArgs, backend: str) -> str | None:
+    """Why decode graphs of ``backend`` cannot run with ``server_args`` (``None``: they can)."""
+    if backend != "full":
+        return "only full decode graphs run with lightkv's layer groups: pass --cuda-graph-backend-decode full"
+    attention = server_args.decode_attention_backend or server_args.attention_backend
+    if attention != "triton":
+        return (
+            f"lightkv's decode graphs need the triton attention backend (decode: {attention or 'automatic'}), which "
+            "it gives one "
+            "backend per layer group: pass --attention-backend triton"
+        )
+    if server_args.enable_torch_compile:
+        return "--enable-torch-compile would trace lightkv's layer-group views: drop it"
+    if os.environ.get(GRAPH_DECODE_ENV) != "1":
+        return (
+            f"lightkv's CUDA-graph decode has run on a CPU emulation of capture and replay only, not on a GPU yet: "
+            f"set {GRAPH_DECODE_ENV}=1 to use it"
+        )
+    return None
 
 
 def _cuda_graph_backends(server_args: ServerArgs) -> dict[str, str]:

@@ -183,3 +183,25 @@ def test_output_logprobs_of_compressed_prompts(saved, method):
     run = run_in_child(directory, method, requests, 2, "shared", logprobs=True)
     assert torch.equal(run.tokens, expected_tokens[:, :2])
     assert run.dropped[0] > 0 and run.leaks == []
+
+
+@pytest.mark.parametrize("pools", ["shared", "0.6,0.5,0.4", "off"])
+def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved, pools):
+    """LightKV decoding through SGLang's decode CUDA graphs on the triton backend, capture and replay emulated on
+    the CPU (tests/helpers/graph_replay.py: SGLang's fixed buffers, padded batches, its replay-side metadata calls;
+    a replay reruns the captured forward with the tables and the pools' lengths poisoned). At every step each
+    layer group's buffers and attention metadata equal what the eager decode reads, and the tokens are the
+    Transformers adapter's, while the batch shrinks from three requests (padded to a graph of four) to two."""
+    model, directory, inputs, requests = saved
+    expected_tokens, expected_logits = _transformers(model, inputs, "lightkv")
+    run = run_in_child(
+        directory, "lightkv", requests, STEPS, pools, attention_backend="triton", decode="graph", leave_after=2
+    )
+    assert run.graph_mismatches == []
+    stayed = [0, 2]
+    assert torch.equal(run.tokens[stayed], expected_tokens[stayed])
+    assert torch.equal(run.tokens[1, :3], expected_tokens[1, :3]) and (run.tokens[1, 3:] == -1).all()
+    chain = text_model_chain(model.model.language_model.config, inputs["input_ids"].shape[1] + STEPS)
+    for step, (got, want) in enumerate(zip(run.logits, expected_logits, strict=True)):
+        rows = [0, 1, 2] if step < 3 else stayed
+        assert_close_rounding(got[rows], want[rows], chain, msg=f"step {step}")

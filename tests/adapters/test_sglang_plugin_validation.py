@@ -21,7 +21,7 @@ from helpers.sglang_plugin import LIGHTKV, server_args_with  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from lightkv_adapters.sglang.settings import KVCompressSettings  # noqa: E402
-from lightkv_adapters.sglang.validation import validate  # noqa: E402
+from lightkv_adapters.sglang.validation import GRAPH_DECODE_ENV, validate  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -29,15 +29,35 @@ from lightkv_adapters.sglang.validation import validate  # noqa: E402
     [
         ({"chunked_prefill_size": 8192, "enable_mixed_chunk": True}, "--enable-mixed-chunk runs decode steps"),
         ({"chunked_prefill_size": None, "enable_mixed_chunk": True}, "drop it (Engine: enable_mixed_chunk=False)"),
-        ({"cuda_graph_backend_decode": None}, "CUDA graphs are on (decode: full); pass --cuda-graph-backend-decode"),
-        ({"cuda_graph_backend_prefill": "breakable"}, "(prefill: breakable); pass --cuda-graph-backend-prefill"),
+        (
+            {"cuda_graph_backend_decode": None},
+            "CUDA graphs are on (decode: full) but lightkv's decode graphs need the triton attention backend "
+            "(decode: torch_native)",
+        ),
+        (
+            {"cuda_graph_backend_decode": None, "attention_backend": "triton"},
+            "not on a GPU yet: set LIGHTKV_CUDA_GRAPH_DECODE=1 to use it; or pass --cuda-graph-backend-decode disabled",
+        ),
+        (
+            {"cuda_graph_backend_decode": "breakable", "attention_backend": "triton"},
+            "(decode: breakable) but only full decode graphs run with lightkv's layer groups",
+        ),
+        (
+            {"cuda_graph_backend_prefill": "breakable"},
+            "(prefill: breakable): a captured prefill fixes the sequence lengths that lightkv's reductions shorten; "
+            "pass --cuda-graph-backend-prefill disabled (Engine",
+        ),
         (
             {
                 "cuda_graph_backend_decode": None,
                 "disable_cuda_graph": True,
                 "cuda_graph_config": {"decode": {"backend": "full"}},
             },
-            "(decode: full); pass --cuda-graph-backend-decode disabled and no other backend in --cuda-graph-config",
+            "CUDA graphs are on (decode: full) but",
+        ),
+        (
+            {"cuda_graph_backend_prefill": None, "cuda_graph_config": {"prefill": {"backend": "breakable"}}},
+            "pass --cuda-graph-backend-prefill disabled and no other backend in --cuda-graph-config",
         ),
         ({"attention_backend": None}, "the prefill and decode attention backend is left to SGLang's automatic choice"),
         ({"attention_backend": "flashinfer"}, "--attention-backend flashinfer is not supported"),
@@ -52,7 +72,8 @@ from lightkv_adapters.sglang.validation import validate  # noqa: E402
         ({"disaggregation_mode": "prefill"}, "--disaggregation-mode prefill: prefill-decode disaggregation"),
     ],
 )
-def test_each_incompatibility_names_its_fix(fields, message):
+def test_each_incompatibility_names_its_fix(fields, message, monkeypatch):
+    monkeypatch.delenv(GRAPH_DECODE_ENV, raising=False)
     with pytest.raises(ValueError) as error:
         validate(server_args_with(**fields), KVCompressSettings("fastv"))
     text = str(error.value)
@@ -90,13 +111,31 @@ def test_compatible_arguments_pass(fields):
     validate(server_args_with(**fields), LIGHTKV)
 
 
+def test_decode_graphs_on_triton_run_when_opted_in(monkeypatch):
+    """Full decode graphs on the triton backend pass once ``LIGHTKV_CUDA_GRAPH_DECODE=1`` opts in (they have run
+    on a CPU emulation of capture and replay, not on a GPU yet); ``--enable-torch-compile`` stays refused."""
+    monkeypatch.setenv(GRAPH_DECODE_ENV, "1")
+    validate(server_args_with(cuda_graph_backend_decode=None, attention_backend="triton"), LIGHTKV)
+    validate(server_args_with(cuda_graph_backend_decode="full", decode_attention_backend="triton"), LIGHTKV)
+    compiled = server_args_with(cuda_graph_backend_decode=None, attention_backend="triton", enable_torch_compile=True)
+    with pytest.raises(ValueError, match=r"--enable-torch-compile would trace lightkv's layer-group views: drop it"):
+        validate(compiled, LIGHTKV)
+    monkeypatch.setenv(GRAPH_DECODE_ENV, "0")
+    with pytest.raises(ValueError, match=r"set LIGHTKV_CUDA_GRAPH_DECODE=1 to use it"):
+        validate(server_args_with(cuda_graph_backend_decode=None, attention_backend="triton"), LIGHTKV)
+
+
 def test_the_default_prefill_graph_of_cuda_counts(monkeypatch):
     import sglang.srt.model_executor.cuda_graph_config as cuda_graph_config
 
     monkeypatch.setattr(cuda_graph_config, "default_prefill_backend", lambda: "breakable")
+    monkeypatch.setenv(GRAPH_DECODE_ENV, "1")
     server_args = server_args_with(cuda_graph_backend_decode=None, cuda_graph_backend_prefill=None)
-    with pytest.raises(ValueError, match=r"\(decode: full, prefill: breakable\); pass --cuda-graph-backend-decode "):
+    server_args.attention_backend = "triton"
+    with pytest.raises(ValueError) as error:
         validate(server_args, LIGHTKV)
+    assert "(prefill: breakable): a captured prefill fixes" in str(error.value)
+    assert str(error.value).count("\n  - ") == 1  # the decode graph is fine
 
 
 def test_nothing_is_checked_without_compression():

@@ -51,6 +51,7 @@ class Run:
     held: list[list[int]] = field(default_factory=list)
     free_after_release: list[int] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    graph_mismatches: list[str] = field(default_factory=list)
 
 
 def run_in_child(*args: object, **kwargs: object) -> Run:
@@ -68,12 +69,16 @@ def run(
     pools: str = "shared",
     logprobs: bool = False,
     attention_backend: str = "torch_native",
+    decode: str = "eager",
+    leave_after: int | None = None,
 ) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
     in ``model_dir``, on SGLang's ``attention_backend`` (``triton`` runs its kernels in Triton's interpreter on a
     CPU). The plugin's hooks are applied as SGLang applies them in a server process. ``logprobs``: every request
-    asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs)."""
+    asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs). ``decode="graph"``:
+    decode steps replay SGLang's decode CUDA graphs as :class:`helpers.graph_replay.EmulatedDecodeGraphs` emulates
+    them (triton backend). ``leave_after``: the second request leaves the batch after that many decode steps."""
     from lightkv_adapters.sglang import cpu_env
 
     cpu_env.install()
@@ -100,33 +105,71 @@ def run(
         req.return_logprob = logprobs
         req.extend_end = len(padded)
         reqs.append(req)
+    graphs, mismatches = None, []
+    if decode == "graph":
+        from helpers.graph_replay import EmulatedDecodeGraphs
+
+        graphs = EmulatedDecodeGraphs(runner.torch_runner, capture_sizes=(1, 2, 4))
+    rows = list(range(len(reqs)))
+    lengths = {}
     with torch.no_grad():
         tokens, logits, batch = runner.extend(reqs)
         all_tokens, all_logits = [tokens], [logits]
-        for _ in range(steps - 1):
-            tokens, logits = runner.decode(tokens, batch)
-            all_tokens.append(tokens)
-            all_logits.append(logits)
+        for step in range(steps - 1):
+            if step == leave_after:
+                lengths[rows[1]] = int(batch.seq_lens_cpu[1])
+                keep = [0, *range(2, len(rows))]
+                batch.filter_batch(keep_indices=keep)
+                rows, tokens = [rows[i] for i in keep], tokens[keep]
+            if graphs is None:
+                tokens, logits = runner.decode(tokens, batch)
+            else:
+                tokens, logits = _graph_decode(graphs, tokens, batch, runner.torch_runner, mismatches, step)
+            all_tokens.append(_spread(tokens, rows, len(reqs), -1))
+            all_logits.append(_spread(logits, rows, len(reqs), float("nan")))
+    lengths.update(zip(rows, batch.seq_lens_cpu.tolist(), strict=True))
     groups = getattr(model, "lightkv_groups", None)
-    dropped = [0] * len(reqs) if groups is None else groups.dropped_tokens(batch.req_pool_indices)
-    result = Run(torch.stack(all_tokens, dim=1), all_logits, dropped)
+    all_rows = torch.tensor([req.kv.req_pool_idx for req in reqs], device=batch.req_pool_indices.device)
+    dropped = [0] * len(reqs) if groups is None else groups.dropped_tokens(all_rows)
+    result = Run(torch.stack(all_tokens, dim=1), all_logits, dropped, graph_mismatches=mismatches)
     cache = getattr(groups, "pools", None)
     if cache is not None:
         model_runner = runner.torch_runner
         result.pool_sizes = [model_runner.token_to_kv_pool_allocator.size, *(a.size for a in cache.allocators)]
         result.arena_layers = [] if cache.arena is None else cache.arena.layer_counts
         result.held = [cache.lengths[:, req.kv.req_pool_idx].tolist() for req in reqs]
-        _release(model_runner, reqs, batch)
+        _release(model_runner, reqs, [lengths[i] for i in range(len(reqs))])
         result.free_after_release = cache.available()
         result.leaks = cache.leaks()
     return result
 
 
-def _release(model_runner, reqs: list, batch) -> None:
-    """Free every request's slots and row as the scheduler frees a finished request (its KV slots to the
-    allocator, then its request-pool row)."""
+def _graph_decode(graphs, tokens: torch.Tensor, batch, model_runner, mismatches: list[str], step: int):
+    """One greedy decode step of ``batch`` by a replay of an emulated decode graph (``one_batch.decode`` with the
+    graph in place of the eager forward); what the replay read against what the eager decode reads joins
+    ``mismatches``."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    batch.input_ids = tokens.to(torch.int64)
+    batch.prepare_for_decode()
+    forward_batch = ForwardBatch.init_new(batch, model_runner, return_hidden_states_before_norm=False)
+    logits = graphs.replay(forward_batch)
+    mismatches.extend(f"step {step}: {problem}" for problem in graphs.mismatches(forward_batch))
+    return logits.argmax(dim=-1), logits
+
+
+def _spread(values: torch.Tensor, rows: list[int], count: int, fill: float) -> torch.Tensor:
+    """``values`` of the requests ``rows`` (one per row) as ``count`` rows, ``fill`` for the others."""
+    out = values.new_full((count, *values.shape[1:]), fill)
+    out[rows] = values
+    return out
+
+
+def _release(model_runner, reqs: list, lengths: list[int]) -> None:
+    """Free every request's slots (``lengths[i]`` of request ``i``) and row as the scheduler frees a finished
+    request (its KV slots to the allocator, then its request-pool row)."""
     pool = model_runner.req_to_token_pool
-    for req, length in zip(reqs, batch.seq_lens_cpu.tolist(), strict=True):
+    for req, length in zip(reqs, lengths, strict=True):
         row = req.kv.req_pool_idx
         model_runner.token_to_kv_pool_allocator.free(pool.req_to_token[row, :length].to(torch.int64))
         pool.free(req)

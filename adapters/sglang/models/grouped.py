@@ -13,28 +13,19 @@ from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
-from sglang.srt.model_executor.forward_context import get_attn_backend
+from sglang.srt.model_executor.forward_context import get_forward_context, set_forward_context
 from torch import nn
 
 from lightkv_adapters.sglang import failures
+from lightkv_adapters.sglang.group_tables import GroupTable, use_table
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
 from lightkv_core.prefill import at_default_scale, survivor_columns
 from lightkv_core.shards import HeadShards
 
 if TYPE_CHECKING:
+    from lightkv_adapters.sglang.decode_graph import DecodeGraph
     from lightkv_adapters.sglang.group_cache import LayerGroupCache
-
-
-class _GroupTable:
-    """A request-to-token pool as an attention backend reads it, with a group's own table."""
-
-    def __init__(self, pool: object, req_to_token: torch.Tensor) -> None:
-        self._pool = pool
-        self.req_to_token = req_to_token
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._pool, name)
 
 
 @dataclass
@@ -71,7 +62,9 @@ class LayerGroups:
     In prefill the hidden states are packed (``(N, D)``, requests one after another) as SGLang passes them; the
     method sees them left-padded to ``(B, S, D)`` and its output is packed again. The ``ForwardBatch`` a group's
     layers get is a shallow copy of the real one with those fields replaced; the attention backend is pointed at
-    the group's table while the group runs (:func:`_use_table`). Logits are taken from the last group's view.
+    the group's table while the group runs (:func:`~lightkv_adapters.sglang.group_tables.use_table`); while a decode
+    CUDA graph is captured each group's layers run with a backend of their own instead (:attr:`decode_graph`).
+    Logits are taken from the last group's view.
 
     Args:
         text_model: SGLang's ``Qwen2Model`` / ``LlamaModel`` (``layers``, ``embed_tokens``, ``norm``).
@@ -102,7 +95,10 @@ class LayerGroups:
         self.spans: list[list] | None = None
         self.final_batch: object | None = None
         self._captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        self._tables: list[torch.Tensor] = []
+        #: per group after the first: ``(rows, context)`` request-to-token table (the pools' own with layer-group pools)
+        self.tables: list[torch.Tensor] = []
+        #: set under CUDA-graph decode (:func:`lightkv_adapters.sglang.decode_graph.attach_decode_graph_hook`)
+        self.decode_graph: DecodeGraph | None = None
         self._dropped: torch.Tensor | None = None
         for index in self.reduce_layers:
             text_model.layers[index].self_attn.attn.register_forward_pre_hook(self._capture(index))
@@ -128,24 +124,26 @@ class LayerGroups:
         spans = [] if inputs is None else self.spans_of(inputs, seq_len)
         return self.method.plan_lengths(spans, seq_len)
 
-    def _ensure_tables(self, pool: object) -> None:
+    def ensure_tables(self, pool: object) -> None:
+        """Allocate the groups' request-to-token tables (the pools' own with layer-group pools) and dropped counts for
+        ``pool``'s rows, once."""
         table = pool.req_to_token
         if self._dropped is not None and self._dropped.shape[1] == table.shape[0]:
             return
         groups = len(self.reduce_layers)
-        self._tables = self.pools.tables if self.pools is not None else [torch.zeros_like(table) for _ in range(groups)]
+        self.tables = self.pools.tables if self.pools is not None else [torch.zeros_like(table) for _ in range(groups)]
         self._dropped = torch.zeros(groups, table.shape[0], dtype=torch.int64, device=table.device)
 
     def _reset_rows(self, forward_batch: object, pool: object) -> None:
         """Every request of an extend batch starts with the stock rows in every group (nothing dropped); with
         layer-group pools the rows already hold the slots of the request's plan."""
-        self._ensure_tables(pool)
+        self.ensure_tables(pool)
         rows = forward_batch.req_pool_indices
         self._dropped[:, rows] = 0
         if self.pools is not None:
             return
         width = int(forward_batch.seq_lens.max())
-        for table in self._tables:
+        for table in self.tables:
             table[rows, :width] = pool.req_to_token[rows, :width]
 
     def dropped_tokens(self, rows: torch.Tensor) -> list[int]:
@@ -169,10 +167,13 @@ class LayerGroups:
         spans, self.spans = self.spans, None
         mode = forward_batch.forward_mode
         hidden = text_model.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        backend = get_attn_backend()
+        context = get_forward_context()
+        backend = context.attn_backend
         pool = backend.req_to_token_pool
         prefill = None
         view = forward_batch
+        graph = self._graph_of(mode)
+        lengths = None
         if mode.is_extend():
             self._reset_rows(forward_batch, pool)
             if spans is not None and any(spans) or self.pools is not None:
@@ -184,6 +185,8 @@ class LayerGroups:
                     return failures.fail_batch(hidden, forward_batch.rids, error)
         elif not mode.is_decode():
             raise NotImplementedError(f"lightkv layer groups do not support forward mode {mode!r}")
+        elif self.pools is not None and graph is None:
+            lengths = self.pools.lengths.to(forward_batch.seq_lens.device)
         residual_batch.start(view)
         try:
             for index in range(len(text_model.layers)):
@@ -198,17 +201,30 @@ class LayerGroups:
                     except Exception as error:
                         self.final_batch = view
                         return failures.fail_batch(hidden, forward_batch.rids, error)
+                elif graph is not None:  # capturing a decode graph: the group's buffers and backend
+                    view = _carry(view, graph.view(group, forward_batch))
+                    set_forward_context(replace(context, attn_backend=graph.backends[group]))
+                    continue
                 elif mode.is_decode():
-                    view = self._decode_view(group, view, forward_batch)
+                    seq_lens, out_cache_loc = self.decode_inputs(
+                        group,
+                        forward_batch.req_pool_indices,
+                        forward_batch.seq_lens,
+                        forward_batch.out_cache_loc,
+                        lengths,
+                    )
+                    view = _carry(view, _decode_view(forward_batch, seq_lens, out_cache_loc))
                 else:
                     continue  # an extend with nothing to reduce: every group's rows are the stock ones
-                _use_table(backend, _GroupTable(pool, self._tables[group]), view)
+                use_table(backend, GroupTable(pool, self.tables[group]), view)
             hidden = residual_batch.final_norm(hidden, view, text_model.norm, skip_empty=True)
         finally:
             self._capturing = False
             self._captured.clear()
-            if view is not forward_batch:
-                _use_table(backend, pool, forward_batch)
+            if graph is not None:
+                set_forward_context(context)
+            elif view is not forward_batch:
+                use_table(backend, pool, forward_batch)
         self.final_batch = view
         return hidden
 
@@ -291,7 +307,7 @@ class LayerGroups:
         lengths = torch.tensor(prefill.lengths, device=device, dtype=forward_batch.seq_lens.dtype)
         seq_lens = lengths + torch.tensor(prefill.prefixes, device=device, dtype=lengths.dtype)
         rows = forward_batch.req_pool_indices
-        table = self._tables[group]
+        table = self.tables[group]
         origin_slots = []
         for b, (prefix, origin) in enumerate(zip(prefill.prefixes, prefill.origin, strict=True)):
             row = int(rows[b])
@@ -324,57 +340,61 @@ class LayerGroups:
         view.residual_stream = None
         return view
 
-    def _decode_view(self, group: int, view: object, forward_batch: object) -> object:
-        rows = forward_batch.req_pool_indices
-        table = self._tables[group]
+    def _graph_of(self, mode: object) -> DecodeGraph | None:
+        """The decode graph whose capture this forward is (``None``: an eager forward)."""
+        from sglang.srt.model_executor.runner_utils.capture_mode import get_is_capture_mode
+
+        if not (mode.is_decode() and get_is_capture_mode()):
+            return None
+        if self.decode_graph is None or not self.decode_graph.ready:
+            raise RuntimeError(
+                "lightkv: SGLang captures a decode CUDA graph, but the layer groups have no decode-graph state (it is "
+                "built for the triton attention backend only: see lightkv_adapters.sglang.decode_graph)"
+            )
+        return self.decode_graph
+
+    def decode_inputs(
+        self,
+        group: int,
+        rows: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out_cache_loc: torch.Tensor,
+        lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What layer group ``group + 1`` reads in a decode step: ``(seq_lens, out_cache_loc)`` of the requests in
+        request-pool rows ``rows`` (``(B,)``), whose stock lengths (new token included) and new token's slots are
+        ``seq_lens`` / ``out_cache_loc`` (``(B,)``).
+
+        With layer-group pools a row holds ``lengths[group, row]`` tokens in the group (``lengths``: the pools'
+        :attr:`~lightkv_adapters.sglang.group_cache.LayerGroupCache.lengths` on the rows' device), its new token's
+        slot last in the group's table. Without them (``lengths`` is ``None``) it holds its stock length less the
+        tokens it dropped before the group, and the new token's stock slot is written into the group's table. Only
+        device operations: the eager decode and a decode graph's replay preparation both read their inputs here.
+        """
+        table = self.tables[group]
         if self.pools is not None:
-            held = self.pools.lengths[group, rows.cpu()].to(forward_batch.seq_lens.device)
-            seq_lens = held.to(forward_batch.seq_lens.dtype)
-            new_view = self._carry(view, forward_batch, group, seq_lens)
-            new_view.out_cache_loc = table[rows, held - 1].to(forward_batch.out_cache_loc.dtype)
-            return new_view
-        seq_lens = forward_batch.seq_lens - self._dropped[group, rows].to(forward_batch.seq_lens.dtype)
-        table[rows, seq_lens.to(torch.int64) - 1] = forward_batch.out_cache_loc.to(table.dtype)
-        return self._carry(view, forward_batch, group, seq_lens)
-
-    def _carry(self, view: object, forward_batch: object, group: int, seq_lens: torch.Tensor) -> object:
-        new_view = copy.copy(forward_batch)
-        new_view.seq_lens = seq_lens
-        new_view.seq_lens_cpu = seq_lens.cpu()
-        new_view.seq_lens_sum = int(seq_lens.sum())
-        new_view.residual_stream = view.residual_stream
-        return new_view
+            held = lengths[group, rows]
+            return held.to(seq_lens.dtype), table[rows, held - 1].to(out_cache_loc.dtype)
+        group_lens = seq_lens - self._dropped[group, rows].to(seq_lens.dtype)
+        table[rows, group_lens.to(torch.int64) - 1] = out_cache_loc.to(table.dtype)
+        return group_lens, out_cache_loc
 
 
-#: Attribute of SGLang's Triton attention backend keeping its own KV index translator while a group's is in place.
-_STOCK_TRANSLATOR = "lightkv_stock_translator"
+def _decode_view(forward_batch: object, seq_lens: torch.Tensor, out_cache_loc: torch.Tensor) -> object:
+    """A shallow copy of a decode batch with a layer group's ``seq_lens`` (host copies included) and
+    ``out_cache_loc``."""
+    view = copy.copy(forward_batch)
+    view.seq_lens = seq_lens
+    view.seq_lens_cpu = seq_lens.cpu()
+    view.seq_lens_sum = int(view.seq_lens_cpu.sum())
+    view.out_cache_loc = out_cache_loc
+    return view
 
 
-def _use_table(backend: object, pool: object, view: object) -> None:
-    """Point the attention backend at ``pool`` (a group's table, or the stock pool back) for the layers that
-    get ``view``, and rebuild its metadata from them."""
-    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-
-    if isinstance(backend, TorchNativeAttnBackend):
-        backend.req_to_token_pool = pool
-        return
-    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-
-    if isinstance(backend, TritonAttnBackend):
-        backend.req_to_token_pool = pool
-        backend.req_to_token = pool.req_to_token
-        # the backend gathers KV indices through the runner's index translator, which reads its own table
-        stock = backend.__dict__.setdefault(_STOCK_TRANSLATOR, backend.kv_index_translator)
-        translator = stock
-        if pool.req_to_token is not stock.req_to_token:
-            translator = copy.copy(stock)
-            translator.req_to_token = pool.req_to_token
-        backend.kv_index_translator = translator
-        backend.init_forward_metadata(view)
-        return
-    raise NotImplementedError(
-        f"lightkv layer groups support the torch_native and triton attention backends, not {type(backend).__name__}"
-    )
+def _carry(view: object, new_view: object) -> object:
+    """``new_view`` continuing the residual stream of the layers that got ``view``."""
+    new_view.residual_stream = view.residual_stream
+    return new_view
 
 
 def _head_shards() -> HeadShards | None:
