@@ -223,9 +223,9 @@ def add_kv_compress_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "KV cache compression (lightkv)",
         "Shrink the vision tokens' KV cache during prefill (Qwen2-VL, Qwen2.5-VL, LLaVA on Llama or Qwen2). "
-        "Needs --cuda-graph-backend-decode disabled, --cuda-graph-backend-prefill disabled and "
-        "--attention-backend triton (GPU) or torch_native (CPU), without pipeline parallelism, data-parallel "
-        "attention or speculative decoding.",
+        "Needs --cuda-graph-backend-prefill disabled, --attention-backend triton (GPU) or torch_native (CPU), "
+        "and --cuda-graph-backend-decode disabled unless LIGHTKV_CUDA_GRAPH_DECODE=1 (decode graphs on triton, not "
+        "yet run on a GPU); no pipeline parallelism, data-parallel attention or speculative decoding.",
     )
     group.add_argument(
         "--kv-compress",

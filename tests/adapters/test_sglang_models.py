@@ -185,8 +185,12 @@ def test_output_logprobs_of_compressed_prompts(saved, method):
     assert run.dropped[0] > 0 and run.leaks == []
 
 
-@pytest.mark.parametrize("pools", ["shared", "0.6,0.5,0.4", "off"])
-def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved, pools):
+#: The pools each family's decode-graph tests run with: layer-group pools (the groups' lengths come from them) and the
+#: single pool (the groups' tables are written at each step); fixed pools read their lengths as the arena does.
+GRAPH_POOLS = {"qwen2_5_vl": "shared", "llava": "off"}
+
+
+def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved):
     """LightKV decoding through SGLang's decode CUDA graphs on the triton backend, capture and replay emulated on
     the CPU (tests/helpers/graph_replay.py: SGLang's fixed buffers, padded batches, its replay-side metadata calls;
     a replay reruns the captured forward with the tables and the pools' lengths poisoned). At every step each
@@ -194,6 +198,7 @@ def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved, pools):
     Transformers adapter's, while the batch shrinks from three requests (padded to a graph of four) to two."""
     model, directory, inputs, requests = saved
     expected_tokens, expected_logits = _transformers(model, inputs, "lightkv")
+    pools = GRAPH_POOLS[model.config.model_type]
     run = run_in_child(
         directory, "lightkv", requests, STEPS, pools, attention_backend="triton", decode="graph", leave_after=2
     )
@@ -205,3 +210,17 @@ def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved, pools):
     for step, (got, want) in enumerate(zip(run.logits, expected_logits, strict=True)):
         rows = [0, 1, 2] if step < 3 else stayed
         assert_close_rounding(got[rows], want[rows], chain, msg=f"step {step}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh runs it)")
+def test_decode_cuda_graphs_on_a_gpu_answer_as_the_eager_decode(saved):
+    """The GPU run of the test above: SGLang captures and replays real decode CUDA graphs (batch sizes 1, 2 and 4,
+    triton backend), and LightKV answers as the eager decode on the same GPU, while the batch shrinks."""
+    model, directory, _, requests = saved
+    pools = GRAPH_POOLS[model.config.model_type]
+    kwargs = dict(attention_backend="triton", device="cuda", leave_after=2)
+    eager = run_in_child(directory, "lightkv", requests, STEPS, pools, **kwargs)
+    graph = run_in_child(directory, "lightkv", requests, STEPS, pools, decode="cuda_graph", **kwargs)
+    assert torch.equal(graph.tokens, eager.tokens)
+    for step, (got, want) in enumerate(zip(graph.logits, eager.logits, strict=True)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"step {step}")

@@ -40,7 +40,8 @@ def test_help_lists_the_flags(plugins_loaded, capsys):
     assert "--kv-compress {none,lightkv,fastv}" in help_text
     for flag in ("--kv-compress-layers", "--kv-compress-windows", "--kv-compress-ratios"):
         assert flag in help_text
-    assert "Needs --cuda-graph-backend-decode disabled" in help_text
+    assert "Needs --cuda-graph-backend-prefill disabled" in help_text
+    assert "LIGHTKV_CUDA_GRAPH_DECODE=1" in " ".join(help_text.split())
 
 
 def test_prepare_server_args_attaches_the_settings(plugins_loaded):

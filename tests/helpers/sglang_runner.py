@@ -71,6 +71,7 @@ def run(
     attention_backend: str = "torch_native",
     decode: str = "eager",
     leave_after: int | None = None,
+    device: str = "cpu",
 ) -> Run:
     """Prefill ``requests`` as one batch, then decode ``steps - 1`` tokens greedily, with ``--kv-compress
     method`` (its released defaults) and ``--kv-compress-pool-ratios pools`` on the Qwen-VL or LLaVA model saved
@@ -78,14 +79,15 @@ def run(
     CPU). The plugin's hooks are applied as SGLang applies them in a server process. ``logprobs``: every request
     asks for the logprobs of its output tokens (``"logprobs": true``, no input logprobs). ``decode="graph"``:
     decode steps replay SGLang's decode CUDA graphs as :class:`helpers.graph_replay.EmulatedDecodeGraphs` emulates
-    them (triton backend). ``leave_after``: the second request leaves the batch after that many decode steps."""
+    them (triton backend); ``decode="cuda_graph"`` (``device="cuda"``): SGLang captures and replays real ones.
+    ``leave_after``: the second request leaves the batch after that many decode steps."""
     from lightkv_adapters.sglang import cpu_env
 
     cpu_env.install()
     from sglang.benchmark import one_batch
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    runner = _load(model_dir, method, pools, attention_backend)
+    runner = _load(model_dir, method, pools, attention_backend, device, cuda_graph=decode == "cuda_graph")
     model = runner.torch_runner.model
     multimodal_inputs = _llava_inputs if model.config.model_type == "llava" else _qwen_vl_inputs
     reqs = []
@@ -175,9 +177,10 @@ def _release(model_runner, reqs: list, lengths: list[int]) -> None:
         pool.free(req)
 
 
-def _load(model_dir: str, method: str, pools: str, attention_backend: str):
+def _load(model_dir: str, method: str, pools: str, attention_backend: str, device: str, cuda_graph: bool):
     """SGLang's model runner (as ``one_batch`` builds it) for the model in ``model_dir`` under ``--kv-compress
-    method`` on ``attention_backend``, with our model classes registered over SGLang's."""
+    method`` on ``attention_backend``, with our model classes registered over SGLang's; ``cuda_graph``: with full
+    decode CUDA graphs of up to 4 requests (no prefill graphs)."""
     from sglang.benchmark import one_batch
     from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
     from sglang.srt.models.registry import ModelRegistry, import_model_classes
@@ -195,9 +198,12 @@ def _load(model_dir: str, method: str, pools: str, attention_backend: str):
         model_path=model_dir,
         tokenizer_path=model_dir,
         skip_tokenizer_init=True,
-        device="cpu",
+        device=device,
         attention_backend=attention_backend,
-        disable_cuda_graph=True,
+        disable_cuda_graph=not cuda_graph,
+        cuda_graph_backend_decode="full" if cuda_graph else None,
+        cuda_graph_backend_prefill="disabled" if cuda_graph else None,
+        cuda_graph_bs_decode=[1, 2, 4] if cuda_graph else None,
         disable_radix_cache=True,
         chunked_prefill_size=-1,
         dtype=DTYPE,

@@ -58,9 +58,11 @@ def _agrees(tokens: list[int], alone: dict) -> bool:
     return len(tokens) == len(expected)
 
 
-#: qwen-overlap runs the overlap scheduler, chunked prefill and the radix cache: text chunks, whole image prompts and
-#: cached prefixes mix, with each batch prepared while the previous one runs
-@pytest.mark.parametrize("live", ["qwen-lightkv", "qwen-fastv", "qwen-none", "qwen-overlap"], indirect=True)
+#: qwen-overlap runs LightKV with the overlap scheduler, chunked prefill and the radix cache: text chunks, whole image
+#: prompts and cached prefixes mix, with each batch prepared while the previous one runs. qwen-fastv packs every
+#: prompt into unchunked prefills with compression. (qwen-lightkv's unchunked load test ran LightKV's kernels in
+#: Triton's interpreter over a 17-prompt prefill for 3 minutes of CI and proved nothing those two do not.)
+@pytest.mark.parametrize("live", ["qwen-fastv", "qwen-none", "qwen-overlap"], indirect=True)
 def test_concurrent_mixed_load(live):
     tokenizer = live.tokenizer
     before = pool_state(live)["pools"]

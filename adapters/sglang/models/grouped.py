@@ -7,7 +7,7 @@ README, "SGLang" ("What it does", and "Memory" for the layer-group pools).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from lightkv_adapters.sglang import failures
 from lightkv_adapters.sglang.group_tables import GroupTable, use_table
+from lightkv_adapters.sglang.packing import left_mask, logprob_starts, pad_left, pad_positions, shift_spans
 from lightkv_core.methods import PrefillReduction
 from lightkv_core.plan import LengthPlan
 from lightkv_core.prefill import at_default_scale, survivor_columns
@@ -275,25 +276,25 @@ class LayerGroups:
         q = at_default_scale(q, scaling)
         lengths = prefill.lengths
         width = max(lengths)
-        mask = _left_mask(lengths, width, full.device)
-        padded_positions = _pad_positions(prefill.positions[..., prefill.stock_index()], mask)
+        mask = left_mask(lengths, width, full.device)
+        padded_positions = pad_positions(prefill.positions[..., prefill.stock_index()], mask)
         result = self.method.reduce(
             index,
-            _pad(full, mask),
-            _pad(q, mask).permute(0, 2, 1, 3),
-            _pad(k, mask).permute(0, 2, 1, 3),
-            [_shift(s, width - n) for s, n in zip(prefill.spans, lengths, strict=True)],
+            pad_left(full, mask),
+            pad_left(q, mask).permute(0, 2, 1, 3),
+            pad_left(k, mask).permute(0, 2, 1, 3),
+            [shift_spans(s, width - n) for s, n in zip(prefill.spans, lengths, strict=True)],
             position_ids=padded_positions,
             attention_mask=mask,
             padding_side="left",
             head_shards=_head_shards(),
         )
-        origin = survivor_columns(_pad(torch.cat(prefill.origin), mask, fill=-1), result.kept_padded)
+        origin = survivor_columns(pad_left(torch.cat(prefill.origin), mask, fill=-1), result.kept_padded)
         alive = origin >= 0
         new_lengths = alive.sum(dim=1).tolist()
         prefill.origin = [row[keep] for row, keep in zip(origin, alive, strict=True)]
         prefill.lengths = new_lengths
-        prefill.spans = [_shift(s, -(origin.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
+        prefill.spans = [shift_spans(s, -(origin.shape[1] - n)) for s, n in zip(result.spans, new_lengths, strict=True)]
         merged = result.hidden.to(full.dtype)[alive]
         stock = prefill.stock_index()
         new_view = self._prefill_view(group, forward_batch, prefill, stock, pool)
@@ -333,7 +334,7 @@ class LayerGroups:
         view.extend_seq_lens_cpu = list(prefill.lengths)
         view.extend_start_loc = torch.cumsum(view.extend_seq_lens, 0) - view.extend_seq_lens
         view.extend_num_tokens = sum(prefill.lengths)
-        view.extend_logprob_start_lens_cpu = _logprob_starts(forward_batch, prefill.lengths)
+        view.extend_logprob_start_lens_cpu = logprob_starts(forward_batch, prefill.lengths)
         view.num_token_non_padded = None
         view.global_num_token_non_padded_cpu = view.extend_num_tokens
         view.orig_seq_lens = None
@@ -404,39 +405,3 @@ def _head_shards() -> HeadShards | None:
 
     group = get_tp_group()
     return None if group.world_size == 1 else HeadShards(group.world_size, group.all_reduce)
-
-
-def _logprob_starts(forward_batch: object, lengths: list[int]) -> list[int]:
-    """Where each request's input logprobs start in the group's view: unchanged for a request the reduction left
-    whole; for a shortened one its new length, i.e. none (a compressed prompt never asks for input logprobs, see
-    :meth:`LayerGroups._start_prefill`), so the tokens whose logprobs SGLang computes stay those it asked for."""
-    starts = forward_batch.extend_logprob_start_lens_cpu or forward_batch.extend_seq_lens_cpu
-    return [
-        start if new == old else new
-        for start, old, new in zip(starts, forward_batch.extend_seq_lens_cpu, lengths, strict=True)
-    ]
-
-
-def _left_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
-    """``(B, width)`` bool: the real tokens of left-padded rows."""
-    columns = torch.arange(width, device=device)
-    return columns[None, :] >= (width - torch.tensor(lengths, device=device))[:, None]
-
-
-def _pad(packed: torch.Tensor, mask: torch.Tensor, fill: float = 0) -> torch.Tensor:
-    """``(N, ...)`` packed rows as ``(B, S, ...)`` left-padded with ``fill``."""
-    out = packed.new_full((*mask.shape, *packed.shape[1:]), fill)
-    out[mask] = packed
-    return out
-
-
-def _pad_positions(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` / ``(3, N)`` packed position ids as ``(B, S)`` / ``(3, B, S)`` left-padded with zeros."""
-    if positions.ndim == 1:
-        return _pad(positions, mask)
-    return torch.stack([_pad(row, mask) for row in positions])
-
-
-def _shift(spans: Sequence, offset: int) -> list:
-    """``spans`` moved by ``offset`` tokens."""
-    return [replace(s, start=s.start + offset, end=s.end + offset) for s in spans]
