@@ -122,6 +122,11 @@ def _decode_graph_refusal(server_args: ServerArgs, backend: str) -> str | None:
             "it gives one "
             "backend per layer group: pass --attention-backend triton"
         )
+    if server_args.device == "cpu":
+        return (
+            "on a CPU SGLang's decode graphs are its torch.compile runner, not the CUDA graphs lightkv's layer groups "
+            "are built for: pass --cuda-graph-backend-decode disabled"
+        )
     if server_args.enable_torch_compile:
         return "--enable-torch-compile would trace lightkv's layer-group views: drop it"
     if os.environ.get(GRAPH_DECODE_ENV) != "1":

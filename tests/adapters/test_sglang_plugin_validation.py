@@ -39,6 +39,10 @@ from lightkv_adapters.sglang.validation import GRAPH_DECODE_ENV, validate  # noq
             "not on a GPU yet: set LIGHTKV_CUDA_GRAPH_DECODE=1 to use it; or pass --cuda-graph-backend-decode disabled",
         ),
         (
+            {"cuda_graph_backend_decode": None, "attention_backend": "triton", "device": "cpu"},
+            "on a CPU SGLang's decode graphs are its torch.compile runner",
+        ),
+        (
             {"cuda_graph_backend_decode": "breakable", "attention_backend": "triton"},
             "(decode: breakable) but only full decode graphs run with lightkv's layer groups",
         ),
