@@ -10,6 +10,7 @@ Llama config with ``mm_*`` keys, ``model.mm_projector.*`` weights and the CLIP t
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -212,7 +213,10 @@ def test_decode_cuda_graph_replays_read_what_eager_decode_reads(saved):
         assert_close_rounding(got[rows], want[rows], chain, msg=f"step {step}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh runs it)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("sgl_kernel") is None,
+    reason="needs a CUDA device and SGLang's CUDA kernels, sgl_kernel (scripts/gpu-check.sh runs it)",
+)
 def test_decode_cuda_graphs_on_a_gpu_answer_as_the_eager_decode(saved):
     """The GPU run of the test above: SGLang captures and replays real decode CUDA graphs (batch sizes 1, 2 and 4,
     triton backend), and LightKV answers as the eager decode on the same GPU, while the batch shrinks."""

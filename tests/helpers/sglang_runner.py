@@ -81,9 +81,10 @@ def run(
     decode steps replay SGLang's decode CUDA graphs as :class:`helpers.graph_replay.EmulatedDecodeGraphs` emulates
     them (triton backend); ``decode="cuda_graph"`` (``device="cuda"``): SGLang captures and replays real ones.
     ``leave_after``: the second request leaves the batch after that many decode steps."""
-    from lightkv_adapters.sglang import cpu_env
+    if device == "cpu":
+        from lightkv_adapters.sglang import cpu_env
 
-    cpu_env.install()
+        cpu_env.install()
     from sglang.benchmark import one_batch
     from sglang.srt.sampling.sampling_params import SamplingParams
 
