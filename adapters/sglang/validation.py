@@ -115,17 +115,16 @@ def _decode_graph_refusal(server_args: ServerArgs, backend: str) -> str | None:
     """Why decode graphs of ``backend`` cannot run with ``server_args`` (``None``: they can)."""
     if backend != "full":
         return "only full decode graphs run with lightkv's layer groups: pass --cuda-graph-backend-decode full"
-    attention = server_args.decode_attention_backend or server_args.attention_backend
-    if attention != "triton":
-        return (
-            f"lightkv's decode graphs need the triton attention backend (decode: {attention or 'automatic'}), which "
-            "it gives one "
-            "backend per layer group: pass --attention-backend triton"
-        )
     if server_args.device == "cpu":
         return (
             "on a CPU SGLang's decode graphs are its torch.compile runner, not the CUDA graphs lightkv's layer groups "
             "are built for: pass --cuda-graph-backend-decode disabled"
+        )
+    attention = server_args.decode_attention_backend or server_args.attention_backend
+    if attention != "triton":
+        return (
+            f"lightkv's decode graphs need the triton attention backend (decode: {attention or 'automatic'}), which "
+            "it gives one backend per layer group: pass --attention-backend triton"
         )
     if server_args.enable_torch_compile:
         return "--enable-torch-compile would trace lightkv's layer-group views: drop it"
