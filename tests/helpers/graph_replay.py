@@ -46,6 +46,8 @@ class EmulatedDecodeGraphs:
         )
         #: per captured batch size: the static batch and every backend's metadata at capture
         self.captured: dict[int, tuple[object, list]] = {}
+        #: the graph batch size of the latest replay
+        self.replayed_size = 0
         #: per later group, an eager triton backend on the group's table (for :meth:`mismatches`)
         self.eager_backends: list[object] = []
 
@@ -64,6 +66,7 @@ class EmulatedDecodeGraphs:
 
         raw = live.batch_size
         bs = next(size for size in self.capture_sizes if size >= raw)
+        self.replayed_size = bs
         static = self._captured_batch(bs, live)
         self._load(live, raw, bs)
         view = build_replay_fb_view(
@@ -138,7 +141,7 @@ class EmulatedDecodeGraphs:
     def mismatches(self, live: object) -> list[str]:
         """After a replay of ``live``: where the replay's inputs differ from what the eager decode of ``live`` reads,
         group by group: ``seq_lens``, ``out_cache_loc`` and the attention metadata (``kv_indptr``, ``kv_indices``) an
-        eager triton backend on the group's table builds for them."""
+        eager triton backend on the group's table builds for them; and the padded rows' fill value and slot 0."""
         from lightkv_adapters.sglang.group_tables import GroupTable, point_at_table
 
         graph = self.graph
@@ -146,6 +149,12 @@ class EmulatedDecodeGraphs:
         lengths = None if groups.pools is None else groups.pools.lengths.to(live.seq_lens.device)
         raw = live.batch_size
         problems = []
+        padded = slice(raw, self.replayed_size)
+        if (graph.seq_lens[:, padded] != self.fill).any() or (graph.out_cache_loc[:, padded] != 0).any():
+            problems.append(
+                f"padded rows: seq_lens {graph.seq_lens[:, padded].tolist()}, out_cache_loc "
+                f"{graph.out_cache_loc[:, padded].tolist()} (want {self.fill} and slot 0)"
+            )
         if not self.eager_backends:
             pool = self.model_runner.req_to_token_pool
             for table in groups.tables:
