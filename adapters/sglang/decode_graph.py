@@ -108,8 +108,7 @@ class DecodeGraph:
                 self.seq_lens[group, :real] = seq_lens
                 self.out_cache_loc[group, :real] = out_cache_loc
         for group, backend in enumerate(self.backends):
-            view = copy.copy(forward_batch)
-            view.seq_lens = self.seq_lens[group, :bs]
+            view = self.view(group, forward_batch)
             view.seq_lens_cpu = None
             backend.init_forward_metadata_out_graph(view, in_capture=in_capture)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.model_executor.forward_context import get_forward_context, set_forward_context
+from sglang.srt.model_executor.runner_utils.capture_mode import get_is_capture_mode
 from torch import nn
 
 from lightkv_adapters.sglang import failures
@@ -343,8 +344,6 @@ class LayerGroups:
 
     def _graph_of(self, mode: object) -> DecodeGraph | None:
         """The decode graph whose capture this forward is (``None``: an eager forward)."""
-        from sglang.srt.model_executor.runner_utils.capture_mode import get_is_capture_mode
-
         if not (mode.is_decode() and get_is_capture_mode()):
             return None
         if self.decode_graph is None or not self.decode_graph.ready:
